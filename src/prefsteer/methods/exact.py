@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ExactConfig:
     k: int = field(default=3, metadata={"help": "attributes selected per preference pair"})
-    mode: str = field(default="greedy", metadata={"help": "attribute search: greedy or exhaustive"})
+    mode: str = field(default="greedy", metadata={"help": "attribute search: greedy, lazy (lazy greedy, see benchmarks/lazy_greedy.py) or exhaustive"})
     stop_when_no_gain: bool = field(default=False, metadata={
         "help": "stop adding attributes once none raises the objective"})
     describe: bool = field(default=False, metadata={
@@ -78,7 +78,7 @@ class Exact(Method):
     def select(self, pair: PreferencePair) -> Selection:
         objective = make_objective(self.scorer, pair.prompt, pair.chosen, pair.rejected, self.library,
                                    self.config.describe, self.config.system)
-        kw = {"stop_when_no_gain": self.config.stop_when_no_gain} if self.config.mode == "greedy" else {}
+        kw = {"stop_when_no_gain": self.config.stop_when_no_gain} if self.config.mode != "exhaustive" else {}
         return SELECTORS[self.config.mode](objective, self.library.names, self.config.k, **kw)
 
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:
