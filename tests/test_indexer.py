@@ -116,3 +116,18 @@ def test_lazy_greedy_stops_without_gain_and_rejects_bad_arguments():
         lazy_greedy_select(f, ["A"], k=0)
     with pytest.raises(ValueError, match="`batch`"):
         lazy_greedy_select(f, ["A"], k=1, batch=0)
+
+
+def test_ordered_exhaustive_never_loses_to_greedy_when_order_matters():
+    # F depends on the order the attributes are listed in: a bonus when B comes before A
+    def f(sets):
+        return [sum({"A": 1.0, "B": 2.0, "C": 0.5}[a] for a in s) +
+                (1.5 if "A" in s and "B" in s and s.index("B") < s.index("A") else 0.0) for s in sets]
+
+    g = greedy_select(f, ["A", "B", "C"], k=2)  # picks B, then A: F = 4.5
+    subsets = exhaustive_select(f, ["A", "B", "C"], k=2)  # (A, B) in library order: F = 3.0
+    ordered = exhaustive_select(f, ["A", "B", "C"], k=2, ordered=True)
+    assert g.attributes == ("B", "A") and g.objective == 4.5
+    assert subsets.attributes == ("A", "B") and subsets.objective == 3.0
+    assert ordered.attributes == ("B", "A") and ordered.objective == 4.5
+    assert ordered.evaluations == 1 + 6 + 1  # plain, 3P2 tuples, the one-attribute prefix

@@ -127,16 +127,6 @@ def test_needs_a_transformers_backend(fake_backend):
         Reward(fake_backend).fit("u1", pairs())
 
 
-@pytest.fixture(scope="module")
-def hf_backend():
-    from prefsteer.backends import load_backend
-
-    try:
-        return load_backend("hf")
-    except Exception as e:  # noqa: BLE001 - the model package is optional here
-        pytest.skip(f"the real model is unavailable: {e}")
-
-
 @pytest.mark.model
 def test_real_model_is_unchanged_after_fit(hf_backend):
     req = [ScoreRequest.of([{"role": "user", "content": "Say hi."}], "Hi there!")]

@@ -35,6 +35,16 @@ def improvement_share(margins: Sequence[float], plain: Sequence[float]) -> float
     return sum(m > p for m, p in zip(margins, plain)) / len(margins)
 
 
+def margin_shift(margins: Sequence[float], plain: Sequence[float]) -> float:
+    """Mean (method margin - plain margin) in nats: how far the method moves the chosen-minus-rejected
+    gap, whether or not that flips a ranking."""
+    if len(margins) != len(plain):
+        raise ValueError(f"{len(margins)} margins but {len(plain)} plain margins")
+    if not margins:
+        raise ValueError("no test pairs: the shift is undefined")
+    return sum(m - p for m, p in zip(margins, plain)) / len(margins)
+
+
 def mean(values: Sequence[float]) -> float:
     if not values:
         raise ValueError("mean of nothing")
@@ -78,9 +88,11 @@ def summarize(records: Sequence[dict]) -> dict:
     methods = [r for r in records if r.get("kind") == "method"]
     order = list(dict.fromkeys(r["method"] for r in methods))
     out: dict = {"methods": order, "accuracy": {}, "accuracy_std": {}, "accuracy_per_seed": {},
-                 "table8": {}, "table8_std": {}, "n_users": {}, "n_test_pairs": {}, "seconds": {}}
+                 "table8": {}, "table8_std": {}, "shift": {}, "n_users": {}, "n_test_pairs": {}, "seconds": {}}
     per_seed = seed_means(methods, "accuracy")
     t8 = seed_means(methods, "table8")
+    shifts = seed_means([{**r, "shift": margin_shift(r["margins"], r["plain_margins"])} for r in methods
+                         if r.get("margins") and r.get("plain_margins")], "shift")
     for m in order:
         rs = [r for r in methods if r["method"] == m]
         vals = list(per_seed[m].values())
@@ -88,6 +100,8 @@ def summarize(records: Sequence[dict]) -> dict:
         out["accuracy_per_seed"][m] = {str(s): v for s, v in per_seed[m].items()}
         if m in t8:
             out["table8"][m], out["table8_std"][m] = mean_std(list(t8[m].values()))
+        if m in shifts:
+            out["shift"][m] = mean(list(shifts[m].values()))
         out["n_users"][m] = len(rs)
         out["n_test_pairs"][m] = sum(r["n_test"] for r in rs)
         out["seconds"][m] = round(sum(sum(r.get("timings", {}).values()) for r in rs), 2)
@@ -111,7 +125,10 @@ def table7_summary(records: Sequence[dict]) -> dict:
     f0 = [r["base"] for r in records]
     ratios = [(g - b) / (e - b) for g, e, b in zip(fg, fe, f0) if e - b > 1e-9]
     raw = [g / e for g, e in zip(fg, fe) if g > 0 and e > 0]
+    unordered = [r["exhaustive_unordered"] for r in records if "exhaustive_unordered" in r]
     return {"n_pairs": len(records), "library_size": records[0]["library_size"], "k": records[0]["k"],
+            "ordered": all(r.get("ordered", False) for r in records),
+            "exhaustive_unordered": mean(unordered) if len(unordered) == len(records) else None,
             "greedy": mean(fg), "exhaustive": mean(fe), "plain": mean(f0),
             "gap": mean([e - g for g, e in zip(fg, fe)]),
             "greedy_optimal": mean([float(abs(e - g) < 1e-6) for g, e in zip(fg, fe)]),

@@ -68,6 +68,8 @@ class Table7Config:
     library_size: int = field(default=12, metadata={
         "help": "the first N attributes of the library (exhaustive over 42 is too slow here)"})
     k: int = field(default=3, metadata={"help": "attributes per set"})
+    ordered: bool = field(default=True, metadata={
+        "help": "exhaustive over ordered k-tuples (the rendered order changes F), not only subsets"})
 
 
 @dataclass

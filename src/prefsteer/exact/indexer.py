@@ -142,8 +142,11 @@ def lazy_greedy_select(objective: Objective, candidates: Sequence[str], k: int,
 
 
 def exhaustive_select(objective: Objective, candidates: Sequence[str], k: int,
-                      batch: int = 256) -> Selection:
-    """The best k-subset by trying them all (in the candidates' order): for small searches."""
+                      batch: int = 256, ordered: bool = False) -> Selection:
+    """The best k-subset by trying them all (each rendered in the candidates' order): for small
+    searches. The injected line lists the attributes in order and the order changes F, so greedy
+    (which renders them in the order it picked them) can beat this; ``ordered=True`` tries every
+    ordered k-tuple instead (k! times the work), an optimum that greedy cannot exceed."""
     if k < 1:
         raise ValueError(f"`k` (={k}) has to be at least 1")
     cands = list(dict.fromkeys(candidates))
@@ -151,7 +154,7 @@ def exhaustive_select(objective: Objective, candidates: Sequence[str], k: int,
     best_set: AttrSet = ()
     best = float("-inf")
     evaluations = 1
-    subsets = itertools.combinations(cands, min(k, len(cands)))
+    subsets = (itertools.permutations if ordered else itertools.combinations)(cands, min(k, len(cands)))
     while chunk := list(itertools.islice(subsets, batch)):
         for s, v in zip(chunk, objective(chunk)):
             if v > best:
