@@ -25,7 +25,7 @@ from ..backends.base import GenerationConfig, user_turn
 from ..types import PreferencePair
 from .base import Method, MethodOutput, register_method
 
-DEFAULT_ALPHA = 1.0  # `prefsteer cliper calibrate` on SmolLM2-135M-Instruct: see results/cliper/README.md
+DEFAULT_ALPHA = 0.5  # `prefsteer cliper calibrate` (all five preferences) on SmolLM2-135M-Instruct: results/cliper/README.md
 DEFAULT_TOP_K = 20
 
 
