@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class ExactConfig:
     k: int = field(default=3, metadata={"help": "attributes selected per preference pair"})
-    mode: str = field(default="greedy", metadata={"help": "attribute search: greedy, lazy (lazy greedy, see benchmarks/lazy_greedy.py) or exhaustive"})
+    mode: str = field(default="greedy", metadata={
+        "help": "attribute search: greedy, lazy (lazy greedy: see benchmarks/lazy_greedy.py) or exhaustive"})
     stop_when_no_gain: bool = field(default=False, metadata={
         "help": "stop adding attributes once none raises the objective"})
     describe: bool = field(default=False, metadata={
