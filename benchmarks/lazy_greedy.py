@@ -37,16 +37,6 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Direct:
-    """The scorer protocol straight onto the backend: no cache between the two searches."""
-
-    def __init__(self, backend):
-        self.backend = backend
-
-    def score(self, requests, progress=False):
-        return self.backend.score(requests)
-
-
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -66,12 +56,12 @@ def main(args: argparse.Namespace) -> int:
         return 2
     library = load_library()
     backend = TransformersBackend(model=args.model, threads=args.threads)
-    scorer = _Direct(backend)
     rows = []
     for pair in tqdm(pairs, desc="pairs", unit="pair"):
         row = {"pair_id": pair.pair_id}
         for name, select, kw in [("greedy", greedy_select, {}), ("lazy", lazy_greedy_select, {"batch": args.batch})]:
-            objective = make_objective(scorer, pair.prompt, pair.chosen, pair.rejected, library)
+            # the backend itself is the scorer: no score cache between the two searches
+            objective = make_objective(backend, pair.prompt, pair.chosen, pair.rejected, library)
             start = time.perf_counter()
             sel = select(objective, library.names, args.k, **kw)
             row[name] = {"seconds": time.perf_counter() - start, "set": list(sel.attributes),

@@ -279,7 +279,6 @@ class _Rows:
     """Left-padded rows of one model decoded one token per step on a key/value cache."""
 
     def __init__(self, backend, contexts: list[list[int]]):
-        import torch
         from transformers import DynamicCache
 
         from ..backends.hf import left_pad
@@ -288,10 +287,10 @@ class _Rows:
         dev = backend.device
         ids, mask = left_pad(contexts, backend.pad_id)  # every row's last token at position T-1
         self.mask = mask.to(dev)
-        self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]     # (R, 1)
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.pos = positions[:, -1:]                                    # (R, 1)
         self.cache = DynamicCache(config=backend.config)
-        out = backend.body(input_ids=ids.to(dev), attention_mask=self.mask,
-                           position_ids=(self.mask.cumsum(-1) - 1).clamp(min=0),
+        out = backend.body(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=positions,
                            past_key_values=self.cache, use_cache=True)
         self.hidden = out.last_hidden_state[:, -1]                      # (R, d)
 
