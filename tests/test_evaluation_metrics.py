@@ -154,6 +154,10 @@ def test_named_configs_load_and_extend():
     assert paper.winrate.temperature == 0.7 and paper.winrate.top_k == 50 and paper.winrate.top_p == 0.95
     assert paper.winrate.max_new_tokens == 300 and paper.winrate.n_prompts == 15
     assert load_config("table7").table7.library_size == 12
+    cpu, wr = load_config("paper-cpu"), load_config("winrate-cpu")
+    assert wr.protocol_id() == cpu.protocol_id() != paper.protocol_id()  # the same cut-down split
+    assert wr.winrate.enabled and not cpu.winrate.enabled and wr.winrate.temperature == 0.7
+    assert cpu.max_train_pairs == 8 and len(cpu.attributes) == 12
 
 
 def test_bad_configs_name_the_problem(tmp_path):

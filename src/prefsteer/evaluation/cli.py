@@ -7,16 +7,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
 
 
 def add_subcommands(sub, common) -> None:
+    from .protocol import available_configs
+
     p = sub.add_parser("eval", parents=[common], help="run an evaluation configuration (EXACT §6)",
-                       description="Run a named configuration (quick, paper, table2, figure1, table7, "
-                                   "table8, ablation-describe) or a JSON file; `eval report RUN_DIR` "
-                                   "writes Markdown tables and PNG plots.")
+                       description=f"Run a named configuration ({', '.join(available_configs())}) or a "
+                                   "JSON file; `eval report RUN_DIR` writes Markdown tables and PNG plots.")
     p.add_argument("action", nargs="*", metavar="report RUN_DIR",
                    help="`report RUN_DIR`: write the report of a run instead of running")
     p.add_argument("--config", default="quick", help="configuration name or JSON path (default: quick)")
@@ -24,9 +26,9 @@ def add_subcommands(sub, common) -> None:
                    help="only these method labels of the configuration (or registered method names)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="override the configuration's seeds")
     p.add_argument("--out", default=None, help="run directory (default: ~/.cache/prefsteer/eval/<config>-<model>)")
-    p.add_argument("--winrate", action=__import__("argparse").BooleanOptionalAction, default=None,
+    p.add_argument("--winrate", action=argparse.BooleanOptionalAction, default=None,
                    help="generate and judge against Base (default: as the configuration says)")
-    p.add_argument("--table7", action=__import__("argparse").BooleanOptionalAction, default=None,
+    p.add_argument("--table7", action=argparse.BooleanOptionalAction, default=None,
                    help="run the greedy-vs-exhaustive study (default: as the configuration says)")
     p.add_argument("--judge", default="local", choices=["local", "openai"],
                    help="win-rate judge: the evaluation's own model, or an OpenAI-compatible endpoint")
