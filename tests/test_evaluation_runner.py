@@ -153,6 +153,8 @@ def test_report_from_a_hand_made_results_file(tmp_path):
                              "registry": reg, "kwargs": {"k": k} if k else {}, "accuracy": acc + 0.1 * seed,
                              "table8": 0.4, "n_test": 5, "timings": {"fit": 2.0}, "model": "m", "git": "abc",
                              "backend": "fake", "config": "hand", "config_json": {"notes": "hand-made"}})
+    # k=5 ran for one (seed, user) only: Figure 1 compares every k on that pair alone
+    recs.append({**recs[1], "method": "exact-k5", "kwargs": {"k": 5}, "accuracy": 0.9, "table8": 0.8})
     recs.append({"kind": "table7", "seed": 0, "user": "a", "method": "greedy-vs-exhaustive", "pair_id": "p",
                  "greedy": 1.0, "exhaustive": 1.5, "base": 0.5, "k": 3, "library_size": 12})
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -160,7 +162,9 @@ def test_report_from_a_hand_made_results_file(tmp_path):
     md = path.read_text()
     assert "| exact | 75.00 ± 7.07 | 70.00 | 80.00 | 4 | 20 | 40.00 ± 0.00 |" in md
     assert "| none | 55.00 ± 7.07 | 50.00 | 60.00 | 4 | 20 | – |" in md
-    assert "## Figure 1" in md and "| 1 | exact-k1 | 65.00 ± 7.07 |" in md
+    assert "| exact-k5 | 90.00 | 90.00 | – | 1 | 5 | 80.00 |" in md
+    assert "## Figure 1" in md and "| 1 | exact-k1 | 60.00 | 40.00 | 1 |" in md
+    assert "| 3 | exact | 70.00 | 40.00 | 1 |" in md and "| 5 | exact-k5 | 90.00 | 80.00 | 1 |" in md
     assert "## Table 8" in md and "## Table 7" in md and "first 12 attributes" in md
     assert "| 1 | 0.500 | 1.000 | 1.500 |" in md
     for png in ("accuracy.png", "figure1_k.png"):
