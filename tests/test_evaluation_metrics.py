@@ -6,8 +6,9 @@ import pytest
 
 from prefsteer.errors import InputError
 from prefsteer.evaluation.judge import OpenAIJudge, compare, judge_messages
-from prefsteer.evaluation.metrics import (improvement_share, margin_shift, mean_std, pairwise_accuracy, prompt_winrate,
-                                          summarize, table7_summary, verdict, winrate)
+from prefsteer.evaluation.metrics import (calibrated_winrate, improvement_share, margin_shift, mean_std,
+                                          pairwise_accuracy, prompt_winrate, summarize, table7_summary,
+                                          verdict, winrate)
 from prefsteer.evaluation.protocol import available_configs, load_config
 from prefsteer.types import PreferencePair
 
@@ -56,6 +57,18 @@ def test_winrate_both_orders_and_ties():
     assert prompt_winrate(1.0, -1.0) == 0.5          # position bias: cancels to a tie
     assert prompt_winrate(0.0, 1.0) == 0.75          # a tie counts half
     assert winrate([1.0, 0.5, 0.0, 0.5]) == 0.5
+
+
+def test_position_calibrated_winrate_sums_graded_preferences():
+    # a judge that prefers position A by 2 nats and the method by 0.3: a split vote, but a win once summed
+    assert prompt_winrate(2.3, -1.7) == 0.5 and calibrated_winrate(2.3, -1.7) == 1.0
+    assert calibrated_winrate(1.7, -2.3) == 0.0 and calibrated_winrate(1.0, -1.0) == 0.5
+    assert calibrated_winrate(0.0, 1.0) == 1.0                                  # a tie defers to the other order
+    wins = [{"kind": "winrate", "method": "exact", "seed": 0, "user": u, "winrate": 0.5,
+             "preferences": prefs} for u, prefs in (("a", [[2.3, -1.7], [2.0, -2.5]]), ("b", [[1.0, -0.5]]))]
+    s = summarize([{"kind": "method", "method": "exact", "seed": 0, "user": "a", "accuracy": 1.0, "n_test": 1},
+                   *wins])
+    assert s["winrate"]["exact"] == 0.5 and s["winrate_calibrated"]["exact"] == pytest.approx((0.5 + 1.0) / 2)
 
 
 class FirstPositionJudge:

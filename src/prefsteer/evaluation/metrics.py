@@ -70,6 +70,15 @@ def prompt_winrate(method_first: float, method_second: float) -> float:
     return (verdict(method_first) + verdict(method_second)) / 2
 
 
+def calibrated_winrate(method_first: float, method_second: float) -> float:
+    """Balanced position calibration (Wang et al. 2023, "Large Language Models are not Fair
+    Evaluators"): the judge's graded preferences of both orders are summed before the verdict, so
+    an additive position bias cancels in the score rather than turning every split vote into a tie.
+    For a judge that only answers +1 / -1 / 0 it agrees with `prompt_winrate` except that a tie in
+    one order defers to the other."""
+    return verdict(method_first + method_second)
+
+
 def winrate(per_prompt: Sequence[float]) -> float:
     return mean(per_prompt)
 
@@ -110,6 +119,9 @@ def summarize(records: Sequence[dict]) -> dict:
         wr = seed_means(wins, "winrate")
         out["winrate"] = {m: mean_std(list(v.values()))[0] for m, v in wr.items()}
         out["winrate_std"] = {m: mean_std(list(v.values()))[1] for m, v in wr.items()}
+        cal = seed_means([{**r, "calibrated": mean([calibrated_winrate(a, b) for a, b in r["preferences"]])}
+                          for r in wins if r.get("preferences")], "calibrated")
+        out["winrate_calibrated"] = {m: mean_std(list(v.values()))[0] for m, v in cal.items()}
     t7 = [r for r in records if r.get("kind") == "table7"]
     if t7:
         out["table7"] = table7_summary(t7)

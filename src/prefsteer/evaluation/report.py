@@ -36,16 +36,17 @@ def accuracy_table(records: Sequence[dict]) -> str:
     exact_labels = {r["method"] for r in methods if _is_exact(r)}
     head = ("| method | accuracy (%) | " + " | ".join(f"seed {x}" for x in seeds) +
             " | users | test pairs | beats plain (%, Table 8 metric) | margin shift vs plain (nats) | "
-            "win-rate vs base (%) | seconds |")
+            "win-rate vs base (%) | win-rate, position-calibrated (%) | seconds |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m in s["methods"]:
         per = s["accuracy_per_seed"][m]
         t8 = _pm(s["table8"].get(m), s["table8_std"].get(m)) if m in exact_labels else "–"
-        wr = s.get("winrate", {}).get(m)
+        wr, wrc = s.get("winrate", {}).get(m), s.get("winrate_calibrated", {}).get(m)
         shift = f"{s['shift'][m]:+.2f}" if m in exact_labels and m in s["shift"] else "–"
         lines.append(f"| {m} | {_pm(s['accuracy'][m], s['accuracy_std'][m])} | " +
                      " | ".join(_pct(per.get(str(x))) for x in seeds) +
-                     f" | {s['n_users'][m]} | {s['n_test_pairs'][m]} | {t8} | {shift} | {_pct(wr)} | {s['seconds'][m]:.0f} |")
+                     f" | {s['n_users'][m]} | {s['n_test_pairs'][m]} | {t8} | {shift} | {_pct(wr)} | {_pct(wrc)} | "
+                     f"{s['seconds'][m]:.0f} |")
     return "\n".join(lines)
 
 
@@ -180,7 +181,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
                   "Mean over users per seed, then mean ± sample std over seeds. 'beats plain' (the "
                   "paper's Table 8 metric, EXACT methods only): share of test pairs whose "
                   "chosen-minus-rejected margin exceeds the plain prompt's; 'margin shift': the mean of "
-                  "(method margin - plain margin) in nats, however small.", "",
+                  "(method margin - plain margin) in nats, however small; 'win-rate': each order's verdict "
+                  "counts half (a split vote is a tie); 'position-calibrated': the judge's graded "
+                  "preferences of both orders summed before the verdict (Wang et al. 2023).", "",
                   accuracy_table(records), "", "![accuracy](accuracy.png)", ""]
         _plot_accuracy(records, out / "accuracy.png")
         curve = k_curve(records)
