@@ -91,6 +91,35 @@ def test_batched_generation_matches_single(backend):
     assert [g.text for g in together] == [g.text for g in alone]
 
 
+def test_shared_prefix_generation_matches_per_row(backend):
+    """Base's contexts share a long system prompt: decoding it once through the cascade must give
+    the tokens that decoding every row on its own gives, greedy and sampled alike."""
+    history = " ".join(f"Example {i}: the user preferred the shorter, plainer summary." for i in range(12))
+    contexts = [user_turn(q, system=f"You write for one user. {history}") for q in
+                ("Summarize: my cat knocked a glass off the table.", "Say hi.",
+                 "Summarize: the train was late again, so I missed the meeting with my boss.")]
+    prefix = backend._shared_prefix([backend.encode_context(c) for c in contexts])
+    assert prefix > 100  # the system prompt is shared, the user turns are not
+    seen = []
+
+    def record(hidden, logits, input_ids):
+        seen.append(input_ids.shape[1])
+        return logits
+
+    for cfg in (GenerationConfig(max_new_tokens=12), GenerationConfig(max_new_tokens=12, do_sample=True, seed=3)):
+        shared = backend.generate(contexts, cfg, guide=record)
+        backend.share_prefix = False
+        try:
+            plain = backend.generate(contexts, cfg)
+        finally:
+            backend.share_prefix = True
+        assert [g.token_ids for g in shared] == [g.token_ids for g in plain]
+        assert all(len(g.token_ids) > 0 for g in shared)
+    # the guide is shown the whole prompts, prefix included, growing by one token per step
+    longest = max(len(backend.encode_context(c)) for c in contexts)
+    assert seen[0] == longest and seen[1] == longest + 1
+
+
 def test_guide_identity_and_effect(backend):
     contexts = [user_turn("Name three colors of the rainbow, please, as a numbered list.")]
     cfg = GenerationConfig(max_new_tokens=6)

@@ -17,7 +17,9 @@ sets, each with two responses, so the rows share a long token prefix and differ 
 with full logits per request), which the tests and ``benchmarks/scoring.py`` compare against.
 
 Generation uses the backend's own decode loop (left-padded prefill, then one token per step on the
-key/value cache) because guided decoding needs the last hidden state at every step.
+key/value cache) because guided decoding needs the last hidden state at every step. A prefix that
+all prompts of a batch share (Base's serialized history) is run once and attended through the same
+cascade, so its keys and values are neither recomputed nor stored, nor copied at each step, per row.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _balanced_batches(lengths: list[int], batch_size: int, max_tokens: int | Non
 @dataclass
 class _CascadeState:
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (1, H_kv, P, D)
-    mask: torch.Tensor  # (B, 1, S, S) additive mask among the suffix tokens
+    mask: torch.Tensor | None  # (B, 1, S, K) additive mask of the S queries over the batch's own K keys
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -548,18 +550,53 @@ class TransformersBackend:
             o.seconds = secs
         return outs  # type: ignore[return-value]
 
+    def _shared_prefix(self, prompts: list[list[int]]) -> int:
+        """Length of the token prefix all prompts share, worth computing once (0 when not), capped so
+        every prompt keeps at least one token of its own."""
+        if not self.share_prefix or len(prompts) < 2:
+            return 0
+        first, n = prompts[0], min(len(p) for p in prompts) - 1
+        k = 0
+        while k < n and all(p[k] == first[k] for p in prompts):
+            k += 1
+        return k if k >= _PREFIX_OVERHEAD else 0
+
+    def _decode_step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
+                     state: _CascadeState | None) -> torch.Tensor:
+        """Feed ``ids`` (B, q) on the cache; ``mask`` (B, K) marks the real keys among all K cached
+        ones. With ``state`` the shared prefix's keys/values are attended through the cascade."""
+        if state is None:
+            return self.body(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True).last_hidden_state[:, -1]
+        q, K = ids.shape[1], mask.shape[1]
+        causal = torch.ones(q, K, dtype=torch.bool, device=self.device).tril(K - q)
+        own = torch.zeros(q, K, dtype=torch.bool, device=self.device)
+        own[torch.arange(q), torch.arange(K - q, K)] = True  # a padding query sees itself: no empty softmax
+        allowed = (causal & mask.bool()[:, None, :]) | own
+        state.mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.device)[:, None]
+        state.mask.masked_fill_(~allowed[:, None], float("-inf"))
+        with self._cascade():
+            out = self.body(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                            prefsteer_cascade=state)
+        return out.last_hidden_state[:, -1]
+
     def _decode_batch(self, prompts: list[list[int]], config: GenerationConfig, guide: Guide | None,
                       gen: torch.Generator | None) -> list[tuple[list[int], str]]:
+        """Left-padded prefill, then one token per step. A prefix that every prompt shares (Base's
+        history in the system prompt) is run once and attended through the cascade, stored once for
+        the whole batch instead of once per row and copied at every step."""
         from transformers import DynamicCache
 
         B, T = len(prompts), max(len(p) for p in prompts)
-        ids, mask = left_pad(prompts, self.pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        P = self._shared_prefix(prompts)
+        state = _CascadeState(self._prefix_kv(prompts[0][:P]), None) if P else None  # type: ignore[arg-type]
+        ids, _ = left_pad(prompts, self.pad_id)  # what the guide sees: the whole prompts
+        ids = ids.to(self.device)
+        feed, mask = left_pad([p[P:] for p in prompts], self.pad_id)
+        feed, mask = feed.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + P
         cache = DynamicCache(config=self.config)
-        out = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True)
-        hidden = out.last_hidden_state[:, -1]
+        hidden = self._decode_step(feed, mask, positions, cache, state)
         last_pos = positions[:, -1:]
         new = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
@@ -581,7 +618,5 @@ class TransformersBackend:
             ids = torch.cat([ids, tok[:, None]], 1)
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], 1)
             last_pos = last_pos + 1
-            out = self.body(input_ids=tok[:, None], attention_mask=mask, position_ids=last_pos,
-                            past_key_values=cache, use_cache=True)
-            hidden = out.last_hidden_state[:, -1]
+            hidden = self._decode_step(tok[:, None], mask, last_pos, cache, state)
         return [(n, self.tokenizer.decode(n, skip_special_tokens=True)) for n in new]
