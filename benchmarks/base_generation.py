@@ -47,8 +47,9 @@ def main(args: argparse.Namespace) -> None:
     system, n_pairs = build_system_prompt(train)
     prompts = list(dict.fromkeys(p.prompt for p in test + train))[: args.prompts]
     contexts = [user_turn(p, system) for p in prompts]
-    lengths = [len(backend.encode_context(c)) for c in contexts]
-    shared = backend._shared_prefix([backend.encode_context(c) for c in contexts])
+    encoded = [backend.encode_context(c) for c in contexts]
+    lengths = [len(e) for e in encoded]
+    shared = backend._shared_prefix(encoded)
 
     class NoEOS:  # only forbids ending, so every row generates exactly --tokens tokens
         def __call__(self, hidden, logits, ids):

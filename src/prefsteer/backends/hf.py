@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -555,10 +556,7 @@ class TransformersBackend:
         every prompt keeps at least one token of its own."""
         if not self.share_prefix or len(prompts) < 2:
             return 0
-        first, n = prompts[0], min(len(p) for p in prompts) - 1
-        k = 0
-        while k < n and all(p[k] == first[k] for p in prompts):
-            k += 1
+        k = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
         return k if k >= _PREFIX_OVERHEAD else 0
 
     def _decode_step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
@@ -589,7 +587,7 @@ class TransformersBackend:
 
         B, T = len(prompts), max(len(p) for p in prompts)
         P = self._shared_prefix(prompts)
-        state = _CascadeState(self._prefix_kv(prompts[0][:P]), None) if P else None  # type: ignore[arg-type]
+        state = _CascadeState(self._prefix_kv(prompts[0][:P]), None) if P else None
         ids, _ = left_pad(prompts, self.pad_id)  # what the guide sees: the whole prompts
         ids = ids.to(self.device)
         feed, mask = left_pad([p[P:] for p in prompts], self.pad_id)
