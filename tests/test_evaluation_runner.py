@@ -107,6 +107,47 @@ def test_resumes_after_a_kill_and_computes_only_the_rest(fake_backend, data, tmp
     assert third["new_records"] == 0 and third["accuracy"] == second["accuracy"]
 
 
+def test_a_copied_run_resumes_from_its_selections_without_the_score_cache(fake_backend, data, tmp_path):
+    """What a fresh checkout of committed results sees: records and selections, no memory.sqlite."""
+    import shutil
+
+    cfg = make_config(data, methods=["none", {"label": "exact", "kwargs": {"k": 2}}])
+    first = tmp_path / "first"
+    Runner(cfg, fake_backend, first, embedder="hash", progress=False).run()
+    recs = read_records(first)
+    sel = [json.loads(line) for line in (first / "selections.jsonl").read_text().splitlines()]
+    trained = {(r["user"], pid) for r in recs if r["method"] == "exact" for pid in r["train_ids"]}
+    assert {(s["user_id"], s["pair_id"]) for s in sel} == trained  # every indexed pair, once
+    assert all(len(s["attributes"]) == 2 and len(s["gains"]) == 2 for s in sel)
+    assert all(abs(s["base_objective"] + sum(s["gains"]) - s["objective"]) < 1e-9 for s in sel)
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("run.json", "selections.jsonl"):
+        shutil.copy(first / name, copy / name)
+    last = recs[-1]
+    assert last["method"] == "exact"
+    (copy / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:-1]))
+
+    calls = []
+    real_score = fake_backend.score
+
+    def counting_score(requests, **kw):
+        calls.append(len(requests))
+        return real_score(requests, **kw)
+
+    fake_backend.score = counting_score
+    try:
+        again = Runner(cfg, fake_backend, copy, embedder="hash", progress=False).run()
+    finally:
+        del fake_backend.score
+    assert again["new_records"] == 1
+    # no selection is redone: only the test pairs (plain and with attributes) are scored
+    assert sum(calls) == 2 * 2 * last["n_test"]
+    redone = read_records(copy)[-1]
+    assert redone["margins"] == last["margins"] and redone["attributes"] == last["attributes"]
+
+
 def test_a_run_directory_refuses_another_protocol(fake_backend, data, tmp_path):
     Runner(make_config(data), fake_backend, tmp_path / "r", embedder="hash", progress=False)
     with pytest.raises(ValueError, match="another protocol"):

@@ -1,3 +1,4 @@
+import json
 import sqlite3
 
 import pytest
@@ -141,3 +142,31 @@ def test_exact_global_uses_one_set_for_every_prompt(fake_backend):
     ps = [PreferencePair("u", f"prompt {i}", "humor funny", "formal sir", str(i)) for i in range(3)]
     g.fit("u", ps)
     assert g.attributes_for("u", ["x", "y"]) == [["Humor"], ["Humor"]]
+
+
+def test_selections_export_and_import_round_trip_and_bad_lines_name_their_field(tmp_path):
+    from prefsteer.errors import InputError
+
+    src = Memory(tmp_path / "a.db")
+    src.put_selection("u1", "p2", "cfg", ["Humor", "Concise"], -1.5, -4.0, [2.0, 0.5])
+    src.put_selection("u1", "p1", "cfg", ["Formal"], 3.0, 2.0, [1.0])
+    path = tmp_path / "sel.jsonl"
+    assert src.export_selections(path) == 2
+    assert not list(tmp_path.glob(".sel.jsonl.tmp"))  # written aside, then renamed
+    assert [json.loads(x)["pair_id"] for x in path.read_text().splitlines()] == ["p1", "p2"]
+
+    dst = Memory(tmp_path / "b.db")
+    dst.put_selection("u1", "p1", "cfg", ["Kept"], 9.0, 0.0, [9.0])  # already there: kept
+    assert dst.import_selections(path) == 1
+    assert dst.selection("u1", "p2", "cfg") == {"attributes": ["Humor", "Concise"], "objective": -1.5,
+                                                "base_objective": -4.0, "gains": [2.0, 0.5]}
+    assert dst.selection("u1", "p1", "cfg")["attributes"] == ["Kept"]
+    assert dst.import_selections(path) == 0
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(path.read_text() + '{"user_id": "u2", "pair_id": "p", "config_id": "c", '
+                   '"attributes": "Humor", "objective": 1, "base_objective": 0, "gains": [1]}\n')
+    fresh = Memory(tmp_path / "c.db")
+    with pytest.raises(InputError, match=r"bad\.jsonl:3, field 'attributes'"):
+        fresh.import_selections(bad)
+    assert fresh.selection("u1", "p1", "cfg") is None  # all or none

@@ -205,6 +205,56 @@ class Memory:
                       (user_id, pair_id, config_id, json.dumps(list(attributes)), objective,
                        base_objective, json.dumps(list(gains))))
 
+    def export_selections(self, path: str | Path) -> int:
+        """Write every selection as one JSON line each, sorted, into ``path``; returns how many.
+
+        The file is written beside ``path`` and renamed into place, so a crash leaves the old file
+        whole. With `import_selections` it carries indexing work to another machine: the selections
+        are a few hundred bytes per pair, where the score cache behind them is megabytes.
+        """
+        path = Path(path)
+        rows = self.conn.execute("SELECT user_id, pair_id, config_id, attributes, objective, base_objective, "
+                                 "gains FROM selections ORDER BY user_id, pair_id, config_id").fetchall()
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            for user, pair, cfg, attrs, obj, base, gains in rows:
+                fh.write(json.dumps({"user_id": user, "pair_id": pair, "config_id": cfg,
+                                     "attributes": json.loads(attrs), "objective": obj,
+                                     "base_objective": base, "gains": json.loads(gains)},
+                                    ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return len(rows)
+
+    def import_selections(self, path: str | Path) -> int:
+        """Add the selections of a file written by `export_selections`, all or none; a selection
+        already stored is kept. Returns how many were new. A bad line raises `InputError` naming
+        the file, the line and the field."""
+        from .errors import InputError
+
+        rows = []
+        text = Path(path).read_text(encoding="utf-8")
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", file=str(path), line=i) from None
+            if not isinstance(obj, dict):
+                raise InputError("expected a JSON object", file=str(path), line=i)
+            for name, kind in (("user_id", str), ("pair_id", str), ("config_id", str), ("attributes", list),
+                               ("objective", (int, float)), ("base_objective", (int, float)), ("gains", list)):
+                if not isinstance(obj.get(name), kind):
+                    raise InputError("missing or of the wrong type", file=str(path), line=i, field=name)
+            rows.append((obj["user_id"], obj["pair_id"], obj["config_id"], json.dumps(obj["attributes"]),
+                         float(obj["objective"]), float(obj["base_objective"]), json.dumps(obj["gains"])))
+        with self.transaction() as c:
+            before = c.execute("SELECT COUNT(*) FROM selections").fetchone()[0]
+            c.executemany("INSERT OR IGNORE INTO selections VALUES (?,?,?,?,?,?,?)", rows)
+            return c.execute("SELECT COUNT(*) FROM selections").fetchone()[0] - before
+
     def put_entries(self, user_id: str, entries: Sequence[Entry], replace_all: bool = False) -> None:
         """Write entries for a user; an entry replaces the one of the same prompt only when its
         objective is larger (EXACT keeps the best attribute set per distinct prompt)."""

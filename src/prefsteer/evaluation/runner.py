@@ -11,6 +11,12 @@ pair that recurs across seeds, or a request two methods share, is scored once. A
 (and fsynced) as soon as it is computed; a restarted run skips the records already there, so an
 interrupted run resumes where it stopped.
 
+The score cache is large and stays on the machine that made it; EXACT's per-pair selections are
+small and are mirrored into ``selections.jsonl`` after every record and when the run stops. A run
+directory copied without its ``memory.sqlite`` (a fresh checkout of committed results) therefore
+resumes without re-selecting the pairs it had indexed, including a user's pairs that recur in a
+later seed.
+
     >>> runner = Runner(load_config("quick"), load_backend("fake"), "runs/quick", embedder="hash")
     >>> summary = runner.run()
     >>> summary["accuracy"]                                        # doctest: +SKIP
@@ -39,6 +45,7 @@ log = logging.getLogger(__name__)
 
 RECORDS = "records.jsonl"
 RUN_INFO = "run.json"
+SELECTIONS = "selections.jsonl"
 
 
 def git_commit(root: Path = REPO_ROOT) -> str:
@@ -127,6 +134,10 @@ class Runner:
         self.git = git_commit()
         self.path = self.out / RECORDS
         self._check_run_info()
+        self.selections_path = self.out / SELECTIONS
+        if self.selections_path.exists():
+            n = self.memory.import_selections(self.selections_path)
+            log.info("imported %d selections from %s", n, self.selections_path)
 
     # -- set-up ----------------------------------------------------------------------------
     def _resolve(self, names: Sequence[str] | None) -> list[MethodSpec]:
@@ -204,6 +215,7 @@ class Runner:
         self.records.append(rec)
         self._done.add(record_key(rec))
         self.new_records += 1
+        self.memory.export_selections(self.selections_path)
 
     # -- the run ---------------------------------------------------------------------------
     def run(self, max_records: int | None = None) -> dict:
@@ -243,6 +255,7 @@ class Runner:
                 bar.update()
         finally:
             bar.close()
+            self.memory.export_selections(self.selections_path)  # an interrupted user's pairs too
         return self.summary(start)
 
     def summary(self, start: float) -> dict:
