@@ -166,6 +166,23 @@ def test_identity(backend):
         backend.encode_continuation(" Hi there"))
 
 
+def test_bfloat16_is_another_model_for_caches_and_runs_and_scores_close(backend):
+    """`--dtype bfloat16` reaches the backend; its fingerprint differs, so score caches, selections
+    and run directories never mix precisions; its scores stay within a nat of float32's here."""
+    from prefsteer.backends.hf import TransformersBackend
+    from prefsteer.cli import Context, make_parser
+
+    args = make_parser().parse_args(["generate", "--dtype", "bfloat16", "hello"])
+    low = Context(args).backend
+    assert isinstance(low, TransformersBackend) and low.model.dtype == torch.bfloat16
+    assert low.info()["dtype"] == "bfloat16" and backend.info()["dtype"] == "float32"
+    assert low.fingerprint != backend.fingerprint
+    reqs = _requests(POSTS[:1])
+    hi_scores, lo_scores = backend.score(reqs), low.score(reqs)
+    diffs = [abs(a.logprob - b.logprob) for a, b in zip(hi_scores, lo_scores)]
+    assert 0 < max(diffs) < 1.0
+
+
 def test_attention_kernels_agree():
     from prefsteer.backends.hf import _attend
 
