@@ -459,7 +459,8 @@ class TransformersBackend:
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=len(todo), desc="hidden states" if want_hidden else "scoring", unit="request")
+            bar = tqdm(total=len(todo), desc="hidden states" if want_hidden else "scoring", unit="request",
+                       leave=False)
         start, fed, padded, n_groups = time.perf_counter(), 0, 0, 0
         try:
             with torch.inference_mode():

@@ -192,7 +192,7 @@ class Runner:
             params = inspect.signature(cls.__init__).parameters
             var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
             shared = {"memory": self.memory, "embedder": self.embedder, "library": self.library,
-                      "scorer": self.scorer}
+                      "scorer": self.scorer, "progress": self.progress}  # progress: bars within a user
             kw = {k: v for k, v in shared.items() if k in params or (k == "scorer" and var_kw)}
             self._methods[spec.label] = cls(self.backend, **kw, **spec.kwargs)
         return self._methods[spec.label]

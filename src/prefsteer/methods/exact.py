@@ -92,7 +92,7 @@ class Exact(Method):
         self.memory.set_status(user_id, "indexing")
         cid = self.config_id
         best: dict[str, Entry] = {}
-        for p in tqdm(pairs, desc=f"indexing {user_id}", unit="pair", disable=not self.progress):
+        for p in tqdm(pairs, desc=f"indexing {user_id}", unit="pair", disable=not self.progress, leave=False):
             sel = self.memory.selection(user_id, p.pair_id, cid)
             if sel is None:
                 s = self.select(p)

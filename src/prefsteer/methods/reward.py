@@ -194,7 +194,7 @@ class Reward(Method):
                 bar = None
                 if self.progress:
                     from tqdm.auto import tqdm
-                    bar = tqdm(total=steps, desc=f"reward {user_id}", unit="step")
+                    bar = tqdm(total=steps, desc=f"reward {user_id}", unit="step", leave=False)
                 for _ in range(c.epochs):
                     order = order_rng.permutation(len(pairs))
                     epoch = []
