@@ -170,3 +170,46 @@ def test_selections_export_and_import_round_trip_and_bad_lines_name_their_field(
     with pytest.raises(InputError, match=r"bad\.jsonl:3, field 'attributes'"):
         fresh.import_selections(bad)
     assert fresh.selection("u1", "p1", "cfg") is None  # all or none
+
+
+def test_other_k_reuses_stored_greedy_selections(fake_backend, tmp_path):
+    """k=1 is cut from k=3's selections (nothing scored); k=5 continues them from step 4; both
+    equal what a fresh index of the same k selects."""
+    pairs = [PreferencePair("u", f"write a {t} about {i}", f"a {t} with humor {i}", f"a formal {t} {i}", f"p{i}")
+             for i, t in enumerate(["joke", "letter", "story", "poem"])]
+    mem = Memory(tmp_path / "m.db")
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.fingerprint, self.template_id = inner, inner.fingerprint, inner.template_id
+
+        def score(self, requests, **kw):
+            calls.append(len(requests))
+            return self.inner.score(requests, **kw)
+
+    counted = Counting(fake_backend)
+
+    def make(k, memory):
+        return Exact(counted, memory=memory, embedder=HashEmbedder(), config=ExactConfig(k=k))
+
+    make(3, mem).fit("u", pairs)
+    calls.clear()
+    k1 = make(1, mem)
+    k1.fit("u", pairs)
+    assert calls == []
+    calls.clear()
+    k5 = make(5, mem)
+    k5.fit("u", pairs)
+    n = len(k5.library)
+    assert sum(calls) == 2 * len(pairs) * ((n - 3) + (n - 4))  # steps 4 and 5 only, two requests per set
+    for k, reused in ((1, k1), (5, k5)):
+        fresh = make(k, Memory(tmp_path / f"fresh{k}.db"))
+        fresh.fit("u", pairs)
+        for p in pairs:
+            a, b = mem.selection("u", p.pair_id, reused.config_id), fresh.memory.selection("u", p.pair_id, fresh.config_id)
+            assert a["attributes"] == b["attributes"] and a["gains"] == pytest.approx(b["gains"])
+            assert a["objective"] == pytest.approx(b["objective"])
+    # a search that stops early is never continued
+    stop = Exact(counted, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=5, stop_when_no_gain=True))
+    assert stop._greedy_start(pairs[0]) is None

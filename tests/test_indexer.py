@@ -131,3 +131,24 @@ def test_ordered_exhaustive_never_loses_to_greedy_when_order_matters():
     assert subsets.attributes == ("A", "B") and subsets.objective == 3.0
     assert ordered.attributes == ("B", "A") and ordered.objective == 4.5
     assert ordered.evaluations == 1 + 6 + 1  # plain, 3P2 tuples, the one-attribute prefix
+
+
+def test_greedy_continues_or_cuts_an_earlier_selection_and_returns_what_a_fresh_search_does():
+    weights = {"A": 1.0, "B": 3.0, "C": -2.0, "D": 2.0, "E": 0.5, "F": -0.5}
+    inter = {frozenset("BE"): 2.5, frozenset("AD"): -1.5, frozenset("CF"): 4.0}
+    names = list(weights)
+    fresh = {k: greedy_select(additive(weights, inter), names, k) for k in (1, 2, 5)}
+    short = fresh[2]
+    f = additive(weights, inter)
+    longer = greedy_select(f, names, 5, start=short)
+    assert (longer.attributes, longer.gains) == (fresh[5].attributes, fresh[5].gains)
+    assert longer.objective == pytest.approx(fresh[5].objective)
+    assert longer.base_objective == fresh[5].base_objective
+    assert f.calls == [4, 3, 2] and longer.evaluations == 9  # steps 3..5 only
+    g = additive(weights, inter)
+    cut = greedy_select(g, names, 1, start=fresh[5])
+    assert g.calls == [] and cut.evaluations == 0  # nothing scored
+    assert (cut.attributes, cut.gains) == (fresh[1].attributes, fresh[1].gains)
+    assert cut.objective == pytest.approx(fresh[1].objective)
+    with pytest.raises(ValueError, match="outside the candidates"):
+        greedy_select(additive(weights), ["A", "C"], 2, start=short)

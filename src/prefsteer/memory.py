@@ -198,6 +198,13 @@ class Memory:
         return {"attributes": json.loads(row[0]), "objective": row[1], "base_objective": row[2],
                 "gains": json.loads(row[3])}
 
+    def selections_of(self, user_id: str, pair_id: str, config_ids: Sequence[str]) -> dict[str, dict]:
+        """The pair's stored selections under any of ``config_ids``, by config id."""
+        q = ("SELECT config_id, attributes, objective, base_objective, gains FROM selections "
+             f"WHERE user_id=? AND pair_id=? AND config_id IN ({','.join('?' * len(config_ids))})")
+        return {c: {"attributes": json.loads(a), "objective": o, "base_objective": b, "gains": json.loads(g)}
+                for c, a, o, b, g in self.conn.execute(q, (user_id, pair_id, *config_ids))}
+
     def put_selection(self, user_id: str, pair_id: str, config_id: str, attributes: Sequence[str],
                       objective: float, base_objective: float, gains: Sequence[float]) -> None:
         with self.transaction() as c:

@@ -66,19 +66,40 @@ def make_objective(scorer, prompt: str, chosen: str, rejected: str,
 
 
 def greedy_select(objective: Objective, candidates: Sequence[str], k: int,
-                  stop_when_no_gain: bool = False) -> Selection:
-    """Greedy maximization of F; with ``stop_when_no_gain`` it stops once no attribute helps."""
+                  stop_when_no_gain: bool = False, start: Selection | None = None) -> Selection:
+    """Greedy maximization of F; with ``stop_when_no_gain`` it stops once no attribute helps.
+
+    ``start`` is an earlier greedy selection of the same pair under the same objective with another
+    k (no early stop). Greedy's first j picks do not depend on k, so a longer one is cut to k and a
+    shorter one is continued from its last step: the result is the one a fresh search returns,
+    for the steps it lacks. ``evaluations`` then counts only the sets scored here.
+    """
     if k < 1:
         raise ValueError(f"`k` (={k}) has to be at least 1")
     remaining = list(dict.fromkeys(candidates))
-    chosen: AttrSet = ()
-    # F(∅) is scored with the first step so the backend shares the prefix across all of them.
-    values = objective([()] + [(a,) for a in remaining])
-    base = current = values[0]
-    values = values[1:]
-    gains: list[float] = []
-    evaluations = 1
-    for step in range(min(k, len(remaining))):
+    if start is not None and start.attributes:
+        if not set(start.attributes) <= set(remaining):
+            raise ValueError(f"`start` holds attributes outside the candidates: {list(start.attributes)}")
+        if len(start.attributes) >= k or len(start.attributes) == len(remaining):
+            if len(start.attributes) <= k:
+                return Selection(tuple(start.attributes), start.objective, start.base_objective,
+                                 list(start.gains), 0)
+            gains = list(start.gains[:k])
+            return Selection(tuple(start.attributes[:k]), start.base_objective + sum(gains),
+                             start.base_objective, gains, 0)
+        chosen: AttrSet = tuple(start.attributes)
+        remaining = [a for a in remaining if a not in chosen]
+        base, current, gains = start.base_objective, start.objective, list(start.gains)
+        evaluations, first = 0, len(chosen)
+    else:
+        chosen, first = (), 0
+        # F(∅) is scored with the first step so the backend shares the prefix across all of them.
+        values = objective([()] + [(a,) for a in remaining])
+        base = current = values[0]
+        values = values[1:]
+        gains = []
+        evaluations = 1
+    for step in range(first, min(k, first + len(remaining))):
         if step > 0:
             values = objective([chosen + (a,) for a in remaining])
         evaluations += len(remaining)
