@@ -28,21 +28,15 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO.parent / "shared" / "data" / "fixtures" / "tldr_batch13_3users.jsonl"
+from _pairs import add_pair_args, read_pairs
 
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(FIXTURE), help="pairs file (any format `prefsteer` reads)")
-    p.add_argument("--pairs", type=int, default=6, help="how many pairs, from the file's start (default 6)")
-    p.add_argument("--k", type=int, default=3, help="attributes to select (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    add_pair_args(p)
     p.add_argument("--low", default="bfloat16", choices=["bfloat16", "float16"],
                    help="the reduced precision to compare with float32 (default bfloat16)")
-    p.add_argument("--json", default=None, help="also write the per-pair rows and summary here")
     return p
 
 
@@ -51,17 +45,10 @@ def main(args: argparse.Namespace) -> int:
 
     from prefsteer.attributes import load_library
     from prefsteer.backends.hf import TransformersBackend
-    from prefsteer.data.loaders import load_pairs
-    from prefsteer.errors import InputError
     from prefsteer.exact.indexer import greedy_select, make_objective
 
-    try:
-        pairs = load_pairs(args.data)[: args.pairs]
-    except (InputError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not pairs:
-        print(f"error: no pairs in {args.data}", file=sys.stderr)
+    pairs = read_pairs(args)
+    if pairs is None:
         return 2
     library = load_library()
     backends = {dt: TransformersBackend(model=args.model, threads=args.threads, dtype=dt)

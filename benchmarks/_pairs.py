@@ -1,0 +1,35 @@
+"""What the EXACT selection benchmarks share: their pair arguments and the pairs they read."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO.parent / "shared" / "data" / "fixtures" / "tldr_batch13_3users.jsonl"
+
+
+def add_pair_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=str(FIXTURE), help="pairs file (any format `prefsteer` reads)")
+    p.add_argument("--pairs", type=int, default=6, help="how many pairs, from the file's start (default 6)")
+    p.add_argument("--k", type=int, default=3, help="attributes to select (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--json", default=None, help="also write the per-pair rows and summary here")
+
+
+def read_pairs(args: argparse.Namespace):
+    """The first ``--pairs`` pairs of ``--data``, or None after printing why there are none."""
+    from prefsteer.data.loaders import load_pairs
+    from prefsteer.errors import InputError
+
+    try:
+        pairs = load_pairs(args.data)[: args.pairs]
+    except (InputError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    if not pairs:
+        print(f"error: no pairs in {args.data}", file=sys.stderr)
+        return None
+    return pairs
