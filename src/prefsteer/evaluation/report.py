@@ -175,7 +175,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
              f"- model: `{first.get('model')}` (backend {first.get('backend')})",
              f"- git commits: {', '.join(sorted({r.get('git', 'unknown')[:12] for r in records}))}",
              f"- records: {len(records)}; seeds: {sorted({r['seed'] for r in records})}",
-             f"- notes: {first.get('config_json', {}).get('notes', '')}", ""]
+             f"- notes: {records[-1].get('config_json', {}).get('notes', '')}", ""]
     if any(r.get("kind") == "method" for r in records):
         parts += ["## Table 2: pairwise accuracy by method", "",
                   "Mean over users per seed, then mean ± sample std over seeds. 'beats plain' (the "
