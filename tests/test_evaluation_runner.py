@@ -230,6 +230,42 @@ def test_quick_config_end_to_end_through_the_cli(shared_data, tmp_path, capsys):
     assert "Table 2" in (out / "report.md").read_text()
 
 
+def test_sigterm_stops_a_run_like_ctrl_c_and_keeps_the_interrupted_users_selections(data, tmp_path):
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "long.json"
+    cfg.write_text(json.dumps({"name": "long", "data": str(data), "seeds": [0, 1, 2], "n_users": 3,
+                               "methods": ["none", {"label": "exact", "kwargs": {"k": 3}}]}))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "prefsteer.cli", "eval", "--config", str(cfg), "--backend",
+                             "fake", "--embedder", "hash", "--quiet", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, selected = time.monotonic() + 120, 0
+        while selected < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if (out / "memory.sqlite").exists():
+                with sqlite3.connect(f"file:{out / 'memory.sqlite'}?mode=ro", uri=True) as db:
+                    try:
+                        selected = db.execute("SELECT COUNT(*) FROM selections").fetchone()[0]
+                    except sqlite3.OperationalError:  # the schema is still being written
+                        pass
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    exported = (out / "selections.jsonl").read_text().splitlines()
+    with sqlite3.connect(out / "memory.sqlite") as db:
+        stored = db.execute("SELECT COUNT(*) FROM selections").fetchone()[0]
+    # everything selected is exported, also the pairs of a user whose indexing the signal cut short
+    assert len(exported) == stored >= selected >= 2
+
+
 def test_eval_errors_exit_2(tmp_path, capsys):
     assert main(["eval", "--config", "nope", "--backend", "fake", "--embedder", "hash"]) == 2
     assert "no configuration 'nope'" in capsys.readouterr().err

@@ -17,7 +17,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from typing import Any, Callable
@@ -397,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     ctx = Context(args)
+    # `kill` (SIGTERM) stops a command the way Ctrl-C does: cleanup runs, finished work is saved
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         return args.func(args, ctx) or 0
     except PrefsteerError as e:
@@ -412,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefsteer {args.command}: interrupted; finished work is saved, run again to resume",
               file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
