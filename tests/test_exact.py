@@ -162,6 +162,8 @@ def test_selections_export_and_import_round_trip_and_bad_lines_name_their_field(
                                                 "base_objective": -4.0, "gains": [2.0, 0.5]}
     assert dst.selection("u1", "p1", "cfg")["attributes"] == ["Kept"]
     assert dst.import_selections(path) == 0
+    assert dst.selections_of("u1", "p2", ["cfg", "other"]) == {"cfg": dst.selection("u1", "p2", "cfg")}
+    assert dst.selections_of("u1", "p2", []) == {}
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(path.read_text() + '{"user_id": "u2", "pair_id": "p", "config_id": "c", '

@@ -200,6 +200,8 @@ class Memory:
 
     def selections_of(self, user_id: str, pair_id: str, config_ids: Sequence[str]) -> dict[str, dict]:
         """The pair's stored selections under any of ``config_ids``, by config id."""
+        if not config_ids:
+            return {}
         q = ("SELECT config_id, attributes, objective, base_objective, gains FROM selections "
              f"WHERE user_id=? AND pair_id=? AND config_id IN ({','.join('?' * len(config_ids))})")
         return {c: {"attributes": json.loads(a), "objective": o, "base_objective": b, "gains": json.loads(g)}
