@@ -198,12 +198,15 @@ def test_report_from_a_hand_made_results_file(tmp_path):
     recs.append({**recs[1], "method": "exact-k5", "kwargs": {"k": 5}, "accuracy": 0.9, "table8": 0.8})
     recs.append({"kind": "table7", "seed": 0, "user": "a", "method": "greedy-vs-exhaustive", "pair_id": "p",
                  "greedy": 1.0, "exhaustive": 1.5, "base": 0.5, "k": 3, "library_size": 12})
+    # seed 2 has begun: one user of 'none' so far, shown but kept out of the mean ± std
+    recs.append({**recs[0], "seed": 2, "accuracy": 0.0})
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     path = write_report(tmp_path)
     md = path.read_text()
-    assert "| exact | 75.00 ± 7.07 | 70.00 | 80.00 | 4 | 20 | 40.00 ± 0.00 |" in md
-    assert "| none | 55.00 ± 7.07 | 50.00 | 60.00 | 4 | 20 | – |" in md
-    assert "| exact-k5 | 90.00 | 90.00 | – | 1 | 5 | 80.00 |" in md
+    assert "| exact | 75.00 ± 7.07 | 70.00 | 80.00 | – | 4 | 20 | 40.00 ± 0.00 |" in md
+    assert "| none | 55.00 ± 7.07 | 50.00 | 60.00 | 0.00 (1/2 users) | 4 | 20 | – |" in md
+    assert "| exact-k5 | 90.00 | 90.00 (1/2 users) | – | – | 1 | 5 | 80.00 |" in md
+    assert "(n/2 users) is not complete" in md
     assert "## Figure 1" in md and "| 1 | exact-k1 | 60.00 | 40.00 | 1 |" in md
     assert "| 3 | exact | 70.00 | 40.00 | 1 |" in md and "| 5 | exact-k5 | 90.00 | 80.00 | 1 |" in md
     assert "## Table 8" in md and "## Table 7" in md and "first 12 attributes" in md

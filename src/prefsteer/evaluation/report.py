@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -29,9 +30,31 @@ def _is_exact(r: dict) -> bool:
     return str(r.get("registry", "")).startswith("exact")
 
 
-def accuracy_table(records: Sequence[dict]) -> str:
-    s = summarize(records)
+def _partial_seeds(methods: Sequence[dict]) -> tuple[dict[tuple[str, int], int], int, set[tuple[str, int]]]:
+    """Users per (method, seed), the most any has, and the (method, seed)s with fewer: a seed still
+    running, or a method run on some users only."""
+    counts = Counter((r["method"], r["seed"]) for r in methods)
+    most = max(counts.values(), default=0)
+    return counts, most, {key for key, n in counts.items() if n < most}
+
+
+def _headline(records: Sequence[dict]) -> list[dict]:
+    """The records behind a method's headline numbers: its complete seeds, or all it has when no
+    seed is complete; records of other kinds as they are."""
     methods = [r for r in records if r.get("kind") == "method"]
+    counts, _, partial = _partial_seeds(methods)
+    complete = {m for m, x in counts if (m, x) not in partial}
+    return [r for r in records if r.get("kind") != "method" or
+            (r["method"], r["seed"]) not in partial or r["method"] not in complete]
+
+
+def accuracy_table(records: Sequence[dict]) -> str:
+    """Table 2. A seed with fewer users than the others is shown in its column, marked, and left
+    out of the mean ± std and of the columns after the seeds (unless a method has nothing else)."""
+    methods = [r for r in records if r.get("kind") == "method"]
+    counts, most, partial = _partial_seeds(methods)
+    s = summarize(_headline(records))
+    every = summarize(methods)
     seeds = sorted({r["seed"] for r in methods})
     exact_labels = {r["method"] for r in methods if _is_exact(r)}
     head = ("| method | accuracy (%) | " + " | ".join(f"seed {x}" for x in seeds) +
@@ -39,14 +62,18 @@ def accuracy_table(records: Sequence[dict]) -> str:
             "win-rate vs base (%) | win-rate, position-calibrated (%) | seconds |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m in s["methods"]:
-        per = s["accuracy_per_seed"][m]
+        per = every["accuracy_per_seed"][m]
+        cells = [_pct(per.get(str(x))) + (f" ({counts[m, x]}/{most} users)" if (m, x) in partial else "")
+                 for x in seeds]
         t8 = _pm(s["table8"].get(m), s["table8_std"].get(m)) if m in exact_labels else "–"
         wr, wrc = s.get("winrate", {}).get(m), s.get("winrate_calibrated", {}).get(m)
         shift = f"{s['shift'][m]:+.2f}" if m in exact_labels and m in s["shift"] else "–"
-        lines.append(f"| {m} | {_pm(s['accuracy'][m], s['accuracy_std'][m])} | " +
-                     " | ".join(_pct(per.get(str(x))) for x in seeds) +
+        lines.append(f"| {m} | {_pm(s['accuracy'][m], s['accuracy_std'][m])} | " + " | ".join(cells) +
                      f" | {s['n_users'][m]} | {s['n_test_pairs'][m]} | {t8} | {shift} | {_pct(wr)} | {_pct(wrc)} | "
-                     f"{s['seconds'][m]:.0f} |")
+                     f"{every['seconds'][m]:.0f} |")
+    if partial:
+        lines += ["", f"A seed marked (n/{most} users) is not complete: its column shows the users so far, and "
+                  "the mean ± std, users, test pairs, Table 8 and margin-shift columns leave it out."]
     return "\n".join(lines)
 
 
@@ -122,7 +149,7 @@ def _plot_accuracy(records: Sequence[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = summarize(records)
+    s = summarize(_headline(records))
     labels = s["methods"]
     means = [100 * s["accuracy"][m] for m in labels]
     errs = [100 * (s["accuracy_std"][m] or 0) for m in labels]
