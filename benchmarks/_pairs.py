@@ -1,4 +1,5 @@
-"""What the EXACT selection benchmarks share: their pair arguments and the pairs they read."""
+"""What the EXACT selection benchmarks share: their pair arguments, the pairs they read, and an
+objective that remembers every value it computed."""
 
 from __future__ import annotations
 
@@ -33,3 +34,18 @@ def read_pairs(args: argparse.Namespace):
         print(f"error: no pairs in {args.data}", file=sys.stderr)
         return None
     return pairs
+
+
+def recording_objective(scorer, prompt: str, chosen: str, rejected: str, library, values: dict):
+    """EXACT's objective F for one pair through ``scorer``; every attribute set it evaluates is
+    written into ``values`` (tuple of names -> F), so two searches can be compared set by set."""
+    from prefsteer.exact.indexer import make_objective
+
+    inner = make_objective(scorer, prompt, chosen, rejected, library)
+
+    def objective(sets):
+        out = inner(sets)
+        values.update(zip(map(tuple, sets), out))
+        return out
+
+    return objective

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from _pairs import add_pair_args, read_pairs
+from _pairs import add_pair_args, read_pairs, recording_objective
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -58,14 +58,8 @@ def main(args: argparse.Namespace) -> int:
         row: dict = {"pair_id": pair.pair_id}
         values: dict[str, dict[tuple, float]] = {}
         for dt, backend in backends.items():
-            inner = make_objective(backend, pair.prompt, pair.chosen, pair.rejected, library)
-            seen = values.setdefault(dt, {})
-
-            def objective(sets, inner=inner, seen=seen):
-                out = inner(sets)
-                seen.update(zip(map(tuple, sets), out))
-                return out
-
+            objective = recording_objective(backend, pair.prompt, pair.chosen, pair.rejected, library,
+                                            values.setdefault(dt, {}))
             start = time.perf_counter()
             sel = greedy_select(objective, library.names, args.k)
             row[dt] = {"seconds": time.perf_counter() - start, "set": list(sel.attributes),

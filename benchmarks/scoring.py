@@ -22,8 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO.parent / "shared" / "data" / "fixtures" / "tldr_batch13_3users.jsonl"
+from _pairs import FIXTURE, recording_objective
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -47,19 +46,6 @@ class _Recorder:
 
     def score(self, requests, progress=False):
         return self.score_fn(requests)
-
-
-def _objective(backend_score, prompt, chosen, rejected, library, values: dict):
-    from prefsteer.exact.indexer import make_objective
-
-    inner = make_objective(_Recorder(backend_score), prompt, chosen, rejected, library)
-
-    def objective(sets):
-        out = inner(sets)
-        values.update(zip((tuple(s) for s in sets), out))
-        return out
-
-    return objective
 
 
 def _plain_throughput(backend, rows: int = 8, length: int = 300, repeats: int = 2) -> float:
@@ -128,7 +114,8 @@ def main(args: argparse.Namespace) -> int:
         values: dict = {}
         before = dict(backend.stats)
         start, cpu = time.perf_counter(), time.process_time()
-        sel = greedy_select(_objective(fn, prompt, pair["chosen"], pair["rejected"], library, values),
+        sel = greedy_select(recording_objective(_Recorder(fn), prompt, pair["chosen"], pair["rejected"],
+                                                library, values),
                             library.names, args.k)
         secs, cpu = time.perf_counter() - start, time.process_time() - cpu
         delta = {k: backend.stats.get(k, 0) - before.get(k, 0) for k in backend.stats}
