@@ -25,6 +25,7 @@ cascade, so its keys and values are neither recomputed nor stored, nor copied at
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -165,6 +166,10 @@ class TransformersBackend:
         self.device = next(self.model.parameters()).device
         self.config = self.model.config
         self.body = self.model.model           # the decoder without the output layer
+        # transformers 5.x renames the decoder's `past_key_values` argument to `cache` (the old name
+        # goes in 5.40): pass whichever this version takes
+        params = inspect.signature(self.body.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.lm_head = self.model.get_output_embeddings()
         if not getattr(self.tokenizer, "chat_template", None):
             raise InputError(f"the model '{self.source['model']}' has no chat template; prefsteer needs "
@@ -322,12 +327,16 @@ class TransformersBackend:
         finally:
             self.model.set_attn_implementation(old)
 
+    def extend(self, cache, **inputs):
+        """The decoder (no output layer) on ``inputs``, reading and extending the KV ``cache``."""
+        return self.body(**inputs, **{self._cache_arg: cache}, use_cache=True)
+
     def _prefix_kv(self, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The prefix's keys and values per layer, (1, H_kv, P, D) each."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.config)
-        self.body(input_ids=torch.tensor([prefix], device=self.device), past_key_values=cache, use_cache=True)
+        self.extend(cache, input_ids=torch.tensor([prefix], device=self.device))
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     def _run_packed(self, packed: list[tuple[list[int], list[tuple[int, list[int]]]]], prefix_len: int,
@@ -565,8 +574,8 @@ class TransformersBackend:
         """Feed ``ids`` (B, q) on the cache; ``mask`` (B, K) marks the real keys among all K cached
         ones. With ``state`` the shared prefix's keys/values are attended through the cascade."""
         if state is None:
-            return self.body(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True).last_hidden_state[:, -1]
+            return self.extend(cache, input_ids=ids, attention_mask=mask,
+                               position_ids=positions).last_hidden_state[:, -1]
         q, K = ids.shape[1], mask.shape[1]
         causal = torch.ones(q, K, dtype=torch.bool, device=self.device).tril(K - q)
         own = torch.zeros(q, K, dtype=torch.bool, device=self.device)
@@ -575,8 +584,7 @@ class TransformersBackend:
         state.mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.device)[:, None]
         state.mask.masked_fill_(~allowed[:, None], float("-inf"))
         with self._cascade():
-            out = self.body(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                            prefsteer_cascade=state)
+            out = self.extend(cache, input_ids=ids, position_ids=positions, prefsteer_cascade=state)
         return out.last_hidden_state[:, -1]
 
     def _decode_batch(self, prompts: list[list[int]], config: GenerationConfig, guide: Guide | None,

@@ -290,8 +290,8 @@ class _Rows:
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.pos = positions[:, -1:]                                    # (R, 1)
         self.cache = DynamicCache(config=backend.config)
-        out = backend.body(input_ids=ids.to(dev), attention_mask=self.mask, position_ids=positions,
-                           past_key_values=self.cache, use_cache=True)
+        out = backend.extend(self.cache, input_ids=ids.to(dev), attention_mask=self.mask,
+                             position_ids=positions)
         self.hidden = out.last_hidden_state[:, -1]                      # (R, d)
 
     def logits(self):
@@ -304,9 +304,8 @@ class _Rows:
         dev = self.mask.device
         self.mask = torch.cat([self.mask, torch.ones((R, 1), dtype=self.mask.dtype, device=dev)], 1)
         self.pos = self.pos + 1
-        out = self.backend.body(input_ids=torch.full((R, 1), tok, dtype=torch.long, device=dev),
-                                attention_mask=self.mask, position_ids=self.pos,
-                                past_key_values=self.cache, use_cache=True)
+        out = self.backend.extend(self.cache, input_ids=torch.full((R, 1), tok, dtype=torch.long, device=dev),
+                                  attention_mask=self.mask, position_ids=self.pos)
         self.hidden = out.last_hidden_state[:, -1]
 
 
