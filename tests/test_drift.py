@@ -151,3 +151,15 @@ def test_real_model_zero_weights_is_plain_greedy(hf_backend):
     assert out.text == plain.text
     d.weights["u1"] = {"Concise": 0.0, "Humor": 3.0}
     assert d.generate("u1", [prompt], cfg)[0].text != plain.text
+
+
+@pytest.mark.model
+def test_real_model_seeded_sampling_repeats(hf_backend):
+    """Seeded sampling draws on the backend's device: a CPU generator failed on CUDA logits
+    (seen on an H100), so on a GPU machine this is the regression test."""
+    d = Drift(hf_backend, attributes=ATTRS[:2], threshold=-1.0)
+    d.weights["u1"] = {"Concise": 1.0, "Humor": 2.0}
+    cfg = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=50, top_p=0.95, seed=3)
+    prompt = "Write one sentence about cats."
+    first = d.generate("u1", [prompt], cfg)[0].text
+    assert first and d.generate("u1", [prompt], cfg)[0].text == first

@@ -229,7 +229,8 @@ class Drift(Method):
         gen = None
         if config.do_sample and config.seed is not None:
             import torch
-            gen = torch.Generator().manual_seed(config.seed)
+            # on the device the logits are sampled on (a CPU generator fails on CUDA logits)
+            gen = torch.Generator(device=getattr(self.backend, "device", "cpu")).manual_seed(config.seed)
         for prompt in prompts:  # one prompt at a time: its 1 + n branches are the batch
             base = user_turn(prompt)
             branches = [self.context(prompt)] + [self.context(prompt, a) for a in attrs]
