@@ -154,6 +154,15 @@ def test_table7_summary():
     assert s["ratio"] == pytest.approx((1.0 + 1 / 3) / 2)
 
 
+def test_table7_summary_counts_a_pair_of_several_seeds_once():
+    rec = {"user": "u1", "pair_id": "p1", "library": ["A", "B"], "k": 3, "library_size": 2,
+           "greedy": 1.0, "exhaustive": 3.0, "base": -1.0}
+    other = {**rec, "pair_id": "p2", "greedy": 2.0, "exhaustive": 2.0, "base": 1.0}
+    s = table7_summary([{**rec, "seed": 0}, {**other, "seed": 0}, {**rec, "seed": 1}])
+    assert s["n_pairs"] == 2 and s["greedy_optimal"] == 0.5 and s["gap"] == 1.0
+    assert table7_summary([rec, {**rec, "user": "u2"}])["n_pairs"] == 2  # another user's pair is another pair
+
+
 def test_named_configs_load_and_extend():
     names = available_configs()
     assert {"quick", "paper", "table2", "figure1", "table7", "table8", "ablation-describe"} <= set(names)

@@ -131,7 +131,16 @@ def summarize(records: Sequence[dict]) -> dict:
 def table7_summary(records: Sequence[dict]) -> dict:
     """Greedy versus exhaustive: mean objectives, mean gap, share of pairs where greedy is optimal,
     and the mean ratio of improvements over the plain prompt, (F_g - F_0) / (F_e - F_0), which is
-    defined when F_e > F_0 (raw F can be negative, so F_g / F_e is reported only when both are > 0)."""
+    defined when F_e > F_0 (raw F can be negative, so F_g / F_e is reported only when both are > 0).
+
+    A pair studied again under another seed (a user's pair lands in several seeds' splits) counts
+    once: the first record of each (user, pair, library, k) is kept (records without a pair_id are
+    all kept)."""
+    first: dict[object, dict] = {}
+    for i, r in enumerate(records):
+        key = (r.get("user"), r["pair_id"], tuple(r.get("library", ())), r["k"]) if "pair_id" in r else i
+        first.setdefault(key, r)
+    records = list(first.values())
     fg = [r["greedy"] for r in records]
     fe = [r["exhaustive"] for r in records]
     f0 = [r["base"] for r in records]
