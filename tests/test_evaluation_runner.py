@@ -317,3 +317,20 @@ def test_table7_records_bound_greedy_by_the_ordered_exhaustive_search(fake_backe
         assert r["exhaustive_evaluations"] == 1 + 5 * 4 + 1
     report = write_report(tmp_path / "t7").read_text()
     assert "F(subsets)" in report and "best ordered k-tuple" in report
+
+
+def test_table7_studies_a_pair_once_across_seeds(fake_backend, data, tmp_path):
+    t7 = {"enabled": True, "n_pairs": 6, "library_size": 4, "k": 2}
+    for seed in (0, 1):  # a later run whose first seed is another one, into the same directory
+        Runner(make_config(data, seeds=[seed], methods=["none"], attributes=None, table7=t7),
+               fake_backend, tmp_path / "t7", embedder="hash", progress=False).run()
+    recs = [r for r in read_records(tmp_path / "t7") if r["kind"] == "table7"]
+    first = {(r["user"], r["pair_id"]) for r in recs if r["seed"] == 0}
+    again = [(r["user"], r["pair_id"]) for r in recs if r["seed"] == 1]
+    assert first and len(again) == len(set(again))
+    assert not first & set(again)
+    seed1 = Runner(make_config(data, seeds=[1], methods=["none"], attributes=None, table7=t7),
+                   fake_backend, tmp_path / "other", embedder="hash", progress=False)
+    seed1.run()
+    fresh = {(r["user"], r["pair_id"]) for r in read_records(tmp_path / "other") if r["kind"] == "table7"}
+    assert first & fresh  # the two seeds share pairs, so the first directory skipped them
