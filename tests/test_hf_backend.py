@@ -181,6 +181,37 @@ def test_bfloat16_is_another_model_for_caches_and_runs_and_scores_close(backend)
     hi_scores, lo_scores = backend.score(reqs), low.score(reqs)
     diffs = [abs(a.logprob - b.logprob) for a, b in zip(hi_scores, lo_scores)]
     assert 0 < max(diffs) < 1.0
+    # a cast copy (EXACT's screen) is that same bfloat16 model, and leaves the original as it was
+    cast = backend.cast("bfloat16")
+    assert cast.fingerprint == low.fingerprint and backend.model.dtype == torch.float32
+    assert [s.logprob for s in cast.score(reqs)] == pytest.approx([s.logprob for s in lo_scores], abs=1e-4)
+    assert backend.cast("float32") is backend
+
+
+def test_kept_prefix_is_extended_by_the_next_step_and_changes_nothing(backend):
+    """The next greedy step's prefix extends the last one's: only the new tokens are run."""
+    from prefsteer.backends.hf import _common_prefix_len
+
+    def step(chosen, cands):
+        return [ScoreRequest.of(user_turn(inject(POSTS[0], chosen + [a])), r) for a in cands for r in RESPONSES]
+
+    def prefix(reqs):
+        ctxs = [backend.encode_context(r.chat()) for r in reqs]
+        return min(_common_prefix_len(ctxs[0], c) for c in ctxs[1:])
+
+    one, two = step([], ["Concise", "Humor", "Formal"]), step(["Concise"], ["Humor", "Formal", "Casual"])
+    backend.clear_prefix_memo()
+    backend.score(one)
+    assert backend.last_stats["prefix_reused"] == 0
+    got = backend.score(two)
+    first = dict(backend.last_stats)
+    assert 0 < prefix(one) == first["prefix_reused"] < prefix(two)
+    naive = backend.score(two, share_prefix=False, restrict_logits=False, batch_size=1)
+    assert max(abs(g.logprob - n.logprob) for g, n in zip(got, naive)) < 1e-3
+    again = backend.score(two)  # the whole prefix is kept now
+    assert backend.last_stats["prefix_reused"] == prefix(two)
+    assert backend.last_stats["tokens_fed"] == first["tokens_fed"] - (prefix(two) - prefix(one))
+    assert [a.logprob for a in again] == pytest.approx([g.logprob for g in got], abs=1e-4)
 
 
 def test_attention_kernels_agree():

@@ -30,7 +30,7 @@ class FakeBackend:
     name = "fake"
 
     def __init__(self, vocab_size: int = 2048, hidden_size: int = 16, context_bonus: float = 2.0,
-                 seed: int = 0, max_context: int = 4096, **_: Any):
+                 seed: int = 0, max_context: int = 4096, dtype: Any = None, **_: Any):
         if vocab_size < len(_WORDS) + 2:
             raise ValueError(f"`vocab_size` (={vocab_size}) has to be at least {len(_WORDS) + 2}")
         self.vocab_size, self.hidden_size, self.context_bonus = vocab_size, hidden_size, context_bonus
@@ -39,13 +39,23 @@ class FakeBackend:
         g = torch.Generator().manual_seed(seed)
         self.bigram = torch.randn(vocab_size, vocab_size, generator=g)          # (V, V)
         self.embed = torch.randn(vocab_size, hidden_size, generator=g) / hidden_size ** 0.5  # (V, d)
+        # another precision rounds the weights (computing stays float32): a slightly different model
+        names = {None: "float32", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+                 "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+        self.dtype = names.get(str(dtype).replace("torch.", "") if dtype is not None else None)
+        if self.dtype is None:
+            raise ValueError(f"unknown dtype '{dtype}'; use float32, float16 or bfloat16")
+        if self.dtype != "float32":
+            low = getattr(torch, self.dtype)
+            self.bigram, self.embed = self.bigram.to(low).float(), self.embed.to(low).float()
         # id -> word for decoding: known words keep their own id, other ids print as "w<id>"
         self._id2word = {self._word_id(w): w for w in _WORDS}
 
     # -- identity ---------------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
-        return f"fake-v1:{self.vocab_size}:{self.hidden_size}:{self.context_bonus}:{self.seed}"
+        fp = f"fake-v1:{self.vocab_size}:{self.hidden_size}:{self.context_bonus}:{self.seed}"
+        return fp if self.dtype == "float32" else f"{fp}:{self.dtype}"
 
     @property
     def template_id(self) -> str:
@@ -57,6 +67,11 @@ class FakeBackend:
 
     def info(self) -> dict[str, Any]:
         return {"backend": self.name, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size}
+
+    def cast(self, dtype: Any) -> "FakeBackend":
+        """The same toy model with its weights rounded to ``dtype``."""
+        return FakeBackend(self.vocab_size, self.hidden_size, self.context_bonus, self.seed,
+                           self._max_context, dtype)
 
     # -- tokenization -----------------------------------------------------------------------
     def _word_id(self, word: str) -> int:

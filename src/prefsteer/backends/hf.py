@@ -6,7 +6,9 @@ sets, each with two responses, so the rows share a long token prefix and differ 
 
 1. groups the contexts by their longest common token prefix (a small dynamic program over the
    sorted contexts picks the grouping that feeds the fewest tokens through the model),
-2. runs each group's prefix once, at batch 1, and keeps its keys and values,
+2. runs each group's prefix once, at batch 1, and keeps its keys and values; the last few prefixes
+   are kept between calls, so the next greedy step of the same prompt (whose prefix starts with
+   the same tokens) computes only the tokens past the longest match,
 3. packs each context's remainder and all its continuations into one row (a tree mask lets every
    continuation see the context but not its siblings) and runs these rows in right-padded batches
    with a cascade attention: all queries attend to the prefix's keys/values, stored once for the
@@ -51,6 +53,7 @@ _PREFIX_OVERHEAD = 16  # tokens' worth of cost charged per shared-prefix group (
 
 
 _BATCH_TOKENS = 4096  # token positions per scoring forward (rows x longest row), besides batch_size
+_PREFIX_MEMO_TOKENS = 8192  # prefix positions whose keys/values are kept between scoring calls
 _CASCADE = "prefsteer_cascade"
 
 
@@ -60,6 +63,14 @@ def _repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
         return x
     b, h, t, d = x.shape
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    k = 0
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
 
 
 def _balanced_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
@@ -179,10 +190,32 @@ class TransformersBackend:
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         self.eos_ids = self._eos_ids()
         self._ctx_cache: dict[tuple, list[int]] = {}
+        self._prefix_memo: list[tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = []
         self._fingerprint: str | None = None
         self.last_stats: dict[str, Any] = {}
         self.stats: dict[str, Any] = {}  # cumulative over score / hidden_states calls
         _register_cascade()
+
+    def cast(self, dtype: Any) -> "TransformersBackend":
+        """The same model in another precision, as a second backend: the weights are copied and
+        cast, the tokenizer is shared. Its fingerprint differs, so caches never mix the two."""
+        import copy
+
+        from .loading import _default_dtype
+
+        dtype = _default_dtype(str(self.device), dtype)
+        if dtype == self.model.dtype:
+            return self
+        other = copy.copy(self)
+        other.model = copy.deepcopy(self.model)
+        for p in other.model.parameters():  # buffers (rotary frequencies) stay float32, as a load in dtype has them
+            p.data = p.data.to(dtype)
+        other.body, other.config = other.model.model, other.model.config
+        other.lm_head = other.model.get_output_embeddings()
+        other.source = dict(self.source, dtype=str(dtype).replace("torch.", ""))
+        other._ctx_cache, other._prefix_memo, other._fingerprint = {}, [], None
+        other.last_stats, other.stats = {}, {}
+        return other
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -288,12 +321,7 @@ class TransformersBackend:
             m = len(idx)
             adj = []
             for a, b in zip(idx, idx[1:]):
-                x, y = ctxs[a], ctxs[b]
-                n = min(len(x), len(y))
-                k = 0
-                while k < n and x[k] == y[k]:
-                    k += 1
-                adj.append(k)
+                adj.append(_common_prefix_len(ctxs[a], ctxs[b]))
             best = [0] * (m + 1)
             cut: list[tuple[int, int]] = [(0, 0)] * (m + 1)
             for j in range(1, m + 1):
@@ -316,6 +344,10 @@ class TransformersBackend:
             groups.extend(reversed(seg))
         return groups
 
+    def clear_prefix_memo(self) -> None:
+        """Forget the prefixes kept between calls (benchmarks time each search from scratch)."""
+        self._prefix_memo = []
+
     # -- the forward passes -------------------------------------------------------------------
     @contextmanager
     def _cascade(self):
@@ -331,13 +363,34 @@ class TransformersBackend:
         """The decoder (no output layer) on ``inputs``, reading and extending the KV ``cache``."""
         return self.body(**inputs, **{self._cache_arg: cache}, use_cache=True)
 
-    def _prefix_kv(self, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The prefix's keys and values per layer, (1, H_kv, P, D) each."""
+    def _prefix_kv(self, prefix: list[int]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """The prefix's keys and values per layer, (1, H_kv, P, D) each, and how many of its
+        positions came from an earlier call.
+
+        The keys and values of the last prefixes (up to ``_PREFIX_MEMO_TOKENS`` positions) are kept:
+        a position's keys and values depend only on the tokens up to it, so the longest match with a
+        kept prefix is reused (sliced, never copied) and only the tokens past it are run.
+        """
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.config)
-        self.extend(cache, input_ids=torch.tensor([prefix], device=self.device))
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        hit, n = None, 0
+        for toks, kv in self._prefix_memo:
+            m = _common_prefix_len(toks, prefix)
+            if m > n:
+                hit, n = kv, m
+        if n == len(prefix):
+            kv = [(k[:, :, :n], v[:, :, :n]) for k, v in hit]
+        else:
+            cache = DynamicCache(config=self.config)
+            for i, (k, v) in enumerate(hit or []):
+                cache.update(k[:, :, :n], v[:, :, :n], i)
+            self.extend(cache, input_ids=torch.tensor([prefix[n:]], device=self.device))
+            kv = [(layer.keys, layer.values) for layer in cache.layers]
+        memo = [(list(prefix), kv)] + [e for e in self._prefix_memo if e[0] != prefix]
+        while len(memo) > 1 and sum(len(t) for t, _ in memo) > _PREFIX_MEMO_TOKENS:
+            memo.pop()
+        self._prefix_memo = memo
+        return kv, n
 
     def _run_packed(self, packed: list[tuple[list[int], list[tuple[int, list[int]]]]], prefix_len: int,
                     prefix_kv, want_hidden: bool, batch_size: int, results: dict, bar) -> int:
@@ -470,7 +523,7 @@ class TransformersBackend:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(todo), desc="hidden states" if want_hidden else "scoring", unit="request",
                        leave=False)
-        start, fed, padded, n_groups = time.perf_counter(), 0, 0, 0
+        start, fed, padded, n_groups, reused = time.perf_counter(), 0, 0, 0, 0
         try:
             with torch.inference_mode():
                 if not (share and restrict):
@@ -492,17 +545,18 @@ class TransformersBackend:
                     shared = [(p, cs) for p, cs in groups if p > 0] + ([(0, alone)] if alone else [])
                     n_groups = len(shared) - bool(alone)
                     for plen, cs in shared:
-                        kv = self._prefix_kv(ctxs[cs[0]][:plen]) if plen else None
+                        kv, old = self._prefix_kv(ctxs[cs[0]][:plen]) if plen else (None, 0)
                         packed = [(ctxs[c][plen:], [(i, encoded[i][1]) for i in members[c]]) for c in cs]
                         n, m = self._run_packed(packed, plen, kv, want_hidden, bs, results, bar)
-                        fed, padded = fed + plen + n, padded + plen + m
+                        fed, padded = fed + plen - old + n, padded + plen - old + m
+                        reused += old
                         del kv
         finally:
             if bar is not None:
                 bar.close()
         secs = time.perf_counter() - start
         self.last_stats = {"requests": len(todo), "prefix_groups": n_groups, "tokens_fed": fed,
-                           "positions_fed": padded, "seconds": secs}
+                           "positions_fed": padded, "prefix_reused": reused, "seconds": secs}
         for k, v in self.last_stats.items():
             if k != "prefix_groups":
                 self.stats[k] = self.stats.get(k, 0) + v
@@ -596,7 +650,7 @@ class TransformersBackend:
 
         B, T = len(prompts), max(len(p) for p in prompts)
         P = self._shared_prefix(prompts)
-        state = _CascadeState(self._prefix_kv(prompts[0][:P]), None) if P else None
+        state = _CascadeState(self._prefix_kv(prompts[0][:P])[0], None) if P else None
         ids, _ = left_pad(prompts, self.pad_id)  # what the guide sees: the whole prompts
         ids = ids.to(self.device)
         feed, mask = left_pad([p[P:] for p in prompts], self.pad_id)
