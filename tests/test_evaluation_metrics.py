@@ -180,6 +180,10 @@ def test_named_configs_load_and_extend():
     assert wr.protocol_id() == cpu.protocol_id() != paper.protocol_id()  # the same cut-down split
     assert wr.winrate.enabled and not cpu.winrate.enabled and wr.winrate.temperature == 0.7
     assert cpu.max_train_pairs == 8 and len(cpu.attributes) == 12
+    screened = load_config("paper-screened")  # the paper's split and methods, screened greedy
+    assert screened.protocol_id() == paper.protocol_id()
+    assert [m.label for m in screened.methods] == ["none", "base", "exact", "exact-global"]
+    assert [m.kwargs.get("mode") for m in screened.methods[2:]] == ["screened", "screened"]
 
 
 def test_bad_configs_name_the_problem(tmp_path):

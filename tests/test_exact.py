@@ -215,3 +215,40 @@ def test_other_k_reuses_stored_greedy_selections(fake_backend, tmp_path):
     # a search that stops early is never continued
     stop = Exact(counted, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=5, stop_when_no_gain=True))
     assert stop._greedy_start(pairs[0]) is None
+
+
+def test_screened_mode_ranks_with_a_cast_copy_and_keeps_the_models_objectives(fake_backend, tmp_path):
+    from prefsteer.exact.indexer import make_objective
+
+    mem = Memory(tmp_path / "m.db")
+    ps = pairs_for("u")
+
+    def make(**kw):
+        return Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=2, **kw))
+
+    screened = make(mode="screened", screen_top=3)
+    screened.fit("u", ps)
+    assert screened.screen.backend.fingerprint == fake_backend.fingerprint + ":bfloat16"
+    greedy = make()
+    greedy.fit("u", ps)
+    # the screen's settings enter the id of screened selections only
+    assert make(screen_top=7).config_id == greedy.config_id != screened.config_id
+    assert make(mode="screened", screen_top=7).config_id != screened.config_id
+    lib = screened.library
+    for p in ps:
+        s = mem.selection("u", p.pair_id, screened.config_id)
+        f = make_objective(fake_backend, p.prompt, p.chosen, p.rejected, lib)
+        assert s["objective"] == pytest.approx(f([tuple(s["attributes"])])[0])  # float32's own F
+        assert s["base_objective"] == pytest.approx(f([()])[0])
+    # every candidate scored by the model: the screen cannot change greedy's answer
+    everything = Exact(fake_backend, memory=Memory(tmp_path / "all.db"), embedder=HashEmbedder(),
+                       config=ExactConfig(k=2, mode="screened", screen_top=len(lib)))
+    everything.fit("u", ps)
+    for p in ps:
+        a = everything.memory.selection("u", p.pair_id, everything.config_id)
+        assert a["attributes"] == mem.selection("u", p.pair_id, greedy.config_id)["attributes"]
+    g = ExactGlobal(fake_backend, embedder=HashEmbedder(), config=ExactConfig(k=1, mode="screened", screen_top=3))
+    g.fit("u", ps)
+    assert g.selection.evaluations == 1 + 3
+    with pytest.raises(ValueError, match="`screen_top` \\(=0\\)"):
+        ExactConfig(mode="screened", screen_top=0)

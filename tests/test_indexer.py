@@ -5,7 +5,7 @@ import pytest
 from prefsteer.attributes import inject, load_library
 from prefsteer.backends import ScoreRequest, user_turn
 from prefsteer.exact.indexer import (exhaustive_select, greedy_select, lazy_greedy_select, make_objective,
-                                      pair_requests)
+                                      pair_requests, screened_greedy_select)
 
 
 def additive(weights, interaction=None):
@@ -152,3 +152,41 @@ def test_greedy_continues_or_cuts_an_earlier_selection_and_returns_what_a_fresh_
     assert cut.objective == pytest.approx(fresh[1].objective)
     with pytest.raises(ValueError, match="outside the candidates"):
         greedy_select(additive(weights), ["A", "C"], 2, start=short)
+
+
+def test_screened_greedy_with_every_candidate_is_greedy():
+    weights = {"A": 1.0, "B": 3.0, "C": -2.0, "D": 2.0}
+    f = additive(weights)
+    sel = screened_greedy_select(f, list(weights), k=3, screen=additive({a: -w for a, w in weights.items()}),
+                                 top=4)
+    g = greedy_select(additive(weights), list(weights), k=3)
+    assert (sel.attributes, sel.objective, sel.base_objective, sel.gains) == \
+        (g.attributes, g.objective, g.base_objective, g.gains)
+    assert f.calls == [1 + 4, 3, 2]  # F(∅) rides with the first step's short list
+
+
+def test_screened_greedy_picks_by_the_objective_among_the_screens_best():
+    # the screen swaps B and D: with top=1 it follows the screen, with top=2 the objective decides
+    weights = {"A": 1.0, "B": 3.0, "C": -2.0, "D": 2.0}
+    rough = additive({"A": 1.0, "B": 2.0, "C": -2.0, "D": 3.0})
+    one = screened_greedy_select(additive(weights), list(weights), k=2, screen=rough, top=1)
+    assert one.attributes == ("D", "B") and one.gains == [2.0, 3.0] and one.evaluations == 1 + 1 + 1
+    f = additive(weights)
+    two = screened_greedy_select(f, list(weights), k=2, screen=rough, top=2)
+    assert two.attributes == ("B", "D") and two.objective == 5.0 and two.gains == [3.0, 2.0]
+    assert f.calls == [1 + 2, 2] and two.evaluations == 1 + 2 + 2
+    # objectives are the objective's own, never the screen's
+    scaled = screened_greedy_select(additive(weights), list(weights), k=2,
+                                    screen=additive({a: 10 * w + 5 for a, w in weights.items()}), top=1)
+    assert scaled.attributes == ("B", "D") and scaled.objective == 5.0 and scaled.base_objective == 0.0
+
+
+def test_screened_greedy_stops_without_gain_and_rejects_bad_arguments():
+    f = additive({"A": 1.0, "B": -1.0})
+    assert screened_greedy_select(f, ["A", "B"], k=2, stop_when_no_gain=True, screen=f, top=1).attributes == ("A",)
+    empty = screened_greedy_select(additive({}), [], k=2, screen=f)
+    assert empty.attributes == () and empty.objective == 0.0 and empty.evaluations == 1
+    with pytest.raises(ValueError, match="`top` \\(=0\\)"):
+        screened_greedy_select(f, ["A"], k=1, screen=f, top=0)
+    with pytest.raises(ValueError, match="needs a `screen`"):
+        screened_greedy_select(f, ["A"], k=1)

@@ -18,7 +18,7 @@ import numpy as np
 from ..attributes import AttributeLibrary, inject, load_library
 from ..backends.base import GenerationConfig, ScoreRequest, user_turn
 from ..embedders import Embedder, load_embedder, nearest
-from ..exact.indexer import SELECTORS, Selection, greedy_select, make_objective
+from ..exact.indexer import SELECTORS, Selection, greedy_select, make_objective, screened_greedy_select
 from ..memory import Entry, Memory, ScoreCache, sha
 from ..types import PreferencePair
 from .base import Method, MethodOutput, register_method
@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 class ExactConfig:
     k: int = field(default=3, metadata={"help": "attributes selected per preference pair"})
     mode: str = field(default="greedy", metadata={
-        "help": "attribute search: greedy, lazy (lazy greedy: see benchmarks/lazy_greedy.py) or exhaustive"})
+        "help": "attribute search: greedy, lazy (lazy greedy: see benchmarks/lazy_greedy.py), screened "
+                "(greedy that scores only the screen's best candidates: benchmarks/screened_greedy.py) "
+                "or exhaustive"})
     stop_when_no_gain: bool = field(default=False, metadata={
         "help": "stop adding attributes once none raises the objective"})
     describe: bool = field(default=False, metadata={
@@ -39,12 +41,20 @@ class ExactConfig:
     system: str | None = field(default=None, metadata={"help": "system prompt for scoring and generation"})
     global_pairs: int = field(default=0, metadata={
         "help": "exact-global: training pairs its global greedy search scores (0: all)"})
+    screen_top: int = field(default=8, metadata={
+        "help": "screened: candidates per step that the model itself scores, the screen's best"})
+    screen_dtype: str = field(default="bfloat16", metadata={
+        "help": "screened: the precision of the model copy that ranks every candidate"})
 
     def __post_init__(self):
         if self.k < 1:
             raise ValueError(f"`k` (={self.k}) has to be at least 1")
         if self.mode not in SELECTORS:
             raise ValueError(f"`mode` (={self.mode!r}) has to be one of {', '.join(SELECTORS)}")
+        if self.screen_top < 1:
+            raise ValueError(f"`screen_top` (={self.screen_top}) has to be at least 1")
+        if self.screen_dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"`screen_dtype` (={self.screen_dtype!r}) has to be bfloat16, float16 or float32")
 
 
 @register_method("exact")
@@ -59,6 +69,7 @@ class Exact(Method):
         self.config = config or ExactConfig(**{k: v for k, v in options.items()
                                                if k in ExactConfig.__dataclass_fields__})
         self.scorer = ScoreCache(backend, self.memory)
+        self._screen: ScoreCache | None = None
         self.progress = progress
 
     @property
@@ -68,6 +79,25 @@ class Exact(Method):
         return self._embedder
 
     @property
+    def screen(self) -> ScoreCache:
+        """The scorer that ranks candidates for ``mode="screened"``: the model cast to
+        ``screen_dtype`` (its own fingerprint, so its scores are cached apart)."""
+        if self._screen is None:
+            cast = getattr(self.backend, "cast", None)
+            if cast is None:
+                raise ValueError(f"the '{self.backend.name}' backend cannot make a screen copy of its "
+                                 "model (no `cast`); use another mode than 'screened'")
+            self._screen = ScoreCache(cast(self.config.screen_dtype), self.memory)
+        return self._screen
+
+    def _objectives(self, pair: PreferencePair):
+        """F for the pair under the model, and (screened mode) under the screen; else None."""
+        args = (pair.prompt, pair.chosen, pair.rejected, self.library, self.config.describe,
+                self.config.system)
+        screen = make_objective(self.screen, *args) if self.config.mode == "screened" else None
+        return make_objective(self.scorer, *args), screen
+
+    @property
     def config_id(self) -> str:
         """Selections are reused only under the same model, template, library and search settings."""
         return self._config_id(self.config.k)
@@ -75,18 +105,21 @@ class Exact(Method):
     def _config_id(self, k: int) -> str:
         c = asdict(self.config)
         c.pop("global_pairs")
+        if c["mode"] != "screened":  # ids of the other modes stay what they were before screening
+            c.pop("screen_top"), c.pop("screen_dtype")
         c["k"] = k
         return sha(self.backend.fingerprint, self.backend.template_id, self.library.name,
                    [(a.name, a.description) for a in self.library.attributes], c)[:16]
 
     # -- offline ---------------------------------------------------------------------------
     def select(self, pair: PreferencePair) -> Selection:
-        objective = make_objective(self.scorer, pair.prompt, pair.chosen, pair.rejected, self.library,
-                                   self.config.describe, self.config.system)
+        objective, screen = self._objectives(pair)
         if self.config.mode == "greedy":
             return greedy_select(objective, self.library.names, self.config.k, self.config.stop_when_no_gain,
                                  start=self._greedy_start(pair))
         kw = {"stop_when_no_gain": self.config.stop_when_no_gain} if self.config.mode != "exhaustive" else {}
+        if screen is not None:
+            kw.update(screen=screen, top=self.config.screen_top)
         return SELECTORS[self.config.mode](objective, self.library.names, self.config.k, **kw)
 
     def _greedy_start(self, pair: PreferencePair) -> Selection | None:
@@ -200,14 +233,18 @@ class ExactGlobal(Exact):
         n = self.config.global_pairs
         subset = list(pairs) if not n or n >= len(pairs) else \
             [pairs[i] for i in np.random.default_rng(0).choice(len(pairs), n, replace=False)]
-        objectives = [make_objective(self.scorer, p.prompt, p.chosen, p.rejected, self.library,
-                                     self.config.describe, self.config.system) for p in subset]
+        objectives = [self._objectives(p) for p in subset]
 
-        def total(sets):
-            return list(np.sum([f(sets) for f in objectives], axis=0))
+        def summed(which: int):
+            return lambda sets: list(np.sum([f[which](sets) for f in objectives], axis=0))
 
-        self.selection = greedy_select(total, self.library.names, self.config.k,
-                                       self.config.stop_when_no_gain)
+        if self.config.mode == "screened":
+            self.selection = screened_greedy_select(summed(0), self.library.names, self.config.k,
+                                                    self.config.stop_when_no_gain, screen=summed(1),
+                                                    top=self.config.screen_top)
+        else:
+            self.selection = greedy_select(summed(0), self.library.names, self.config.k,
+                                           self.config.stop_when_no_gain)
         self.global_sets = getattr(self, "global_sets", {})
         self.global_sets[user_id] = list(self.selection.attributes)
 
