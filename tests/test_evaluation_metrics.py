@@ -199,3 +199,37 @@ def test_bad_configs_name_the_problem(tmp_path):
     p.write_text(json.dumps({"data": "does/not/exist.jsonl", "methods": ["none"]}))
     with pytest.raises(InputError, match="evaluation data not found"):
         load_config(str(p)).data_path()
+
+
+def test_compare_selections_on_hand_made_runs(tmp_path, capsys):
+    from prefsteer.cli import main
+    from prefsteer.evaluation.compare import compare_selections, load_side
+
+    def row(pair, attrs, obj, base=-1.0, cfg="g", user="u"):
+        return {"user_id": user, "pair_id": pair, "config_id": cfg, "attributes": attrs, "objective": obj,
+                "base_objective": base, "gains": [0.0] * len(attrs)}
+
+    ref = [row("p1", ["A", "B"], 2.0), row("p2", ["A", "B"], 3.0), row("p3", ["C", "D"], 1.0),
+           row("p4", ["A", "C"], 0.5)]
+    other = [row("p1", ["A", "B"], 2.0, -1.0001, "s"), row("p2", ["B", "A"], 2.5, cfg="s"),
+             row("p3", ["D", "A"], 1.5, cfg="s"), row("p5", ["A"], 9.0, cfg="s")]
+    s = compare_selections(ref, other)["summary"]
+    assert s["compared"] == 3 and (s["ref_pairs"], s["other_pairs"]) == (4, 4)
+    assert (s["same_list"], s["same_set"], s["same_first"], s["other_better"]) == (1, 2, 1, 1)
+    assert s["mean_shortfall"] == pytest.approx((0.0 + 0.5 - 0.5) / 3) and s["median_shortfall"] == 0.0
+    assert s["max_base_diff"] == pytest.approx(1e-4)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "selections.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ref + [row("p1", ["A"], 1.0, cfg="k1")]))
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other))
+    with pytest.raises(InputError, match="2 search configurations .*g \\(4 pairs\\)"):
+        load_side(run)
+    assert len(load_side(run, "g")) == 4
+    assert main(["eval", "compare", str(run), str(tmp_path / "other.jsonl"), "--ref-config", "g", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["same_set"] == 2
+    assert main(["eval", "compare", str(run), str(tmp_path / "other.jsonl"), "--ref-config", "g"]) == 0
+    assert "| same set, any order | 2 / 3 (66.7%) |" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text(json.dumps(row("p1", ["A"], 1.0)) + "\n" + '{"user_id": "u"}\n')
+    assert main(["eval", "compare", str(tmp_path / "bad.jsonl"), str(tmp_path / "other.jsonl")]) == 2
+    assert "bad.jsonl:2, field 'pair_id'" in capsys.readouterr().err

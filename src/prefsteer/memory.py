@@ -240,25 +240,8 @@ class Memory:
         """Add the selections of a file written by `export_selections`, all or none; a selection
         already stored is kept. Returns how many were new. A bad line raises `InputError` naming
         the file, the line and the field."""
-        from .errors import InputError
-
-        rows = []
-        text = Path(path).read_text(encoding="utf-8")
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", file=str(path), line=i) from None
-            if not isinstance(obj, dict):
-                raise InputError("expected a JSON object", file=str(path), line=i)
-            for name, kind in (("user_id", str), ("pair_id", str), ("config_id", str), ("attributes", list),
-                               ("objective", (int, float)), ("base_objective", (int, float)), ("gains", list)):
-                if not isinstance(obj.get(name), kind):
-                    raise InputError("missing or of the wrong type", file=str(path), line=i, field=name)
-            rows.append((obj["user_id"], obj["pair_id"], obj["config_id"], json.dumps(obj["attributes"]),
-                         float(obj["objective"]), float(obj["base_objective"]), json.dumps(obj["gains"])))
+        rows = [(o["user_id"], o["pair_id"], o["config_id"], json.dumps(o["attributes"]), o["objective"],
+                 o["base_objective"], json.dumps(o["gains"])) for o in read_selections(path)]
         with self.transaction() as c:
             before = c.execute("SELECT COUNT(*) FROM selections").fetchone()[0]
             c.executemany("INSERT OR IGNORE INTO selections VALUES (?,?,?,?,?,?,?)", rows)
@@ -305,6 +288,31 @@ class Memory:
         with self.transaction() as c:
             c.executemany("INSERT OR REPLACE INTO scores VALUES (?,?,?)",
                           [(k, s.logprob, s.n_tokens) for k, s in items.items()])
+
+
+def read_selections(path: str | Path) -> list[dict]:
+    """The selections of a file written by `Memory.export_selections` (a run's ``selections.jsonl``),
+    checked line by line: a bad line raises `InputError` naming the file, the line and the field."""
+    from .errors import InputError
+
+    rows = []
+    text = Path(path).read_text(encoding="utf-8")
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", file=str(path), line=i) from None
+        if not isinstance(obj, dict):
+            raise InputError("expected a JSON object", file=str(path), line=i)
+        for name, kind in (("user_id", str), ("pair_id", str), ("config_id", str), ("attributes", list),
+                           ("objective", (int, float)), ("base_objective", (int, float)), ("gains", list)):
+            if not isinstance(obj.get(name), kind):
+                raise InputError("missing or of the wrong type", file=str(path), line=i, field=name)
+        obj["objective"], obj["base_objective"] = float(obj["objective"]), float(obj["base_objective"])
+        rows.append(obj)
+    return rows
 
 
 class ScoreCache:

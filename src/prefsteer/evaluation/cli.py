@@ -1,8 +1,9 @@
-"""`prefsteer eval` and `prefsteer eval report` (also `prefsteer eval-report`).
+"""`prefsteer eval`, `prefsteer eval report` (also `prefsteer eval-report`) and `prefsteer eval compare`.
 
     prefsteer eval --config quick --json                       # one JSON object; `accuracy` per method
     prefsteer eval --config paper --methods none base exact --seeds 0 --out results/paper
     prefsteer eval report results/paper                        # report.md + PNGs in the run directory
+    prefsteer eval compare results/paper results/paper-screened   # how far two runs' selections agree
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ def add_subcommands(sub, common) -> None:
 
     p = sub.add_parser("eval", parents=[common], help="run an evaluation configuration (EXACT §6)",
                        description=f"Run a named configuration ({', '.join(available_configs())}) or a "
-                                   "JSON file; `eval report RUN_DIR` writes Markdown tables and PNG plots.")
-    p.add_argument("action", nargs="*", metavar="report RUN_DIR",
-                   help="`report RUN_DIR`: write the report of a run instead of running")
+                                   "JSON file; `eval report RUN_DIR` writes Markdown tables and PNG plots; "
+                                   "`eval compare REF OTHER` says how far two runs' EXACT selections agree.")
+    p.add_argument("action", nargs="*", metavar="report RUN_DIR | compare REF OTHER",
+                   help="`report RUN_DIR`: write the report of a run instead of running; `compare REF OTHER`: "
+                        "compare two runs' selections (run directories or selections files) pair by pair")
     p.add_argument("--config", default="quick", help="configuration name or JSON path (default: quick)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="only these method labels of the configuration (or registered method names)")
@@ -36,6 +39,10 @@ def add_subcommands(sub, common) -> None:
     p.add_argument("--judge-model", default=None, help="model name at the judge endpoint")
     p.add_argument("--max-records", type=int, default=None, help="stop after this many new records")
     p.add_argument("--report", action="store_true", help="also write the report into the run directory")
+    p.add_argument("--ref-config", default=None,
+                   help="compare: the reference's search configuration (config_id), when it holds several")
+    p.add_argument("--other-config", default=None,
+                   help="compare: the other side's search configuration (config_id), when it holds several")
     p.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("eval-report", parents=[common], help="write Markdown tables and PNGs for a run",
@@ -62,12 +69,27 @@ def cmd_report(args, ctx) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare_selections, format_comparison, load_side
+
+    ref_path, other_path = args.action[1:]
+    result = compare_selections(load_side(ref_path, args.ref_config), load_side(other_path, args.other_config))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_comparison(result, ref_path, other_path))
+    return 0
+
+
 def cmd_eval(args, ctx) -> int:
     from ..errors import InputError
 
     if args.action:
+        if args.action[0] == "compare" and len(args.action) == 3:
+            return cmd_compare(args)
         if args.action[0] != "report" or len(args.action) != 2:
-            raise InputError("expected `prefsteer eval report RUN_DIR`", field="action")
+            raise InputError("expected `prefsteer eval report RUN_DIR` or `prefsteer eval compare REF OTHER`",
+                             field="action")
         args.run_dir = args.action[1]
         return cmd_report(args, ctx)
     from .judge import OpenAIJudge
