@@ -36,6 +36,14 @@ def read_pairs(args: argparse.Namespace):
     return pairs
 
 
+def read_inputs(args: argparse.Namespace):
+    """``(pairs, attribute library)`` for a selection benchmark, or None after printing why not."""
+    from prefsteer.attributes import load_library
+
+    pairs = read_pairs(args)
+    return None if pairs is None else (pairs, load_library())
+
+
 def recording_objective(scorer, prompt: str, chosen: str, rejected: str, library, values: dict):
     """EXACT's objective F for one pair through ``scorer``; every attribute set it evaluates is
     written into ``values`` (tuple of names -> F), so two searches can be compared set by set."""

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from _pairs import add_pair_args, read_pairs
+from _pairs import add_pair_args, read_inputs
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -34,14 +34,13 @@ def make_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from prefsteer.attributes import load_library
     from prefsteer.backends.hf import TransformersBackend
     from prefsteer.exact.indexer import greedy_select, lazy_greedy_select, make_objective
 
-    pairs = read_pairs(args)
-    if pairs is None:
+    inputs = read_inputs(args)
+    if inputs is None:
         return 2
-    library = load_library()
+    pairs, library = inputs
     backend = TransformersBackend(model=args.model, threads=args.threads)
     rows = []
     for pair in tqdm(pairs, desc="pairs", unit="pair"):

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from _pairs import add_pair_args, read_pairs
+from _pairs import add_pair_args, read_inputs
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -38,14 +38,13 @@ def make_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from prefsteer.attributes import load_library
     from prefsteer.backends.hf import TransformersBackend
     from prefsteer.exact.indexer import greedy_select, make_objective, screened_greedy_select
 
-    pairs = read_pairs(args)
-    if pairs is None:
+    inputs = read_inputs(args)
+    if inputs is None:
         return 2
-    library = load_library()
+    pairs, library = inputs
     model = TransformersBackend(model=args.model, threads=args.threads, dtype="float32")
     screen = model.cast(args.screen)
     variants = [("greedy", None)] + [(f"top{m}", m) for m in args.top]
