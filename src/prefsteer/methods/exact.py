@@ -91,7 +91,7 @@ class Exact(Method):
         return self._screen
 
     def _objectives(self, pair: PreferencePair):
-        """F for the pair under the model, and (screened mode) under the screen; else None."""
+        """The pair's F under the model, and under the screen (None unless ``mode="screened"``)."""
         args = (pair.prompt, pair.chosen, pair.rejected, self.library, self.config.describe,
                 self.config.system)
         screen = make_objective(self.screen, *args) if self.config.mode == "screened" else None
@@ -226,7 +226,8 @@ class Exact(Method):
 @register_method("exact-global")
 class ExactGlobal(Exact):
     """EXACT without retrieval: one attribute set per user, the best over all their training pairs
-    (greedy on the summed objective), injected into every prompt."""
+    (greedy, or screened greedy in ``mode="screened"``, on the summed objective), injected into
+    every prompt."""
 
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:
         self.memory.add_pairs(pairs)
