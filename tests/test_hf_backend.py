@@ -190,14 +190,14 @@ def test_bfloat16_is_another_model_for_caches_and_runs_and_scores_close(backend)
 
 def test_kept_prefix_is_extended_by_the_next_step_and_changes_nothing(backend):
     """The next greedy step's prefix extends the last one's: only the new tokens are run."""
-    from prefsteer.backends.hf import _common_prefix_len
+    import os
 
     def step(chosen, cands):
         return [ScoreRequest.of(user_turn(inject(POSTS[0], chosen + [a])), r) for a in cands for r in RESPONSES]
 
     def prefix(reqs):
         ctxs = [backend.encode_context(r.chat()) for r in reqs]
-        return min(_common_prefix_len(ctxs[0], c) for c in ctxs[1:])
+        return min(len(os.path.commonprefix([ctxs[0], c])) for c in ctxs[1:])
 
     one, two = step([], ["Concise", "Humor", "Formal"]), step(["Concise"], ["Humor", "Formal", "Casual"])
     backend.clear_prefix_memo()

@@ -65,14 +65,6 @@ def _repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    k = 0
-    while k < n and a[k] == b[k]:
-        k += 1
-    return k
-
-
 def _balanced_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
     """Split rows sorted by length into consecutive batches of at most ``batch_size`` rows and about
     ``max_tokens`` padded positions, as even in size as those limits allow."""
@@ -321,7 +313,7 @@ class TransformersBackend:
             m = len(idx)
             adj = []
             for a, b in zip(idx, idx[1:]):
-                adj.append(_common_prefix_len(ctxs[a], ctxs[b]))
+                adj.append(len(os.path.commonprefix([ctxs[a], ctxs[b]])))
             best = [0] * (m + 1)
             cut: list[tuple[int, int]] = [(0, 0)] * (m + 1)
             for j in range(1, m + 1):
@@ -375,7 +367,7 @@ class TransformersBackend:
 
         hit, n = None, 0
         for toks, kv in self._prefix_memo:
-            m = _common_prefix_len(toks, prefix)
+            m = len(os.path.commonprefix([toks, prefix]))
             if m > n:
                 hit, n = kv, m
         if n == len(prefix):
