@@ -130,10 +130,10 @@ class FakeBackend:
 
     def generate(self, contexts: Sequence[Messages], config: GenerationConfig | None = None, *,
                  guide: Guide | None = None) -> list[Generation]:
-        from .sampling import sample_next  # shared with the real backends
+        from .sampling import sample_next, seeded_generator  # shared with the real backends
 
         config = config or GenerationConfig()
-        gen = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        gen = seeded_generator(config)
         start = time.perf_counter()
         outs = []
         for msgs in contexts:  # the toy model is cheap: one row at a time keeps it simple

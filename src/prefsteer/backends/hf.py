@@ -40,7 +40,7 @@ import torch
 
 from ..errors import InputError
 from .base import Generation, GenerationConfig, Guide, Messages, Score, ScoreRequest
-from .sampling import sample_next
+from .sampling import sample_next, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -583,9 +583,7 @@ class TransformersBackend:
         A row stops at an end-of-turn token, which is not part of the returned text.
         """
         config = config or GenerationConfig()
-        gen = None
-        if config.do_sample and config.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(config.seed)
+        gen = seeded_generator(config, self.device)
         encoded = []
         for i, msgs in enumerate(contexts):
             ids = self.encode_context(msgs)

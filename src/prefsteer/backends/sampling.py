@@ -7,6 +7,14 @@ import torch
 from .base import GenerationConfig
 
 
+def seeded_generator(config: GenerationConfig, device: str | torch.device = "cpu") -> torch.Generator | None:
+    """The random generator for ``config``'s sampling, on the device the logits live on (a CPU
+    generator cannot sample CUDA logits); None when decoding is greedy or unseeded."""
+    if not (config.do_sample and config.seed is not None):
+        return None
+    return torch.Generator(device=device).manual_seed(config.seed)
+
+
 def sample_next(logits: torch.Tensor, config: GenerationConfig,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). Does not modify ``logits``."""

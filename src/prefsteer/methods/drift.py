@@ -219,6 +219,8 @@ class Drift(Method):
 
     def generate(self, user_id: str, prompts: Sequence[str],
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
+        from ..backends.sampling import seeded_generator
+
         config = config or GenerationConfig()
         w = self._weights(user_id)
         active = active_branches(w.tolist(), self.config.threshold, self.config.top_m)
@@ -226,11 +228,7 @@ class Drift(Method):
         weights = [float(w[i]) for i in active]
         start = time.perf_counter()
         texts = []
-        gen = None
-        if config.do_sample and config.seed is not None:
-            import torch
-            # on the device the logits are sampled on (a CPU generator fails on CUDA logits)
-            gen = torch.Generator(device=getattr(self.backend, "device", "cpu")).manual_seed(config.seed)
+        gen = seeded_generator(config, getattr(self.backend, "device", "cpu"))
         for prompt in prompts:  # one prompt at a time: its 1 + n branches are the batch
             base = user_turn(prompt)
             branches = [self.context(prompt)] + [self.context(prompt, a) for a in attrs]
