@@ -185,7 +185,7 @@ def test_bfloat16_is_another_model_for_caches_and_runs_and_scores_close(backend)
     cast = backend.cast("bfloat16")
     assert cast.fingerprint == low.fingerprint and backend.model.dtype == torch.float32
     assert [s.logprob for s in cast.score(reqs)] == pytest.approx([s.logprob for s in lo_scores], abs=1e-4)
-    assert backend.cast("float32") is backend
+    assert backend.cast("float32") is backend and backend.cast("bfloat16") is cast  # one copy, shared
 
 
 def test_kept_prefix_is_extended_by_the_next_step_and_changes_nothing(backend):

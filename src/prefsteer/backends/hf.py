@@ -183,6 +183,7 @@ class TransformersBackend:
         self.eos_ids = self._eos_ids()
         self._ctx_cache: dict[tuple, list[int]] = {}
         self._prefix_memo: list[tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        self._casts: dict[torch.dtype, TransformersBackend] = {}  # see `cast`
         self._fingerprint: str | None = None
         self.last_stats: dict[str, Any] = {}
         self.stats: dict[str, Any] = {}  # cumulative over score / hidden_states calls
@@ -190,7 +191,8 @@ class TransformersBackend:
 
     def cast(self, dtype: Any) -> "TransformersBackend":
         """The same model in another precision, as a second backend: the weights are copied and
-        cast, the tokenizer is shared. Its fingerprint differs, so caches never mix the two."""
+        cast, the tokenizer is shared. Its fingerprint differs, so caches never mix the two. One
+        copy per precision is made and kept, so every method that asks shares it."""
         import copy
 
         from .loading import _default_dtype
@@ -198,6 +200,8 @@ class TransformersBackend:
         dtype = _default_dtype(str(self.device), dtype)
         if dtype == self.model.dtype:
             return self
+        if dtype in self._casts:
+            return self._casts[dtype]
         other = copy.copy(self)
         other.model = copy.deepcopy(self.model)
         for p in other.model.parameters():  # buffers (rotary frequencies) stay float32, as a load in dtype has them
@@ -205,8 +209,9 @@ class TransformersBackend:
         other.body, other.config = other.model.model, other.model.config
         other.lm_head = other.model.get_output_embeddings()
         other.source = dict(self.source, dtype=str(dtype).replace("torch.", ""))
-        other._ctx_cache, other._prefix_memo, other._fingerprint = {}, [], None
+        other._ctx_cache, other._prefix_memo, other._fingerprint, other._casts = {}, [], None, {}
         other.last_stats, other.stats = {}, {}
+        self._casts[dtype] = other
         return other
 
     def _eos_ids(self) -> set[int]:
