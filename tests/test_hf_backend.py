@@ -188,6 +188,56 @@ def test_bfloat16_is_another_model_for_caches_and_runs_and_scores_close(backend)
     assert backend.cast("float32") is backend and backend.cast("bfloat16") is cast  # one copy, shared
 
 
+def test_log_probabilities_do_not_depend_on_the_logit_block(backend, monkeypatch):
+    """The output layer runs a block of positions at a time; blocks that cut through a response
+    (3 positions) give every response the log-probability that one block for all gives."""
+    from prefsteer.backends import hf
+
+    reqs = _requests()
+    whole = backend.score(reqs)
+    assert sum(s.n_tokens for s in whole) < hf._LOGIT_BLOCK * 2  # one or two blocks by default
+    monkeypatch.setattr(hf, "_LOGIT_BLOCK", 3)
+    backend.clear_prefix_memo()
+    cut = backend.score(reqs)
+    assert [c.n_tokens for c in cut] == [w.n_tokens for w in whole]
+    assert [c.logprob for c in cut] == pytest.approx([w.logprob for w in whole], abs=1e-4)
+
+
+def test_matmul_precision_reaches_the_backend_and_is_put_back(backend, monkeypatch):
+    """`--matmul-precision medium` reaches the backend, which runs its forwards under it and puts
+    torch's process-wide setting back; its fingerprint differs, so caches and runs never mix it with
+    strict float32; its scores stay within a nat of strict float32's (on CPUs whose "medium" kernels
+    are compensated, within 1e-3: benchmarks/precision.py --low matmul-medium)."""
+    from prefsteer.backends.hf import TransformersBackend
+    from prefsteer.cli import Context, make_parser
+
+    args = make_parser().parse_args(["generate", "--matmul-precision", "medium", "hello"])
+    medium = Context(args).backend
+    assert medium.matmul_precision == "medium" and medium.info()["matmul_precision"] == "medium"
+    assert medium.fingerprint == backend.fingerprint + ":matmul-medium"
+    seen = []
+    forward = medium.body.forward
+
+    def spy(*a, **kw):
+        seen.append(torch.get_float32_matmul_precision())
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(medium.body, "forward", spy)
+    reqs = _requests(POSTS[:1])
+    torch.set_float32_matmul_precision("high")
+    try:
+        low = medium.score(reqs)
+        assert seen and set(seen) == {"medium"}
+        assert torch.get_float32_matmul_precision() == "high"
+        strict = backend.score(reqs)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert 0 < max(abs(a.logprob - b.logprob) for a, b in zip(strict, low)) < 1.0
+    with pytest.raises(InputError, match="matmul_precision.*'low'"):
+        TransformersBackend(matmul_precision="low")
+
+
 def test_kept_prefix_is_extended_by_the_next_step_and_changes_nothing(backend):
     """The next greedy step's prefix extends the last one's: only the new tokens are run."""
     import os

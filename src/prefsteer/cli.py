@@ -47,7 +47,8 @@ class Context:
 
             kw: dict[str, Any] = {}
             if self.args.backend == "hf":
-                kw = {"model": self.args.model, "threads": self.args.threads, "dtype": self.args.dtype}
+                kw = {"model": self.args.model, "threads": self.args.threads, "dtype": self.args.dtype,
+                      "matmul_precision": self.args.matmul_precision}
             start = time.perf_counter()
             self._backend = load_backend(self.args.backend, **kw)
             log.info("loaded backend %s in %.1fs", self.args.backend, time.perf_counter() - start)
@@ -311,6 +312,12 @@ def common_parser() -> argparse.ArgumentParser:
                         "135M default, bfloat16 selects 2.5x faster on a CPU with AVX512-BF16 but moves "
                         "objectives by ~0.3 nats and never matched float32's EXACT selection on 8 pairs "
                         "(benchmarks/precision.py)")
+    g.add_argument("--matmul-precision", default=os.environ.get("PREFSTEER_MATMUL_PRECISION"),
+                   choices=["highest", "high", "medium"],
+                   help="float32 matrix products (torch.set_float32_matmul_precision; default highest). On "
+                        "this project's AVX512-BF16 CPU, medium scores 1.6x faster and moves EXACT's "
+                        "objectives by at most 2e-4 nats; check a new machine with benchmarks/precision.py "
+                        "--low matmul-medium, as some run medium in plain bfloat16")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return p
