@@ -316,8 +316,9 @@ def common_parser() -> argparse.ArgumentParser:
                    choices=["highest", "high", "medium"],
                    help="float32 matrix products (torch.set_float32_matmul_precision; default highest). On "
                         "this project's AVX512-BF16 CPU, medium scores 1.6x faster and moves EXACT's "
-                        "objectives by at most 2e-4 nats; check a new machine with benchmarks/precision.py "
-                        "--low matmul-medium, as some run medium in plain bfloat16")
+                        "objectives by under 4e-4 nats (the same sets on 678 of 678 paper pairs); check a "
+                        "new machine with benchmarks/precision.py --low matmul-medium, as some run medium "
+                        "in plain bfloat16")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return p

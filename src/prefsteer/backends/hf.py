@@ -18,7 +18,7 @@ sets, each with two responses, so the rows share a long token prefix and differ 
 
 ``matmul_precision="medium"`` runs the float32 model's large matrix products under torch's
 "medium" float32 precision (the rows' own short attention blocks stay at "highest"). On this
-project's AVX512-BF16 CPU that scores 1.6x faster and moves EXACT's objectives by at most 2e-4 nats;
+project's AVX512-BF16 CPU that scores 1.6x faster and moves EXACT's objectives by under 4e-4 nats;
 elsewhere "medium" may be plain bfloat16, so ``benchmarks/precision.py --low matmul-medium`` is the
 check. The setting is part of the fingerprint.
 
