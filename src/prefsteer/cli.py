@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict
 from typing import Any, Callable
 
+from .backends.base import MATMUL_PRECISIONS
 from .errors import PrefsteerError
 
 log = logging.getLogger("prefsteer")
@@ -313,7 +314,7 @@ def common_parser() -> argparse.ArgumentParser:
                         "objectives by ~0.3 nats and never matched float32's EXACT selection on 8 pairs "
                         "(benchmarks/precision.py)")
     g.add_argument("--matmul-precision", default=os.environ.get("PREFSTEER_MATMUL_PRECISION"),
-                   choices=["highest", "high", "medium"],
+                   choices=MATMUL_PRECISIONS,
                    help="float32 matrix products (torch.set_float32_matmul_precision; default highest). On "
                         "this project's AVX512-BF16 CPU, medium scores 1.6x faster and moves EXACT's "
                         "objectives by under 4e-4 nats (the same sets on 678 of 678 paper pairs); check a "

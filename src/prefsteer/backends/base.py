@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_che
 if TYPE_CHECKING:  # torch stays out of `import prefsteer`
     import torch
 
+# torch.set_float32_matmul_precision's settings, offered by `--matmul-precision` and checked by the backend
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 Messages = Sequence[Message]
 

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import InputError
-from .base import Generation, GenerationConfig, Guide, Messages, Score, ScoreRequest
+from .base import MATMUL_PRECISIONS, Generation, GenerationConfig, Guide, Messages, Score, ScoreRequest
 from .sampling import sample_next, seeded_generator
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,6 @@ _BATCH_TOKENS = 4096  # token positions per scoring forward (rows x longest row)
 _PREFIX_MEMO_TOKENS = 8192  # prefix positions whose keys/values are kept between scoring calls
 _LOGIT_BLOCK = 128  # positions whose output-layer logits are computed and reduced together
 _CASCADE = "prefsteer_cascade"
-MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's settings
 
 
 @contextmanager
