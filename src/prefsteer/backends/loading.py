@@ -88,6 +88,28 @@ def _default_dtype(device: str, dtype: Any) -> Any:
     return dtype
 
 
+def cpu_lacks_kernels(dtype: Any) -> bool:
+    """True when this CPU has no native matrix-product kernels for ``dtype`` (bfloat16 or float16
+    on a CPU without AVX512-BF16 / AMX or AVX512-FP16): torch then emulates them, several times
+    slower than float32 (on an AVX2-only EPYC, bfloat16 products ran at a seventh of float32's rate)."""
+    import torch
+
+    if dtype == torch.bfloat16:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+def warn_if_emulated(device: Any, dtype: Any) -> None:
+    """Log a warning when ``dtype`` would run emulated on this CPU (see `cpu_lacks_kernels`)."""
+    if str(device).startswith("cpu") and cpu_lacks_kernels(dtype):
+        name = str(dtype).replace("torch.", "")
+        log.warning("this CPU has no %s matrix-product kernels: the model runs emulated, several times "
+                    "slower than in float32: use --dtype float32, and exact greedy (--mode greedy) rather "
+                    "than a %s-screened search", name, name)
+
+
 def _convert_gguf(local_dir: str, gguf_file: str, target: Path) -> None:
     """Dequantize a GGUF model once and write it as safetensors + config + tokenizer, atomically."""
     import torch
@@ -153,6 +175,7 @@ def load_model(model: str | None = None, device: str | None = None, dtype: Any =
     except OSError as e:
         raise ModelNotFoundError(f"cannot load the model '{model}': {e}") from e
     lm.to(device).eval()
+    warn_if_emulated(device, dtype)
     log.info("loaded %s on %s (%s) in %.1f s", local, device, dtype, time.perf_counter() - start)
     source.update(device=str(device), dtype=str(dtype).replace("torch.", ""))
     return lm, tokenizer, source
