@@ -91,7 +91,7 @@ def _default_dtype(device: str, dtype: Any) -> Any:
 def cpu_lacks_kernels(dtype: Any) -> bool:
     """True when this CPU has no native matrix-product kernels for ``dtype`` (bfloat16 or float16
     on a CPU without AVX512-BF16 / AMX or AVX512-FP16): torch then emulates them, several times
-    slower than float32 (on an AVX2-only EPYC, bfloat16 products ran at a seventh of float32's rate)."""
+    slower than float32 (on an AVX2-only EPYC, bfloat16 products ran at a ninth of float32's rate)."""
     import torch
 
     if dtype == torch.bfloat16:
