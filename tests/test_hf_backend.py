@@ -235,7 +235,9 @@ def test_matmul_precision_reaches_the_backend_and_is_put_back(backend, monkeypat
     finally:
         torch.set_float32_matmul_precision("highest")
     gap = max(abs(a.logprob - b.logprob) for a, b in zip(strict, low))
-    if medium.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    from prefsteer.backends.loading import cpu_lacks_kernels
+
+    if medium.device.type == "cpu" and cpu_lacks_kernels(torch.bfloat16):
         assert gap == 0.0  # no reduced-precision kernels on this CPU (AVX2 only): "medium" is float32
     else:
         assert 0 < gap < 1.0
@@ -292,9 +294,10 @@ def test_missing_default_model_explains_the_install(monkeypatch):
     assert loading.resolve_model("meta-llama/Llama-3.1-8B-Instruct") == ("meta-llama/Llama-3.1-8B-Instruct", None)
 
 
-def test_an_emulated_half_precision_on_cpu_is_warned_about(monkeypatch, caplog):
+def test_an_emulated_half_precision_on_cpu_is_warned_about(backend, monkeypatch, caplog):
     """On a CPU without bfloat16 / float16 kernels (AVX2 only) those dtypes run several times slower
-    than float32: loading or casting into one says so, naming the dtype; float32 and GPUs never do."""
+    than float32: the check says so, naming the dtype (loading and casting call it); float32 and GPUs
+    never do."""
     from prefsteer.backends import loading
 
     assert loading.cpu_lacks_kernels(torch.float32) is False
@@ -306,3 +309,13 @@ def test_an_emulated_half_precision_on_cpu_is_warned_about(monkeypatch, caplog):
             loading.warn_if_emulated(device, dtype)
         name = str(dtype).replace("torch.", "")
         assert any(f"no {name} matrix-product kernels" in r.getMessage() for r in caplog.records) is warned
+    monkeypatch.setattr(loading, "cpu_lacks_kernels", lambda d: d == torch.float16)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=loading.log.name):
+        half = backend.cast("float16")
+    try:
+        assert half.model.dtype == torch.float16
+        assert [r.getMessage().split(":")[0] for r in caplog.records] == \
+            ["this CPU has no float16 matrix-product kernels"]
+    finally:
+        backend._casts.pop(torch.float16, None)  # the module's other tests do not need the copy
