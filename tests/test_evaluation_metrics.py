@@ -150,8 +150,14 @@ def test_table7_summary():
             {"greedy": 1.0, "exhaustive": 3.0, "base": -1.0, "k": 3, "library_size": 12}]
     s = table7_summary(recs)
     assert s["gap"] == 1.0 and s["greedy_optimal"] == 0.5
-    assert s["improvement_ratio"] == pytest.approx((1.0 + 0.5) / 2)
+    assert s["improvement_ratio"] == pytest.approx((1.0 + 2.0) / (1.0 + 4.0))  # pooled over the pairs
     assert s["ratio"] == pytest.approx((1.0 + 1 / 3) / 2)
+    # exhaustive barely beating plain while greedy falls below it: pooled, not a per-pair -50
+    barely = {"greedy": 0.5, "exhaustive": 1.01, "base": 1.0, "k": 3, "library_size": 12}
+    assert table7_summary(recs + [barely])["improvement_ratio"] == pytest.approx((1.0 + 2.0 - 0.5) / (1.0 + 4.0 + 0.01))
+    # a pair where no triple beats plain does not enter the ratio
+    none_better = {"greedy": -2.0, "exhaustive": 0.5, "base": 1.0, "k": 3, "library_size": 12}
+    assert table7_summary(recs + [none_better])["improvement_ratio"] == pytest.approx(0.6)
 
 
 def test_table7_summary_counts_a_pair_of_several_seeds_once():
