@@ -91,8 +91,10 @@ def main(args: argparse.Namespace) -> int:
     head = backend.lm_head.weight.numel()
     # a response shared by two pairs of one prompt (two annotators judged the same summary) is
     # scored once per attribute set if both searches take the same path: count it once
-    responses = {(p.prompt, text) for p in distinct.values() for text in (p.chosen, p.rejected)}
-    response_tokens = sum(len(backend.encode_continuation(text)) for _, text in responses)
+    length = {(p.prompt, text): len(backend.encode_continuation(text))
+              for p in distinct.values() for text in (p.chosen, p.rejected)}
+    responses = set(length)
+    response_tokens = sum(length.values())
     prompts = len({prompt for prompt, _ in responses})
     tokens = sets * response_tokens
     # each response token is a target (output layer); the decoder runs the tokens that predict
@@ -115,8 +117,7 @@ def main(args: argparse.Namespace) -> int:
             backend.clear_prefix_memo()
             greedy_select(make_objective(backend, p.prompt, p.chosen, p.rejected, library), names, args.k)
         elapsed = time.perf_counter() - start
-        timed_tokens = sum(len(backend.encode_continuation(p.chosen)) + len(backend.encode_continuation(p.rejected))
-                           for p in timed)
+        timed_tokens = sum(length[p.prompt, p.chosen] + length[p.prompt, p.rejected] for p in timed)
         # pairs differ in length: project by response tokens, which the work is proportional to
         out.update(timed_pairs=len(timed), seconds_per_pair=elapsed / len(timed),
                    projected_hours=elapsed * response_tokens / timed_tokens / 3600)

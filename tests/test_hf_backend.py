@@ -210,6 +210,7 @@ def test_matmul_precision_reaches_the_backend_and_is_put_back(backend, monkeypat
     are compensated, within 1e-3: benchmarks/precision.py --low matmul-medium), and equal them on a
     CPU without bfloat16 kernels, where torch runs "medium" in plain float32."""
     from prefsteer.backends.hf import TransformersBackend
+    from prefsteer.backends.loading import cpu_lacks_kernels
     from prefsteer.cli import Context, make_parser
 
     args = make_parser().parse_args(["generate", "--matmul-precision", "medium", "hello"])
@@ -235,8 +236,6 @@ def test_matmul_precision_reaches_the_backend_and_is_put_back(backend, monkeypat
     finally:
         torch.set_float32_matmul_precision("highest")
     gap = max(abs(a.logprob - b.logprob) for a, b in zip(strict, low))
-    from prefsteer.backends.loading import cpu_lacks_kernels
-
     if medium.device.type == "cpu" and cpu_lacks_kernels(torch.bfloat16):
         assert gap == 0.0  # no reduced-precision kernels on this CPU (AVX2 only): "medium" is float32
     else:
