@@ -47,7 +47,7 @@ def read_inputs(args: argparse.Namespace):
 def recording_objective(scorer, prompt: str, chosen: str, rejected: str, library, values: dict):
     """EXACT's objective F for one pair through ``scorer``; every attribute set it evaluates is
     written into ``values`` (tuple of names -> F), so two searches can be compared set by set."""
-    from prefsteer.exact.indexer import make_objective
+    from prefsteer.methods.exact.select import make_objective
 
     inner = make_objective(scorer, prompt, chosen, rejected, library)
 

@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> None:
     from prefsteer.backends import GenerationConfig, load_backend
     from prefsteer.backends.base import user_turn
     from prefsteer.data import group_by_user, load_pairs, train_test_split
-    from prefsteer.methods.base_prompt import build_system_prompt
+    from prefsteer.methods.history import build_system_prompt
 
     backend = load_backend("hf", model=args.model, threads=args.threads)
     user, pairs = max(group_by_user(load_pairs(args.data)).items(), key=lambda kv: len(kv[1]))

@@ -36,8 +36,8 @@ def main() -> None:
     import torch
 
     from prefsteer.backends import GenerationConfig, load_backend, user_turn
-    from prefsteer.cliper.classifier import HeadBank, PreferenceHead, load_classifier
-    from prefsteer.cliper.guidance import CliperGuide
+    from prefsteer.methods.cliper.heads import HeadBank, PreferenceHead, load_classifier
+    from prefsteer.methods.cliper.guidance import CliperGuide
 
     backend = load_backend("hf", threads=args.threads, batch_size=max(int(b) for b in args.batches.split(",")))
     fp = backend.fingerprint

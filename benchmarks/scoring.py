@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
 
     from prefsteer.attributes import load_library
     from prefsteer.backends.hf import TransformersBackend
-    from prefsteer.exact.indexer import greedy_select
+    from prefsteer.methods.exact.select import greedy_select
 
     try:
         from prefsteer.data.prompts import tldr_prompt

@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from prefsteer.backends.hf import TransformersBackend
-    from prefsteer.exact.indexer import greedy_select, make_objective, screened_greedy_select
+    from prefsteer.methods.exact.select import greedy_select, make_objective, screened_greedy_select
 
     inputs = read_inputs(args)
     if inputs is None:

@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     from prefsteer.errors import InputError
     from prefsteer.evaluation.protocol import load_config
     from prefsteer.evaluation.runner import make_jobs
-    from prefsteer.exact.indexer import greedy_select, make_objective
+    from prefsteer.methods.exact.select import greedy_select, make_objective
 
     try:
         config = load_config(args.config)

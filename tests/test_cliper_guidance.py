@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from prefsteer.cliper.classifier import HeadBank, PreferenceHead
-from prefsteer.cliper.guidance import CliperGuide, guided_logits, preference_logp
-from prefsteer.cliper.prefs import format_prefs, parse_prefs
+from prefsteer.methods.cliper.heads import HeadBank, PreferenceHead
+from prefsteer.methods.cliper.guidance import CliperGuide, guided_logits, preference_logp
+from prefsteer.methods.cliper.prefs import format_prefs, parse_prefs
 
 LN = math.log
 NEG = float("-inf")

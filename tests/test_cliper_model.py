@@ -29,7 +29,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def backend(hf_backend):
-    from prefsteer.cliper.classifier import available_classifiers, packaged_classifier_dir
+    from prefsteer.methods.cliper.heads import available_classifiers, packaged_classifier_dir
 
     b = hf_backend
     shipped = available_classifiers(b.fingerprint, [packaged_classifier_dir()])

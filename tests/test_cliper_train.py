@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from prefsteer.backends import GenerationConfig, load_backend
-from prefsteer.cliper.classifier import (available_classifiers, load_classifier, read_classifier,
+from prefsteer.methods.cliper.heads import (available_classifiers, load_classifier, read_classifier,
                                          save_classifier)
-from prefsteer.cliper.train import (TrainConfig, features, generate_preference_data, preference_items,
+from prefsteer.methods.cliper.train import (TrainConfig, features, generate_preference_data, preference_items,
                                     train_classifier)
 from prefsteer.methods import get_method_class
 from prefsteer.types import PreferencePair
@@ -87,7 +87,7 @@ def test_alpha_zero_is_plain_decoding(backend, classifier_dir, config):
 def test_guidance_raises_the_classifiers_score(backend, classifier_dir):
     # plumbing: candidates, embeddings and heads line up, so the guided answers read back as more
     # "humor" to the head (on the real model an independent scorer checks the direction)
-    from prefsteer.cliper.train import LabelledText
+    from prefsteer.methods.cliper.train import LabelledText
 
     cfg = GenerationConfig(max_new_tokens=20)
     prompts = PROMPTS[::3]

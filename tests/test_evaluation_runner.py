@@ -10,7 +10,7 @@ from prefsteer.evaluation.protocol import config_from_dict
 from prefsteer.evaluation.report import write_report
 from prefsteer.evaluation.runner import Runner, make_jobs, read_records
 from prefsteer.methods import get_method_class
-from prefsteer.methods.base_prompt import BasePrompt, build_system_prompt
+from prefsteer.methods.history import BasePrompt, build_system_prompt
 from prefsteer.methods.plain import plain_margins
 from prefsteer.types import PreferencePair
 

@@ -3,7 +3,7 @@ import sqlite3
 
 import pytest
 
-from prefsteer.embedders import HashEmbedder, nearest, normalize
+from prefsteer.retrieval import HashEmbedder, nearest, normalize
 from prefsteer.errors import UnknownUserError
 from prefsteer.memory import Memory, ScoreCache
 from prefsteer.methods.exact import Exact, ExactConfig, ExactGlobal
@@ -218,7 +218,7 @@ def test_other_k_reuses_stored_greedy_selections(fake_backend, tmp_path):
 
 
 def test_screened_mode_ranks_with_a_cast_copy_and_keeps_the_models_objectives(fake_backend, tmp_path):
-    from prefsteer.exact.indexer import make_objective
+    from prefsteer.methods.exact.select import make_objective
 
     mem = Memory(tmp_path / "m.db")
     ps = pairs_for("u")

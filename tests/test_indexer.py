@@ -4,7 +4,7 @@ import pytest
 
 from prefsteer.attributes import inject, load_library
 from prefsteer.backends import ScoreRequest, user_turn
-from prefsteer.exact.indexer import (exhaustive_select, greedy_select, lazy_greedy_select, make_objective,
+from prefsteer.methods.exact.select import (exhaustive_select, greedy_select, lazy_greedy_select, make_objective,
                                       pair_requests, screened_greedy_select)
 
 

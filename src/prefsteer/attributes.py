@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import InputError
+from prefsteer.errors import InputError
 
 DEFAULT_LIBRARY = "exact-table4"
 

@@ -29,9 +29,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .backends.base import Score, ScoreRequest
-from .errors import UnknownUserError
-from .types import PreferencePair
+from prefsteer.backends.base import Score, ScoreRequest
+from prefsteer.errors import UnknownUserError
+from prefsteer.paths import default_db_path
+from prefsteer.types import PreferencePair
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -72,6 +73,18 @@ CREATE TABLE IF NOT EXISTS entries (
     embedding BLOB NOT NULL,
     PRIMARY KEY (user_id, prompt_hash)
 );
+CREATE TABLE IF NOT EXISTS method_states (
+    user_id TEXT NOT NULL,
+    method TEXT NOT NULL,
+    state_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL,
+    files TEXT NOT NULL DEFAULT '[]',
+    n_pairs INTEGER,
+    stale INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL,
+    PRIMARY KEY (user_id, method, state_id)
+);
 CREATE TABLE IF NOT EXISTS scores (
     key TEXT PRIMARY KEY,
     logprob REAL NOT NULL,
@@ -104,11 +117,6 @@ class Entry:
                 "base_objective": self.base_objective, "gains": self.gains}
 
 
-def default_db_path() -> Path:
-    if os.environ.get("PREFSTEER_DB"):
-        return Path(os.environ["PREFSTEER_DB"])
-    base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
-    return base / "prefsteer" / "memory.db"
 
 
 class Memory:
@@ -275,6 +283,63 @@ class Memory:
                       np.frombuffer(blob, dtype=np.float32), cfg)
                 for pr, pid, a, obj, base, g, emb_name, blob, cfg in rows]
 
+    # -- other methods' per-user state ------------------------------------------------------
+    def state_dir(self, user_id: str) -> Path:
+        """Where a user's method files (Reward's adapter weights) live: beside the database, in a
+        folder per user named by a hash of the id (any id is a safe name)."""
+        if self.path == ":memory:":
+            raise ValueError("an in-memory database keeps no method files")
+        return Path(self.path).parent / f"{Path(self.path).name}.d" / sha(user_id)[:24]
+
+    def put_method_state(self, user_id: str, method: str, state_id: str, fingerprint: str, state: dict,
+                         files: dict[str, bytes] | None = None, n_pairs: int | None = None) -> None:
+        """Store a method's state for the user; its files are written (and fsynced) first, under
+        names unique to this state, so the row never points at a half-written file."""
+        import time
+
+        names = []
+        if files:
+            d = self.state_dir(user_id)
+            d.mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                fname = f"{method}-{state_id}-{name}"
+                tmp = d / f".{fname}.tmp"
+                with tmp.open("wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, d / fname)
+                names.append(fname)
+        with self.transaction() as c:
+            c.execute("INSERT OR IGNORE INTO users(user_id) VALUES (?)", (user_id,))
+            c.execute("INSERT OR REPLACE INTO method_states VALUES (?,?,?,?,?,?,?,0,?)",
+                      (user_id, method, state_id, fingerprint, json.dumps(state), json.dumps(names),
+                       n_pairs, time.time()))
+
+    def method_state(self, user_id: str, method: str, state_id: str) -> dict | None:
+        row = self.conn.execute("SELECT state, files, n_pairs, stale, updated FROM method_states "
+                                "WHERE user_id=? AND method=? AND state_id=?",
+                                (user_id, method, state_id)).fetchone()
+        if row is None:
+            return None
+        d = self.state_dir(user_id) if self.path != ":memory:" else None
+        files = {n.split("-", 2)[2]: str(d / n) for n in json.loads(row[1])} if d else {}
+        return {"state": json.loads(row[0]), "files": files, "n_pairs": row[2], "stale": bool(row[3]),
+                "updated": row[4]}
+
+    def method_states(self, user_id: str) -> list[dict]:
+        """Every stored method state of the user (any state id), newest first."""
+        rows = self.conn.execute("SELECT method, state_id, fingerprint, n_pairs, stale, updated FROM "
+                                 "method_states WHERE user_id=? ORDER BY updated DESC", (user_id,))
+        return [{"method": m, "state_id": s, "fingerprint": f, "n_pairs": n, "stale": bool(st), "updated": u}
+                for m, s, f, n, st, u in rows]
+
+    def mark_stale(self, user_id: str, method: str | None = None) -> int:
+        """Mark the user's stored states (of ``method``, or all) as not covering every pair."""
+        with self.transaction() as c:
+            q = "UPDATE method_states SET stale=1 WHERE user_id=?" + (" AND method=?" if method else "")
+            return c.execute(q, (user_id, method) if method else (user_id,)).rowcount
+
     # -- score cache ----------------------------------------------------------------------
     def cached_scores(self, keys: Sequence[str]) -> dict[str, Score]:
         out: dict[str, Score] = {}
@@ -293,7 +358,7 @@ class Memory:
 def read_selections(path: str | Path) -> list[dict]:
     """The selections of a file written by `Memory.export_selections` (a run's ``selections.jsonl``),
     checked line by line: a bad line raises `InputError` naming the file, the line and the field."""
-    from .errors import InputError
+    from prefsteer.errors import InputError
 
     rows = []
     text = Path(path).read_text(encoding="utf-8")

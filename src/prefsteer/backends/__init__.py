@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import Backend, Generation, GenerationConfig, Score, ScoreRequest, user_turn
+from prefsteer.backends.base import Backend, Generation, GenerationConfig, Score, ScoreRequest, user_turn
 
 # name -> "module:Class"; modules import their engines only when loaded
 _REGISTRY: dict[str, str] = {

@@ -1,19 +1,39 @@
-"""The narrow contract every model backend implements.
+"""The contract every model backend implements: the only way from prefsteer to a model.
 
-A backend hides tokenization, chat templates and devices. It answers three questions:
+A backend hides tokenization, chat templates, devices and the engine's internals. Methods, the
+evaluator, the CLI and the service see only the operations declared on `Backend` below; none of
+them imports an engine or reaches into a backend's model object.
 
 * ``score``: the summed log-probability (and token count) of each continuation given its chat
   context. Requests whose contexts share a token prefix (one prompt under many attribute variants)
   should share that prefix's computation; the transformers backend does.
-* ``generate``: text for each chat context, greedy or sampled.
-* the next-token step of guided decoding: ``generate(..., guide=fn)`` calls ``fn`` at every step
-  with the last hidden state and the next-token logits, and decodes from what it returns.
+* ``generate``: text for each chat context, greedy or sampled. Guided decoding:
+  ``generate(..., guide=fn)`` calls ``fn`` at every step with the last hidden state and the
+  next-token logits, and decodes from what it returns (CLIPer).
+* ``start_decoding``: several contexts decoded in lock step, the caller choosing every next token
+  from all rows' logits (Drift mixes one plain and n attribute branches this way).
+* ``hidden_states`` and ``token_embeddings``: what CLIPer's classifier heads are trained on.
+* ``encode_context`` / ``encode_continuation`` / ``decode_tokens`` / ``eos_token_ids`` /
+  ``eos_text``: the backend's tokenization, for methods that work on token ids.
+* ``adapter``: a trainable low-rank adapter on the model for the duration of a ``with`` block,
+  giving differentiable last hidden states (Reward's per-user reward model).
+* ``cast``: the same model in another precision, as a second backend (EXACT's screen).
+
+A backend that cannot do an operation raises `UnsupportedOperation` naming itself and the
+operation, and lists what it can do in ``capabilities``; `require` is the check a method makes
+before it starts work.
+
+One backend object serves concurrent calls from several threads: settings that are process-wide
+in the engine (precision, attention implementation, thread counts) are fixed when it is loaded.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+
+from prefsteer.errors import PrefsteerError
 
 if TYPE_CHECKING:  # torch stays out of `import prefsteer`
     import torch
@@ -83,9 +103,69 @@ class Generation:
 Guide = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
+# the optional operations a backend may lack; the rest of the protocol is required
+OPERATIONS = ("score", "generate", "guide", "start_decoding", "hidden_states", "token_embeddings",
+              "adapter", "cast")
+
+
+class UnsupportedOperation(PrefsteerError):
+    """A backend cannot do what a method asked of it (exit status 2 in the CLI)."""
+
+    def __init__(self, backend: str, operation: str, needed_by: str | None = None):
+        self.backend, self.operation = backend, operation
+        who = f"{needed_by} needs" if needed_by else "needs"
+        super().__init__(f"the '{backend}' backend does not support `{operation}`, which {who}; "
+                         f"use a backend that does (e.g. --backend hf)")
+
+
+def require(backend: "Backend", operation: str, needed_by: str | None = None) -> None:
+    """Raise `UnsupportedOperation` unless ``backend`` lists ``operation`` among its capabilities."""
+    if operation not in backend.capabilities:
+        raise UnsupportedOperation(backend.name, operation, needed_by)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A low-rank adapter (LoRA) on the backend's model."""
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+class Adapter(Protocol):
+    """A model with a trainable adapter, valid inside the ``with backend.adapter(...)`` block."""
+
+    hidden_size: int
+
+    def parameters(self) -> "list[torch.nn.Parameter]":
+        """The adapter's trainable parameters (the base weights stay frozen)."""
+
+    def train(self, mode: bool = True) -> None:
+        """Training mode (dropout on) or evaluation mode."""
+
+    def last_hidden(self, sequences: Sequence[Sequence[int]]) -> "torch.Tensor":
+        """The last layer's hidden state (B, d, float32) at each token sequence's last position,
+        differentiable with respect to `parameters` (under ``torch.enable_grad``)."""
+
+    def state_dict(self) -> "dict[str, torch.Tensor]":
+        """The adapter's weights (on the CPU), what ``backend.adapter(spec, state)`` loads back."""
+
+
+class DecodeSession(Protocol):
+    """Rows decoded in lock step on the backend's cache (see `Backend.start_decoding`)."""
+
+    def logits(self) -> "torch.Tensor":
+        """Next-token logits (R, V, float32) of every row."""
+
+    def append(self, tokens: Sequence[int]) -> None:
+        """Extend row r by ``tokens[r]`` (one token per row)."""
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str
+    capabilities: frozenset[str]  # the operations of `OPERATIONS` this backend supports
 
     @property
     def fingerprint(self) -> str:
@@ -115,6 +195,43 @@ class Backend(Protocol):
 
     def token_embeddings(self) -> "torch.Tensor":
         """The input embedding matrix (V, d)."""
+
+    @property
+    def hidden_size(self) -> int:
+        """d, the width of the last hidden state."""
+
+    # -- tokenization ---------------------------------------------------------------------------
+    def encode_context(self, messages: Messages) -> list[int]:
+        """Token ids of the chat-templated context, ending with the assistant's turn header."""
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the assistant's reply (no special tokens added)."""
+
+    def decode_tokens(self, ids: Sequence[int]) -> str:
+        """Text of generated token ids, special tokens left out."""
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Tokens that end the assistant's turn."""
+
+    @property
+    def eos_text(self) -> str | None:
+        """The end-of-turn token as text that `encode_continuation` reads back as that one token,
+        or None when there is no such text."""
+
+    # -- what some methods need -----------------------------------------------------------------
+    def start_decoding(self, contexts: Sequence[Messages]) -> DecodeSession:
+        """Prefill ``contexts`` and return a session whose rows the caller extends token by token."""
+
+    def adapter(self, spec: AdapterSpec, state: "dict[str, torch.Tensor] | None" = None
+                ) -> AbstractContextManager[Adapter]:
+        """A fresh adapter (or one loaded from ``state``) for the duration of a ``with`` block; the
+        model is as it was after the block, whatever happened inside. Calls that need the plain
+        model (score, generate) wait for the block to end."""
+
+    def cast(self, dtype: str) -> "Backend":
+        """The same model in another precision ("bfloat16", "float16", "float32"), as a second
+        backend with its own fingerprint; one copy per precision, kept."""
 
     def info(self) -> dict[str, Any]:
         ...

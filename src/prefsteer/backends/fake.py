@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import Generation, GenerationConfig, Guide, Messages, Score, ScoreRequest
+from prefsteer.backends.base import Generation, GenerationConfig, Guide, Messages, Score, ScoreRequest
 
 _WORD = re.compile(r"[a-z0-9]+")
 _WORDS = ("the a and to of in is it that was i you my he she we they for on with this but not so "
@@ -130,7 +130,7 @@ class FakeBackend:
 
     def generate(self, contexts: Sequence[Messages], config: GenerationConfig | None = None, *,
                  guide: Guide | None = None) -> list[Generation]:
-        from .sampling import sample_next, seeded_generator  # shared with the real backends
+        from prefsteer.backends.sampling import sample_next, seeded_generator  # shared with the real backends
 
         config = config or GenerationConfig()
         gen = seeded_generator(config)

@@ -45,9 +45,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import InputError
-from .base import MATMUL_PRECISIONS, Generation, GenerationConfig, Guide, Messages, Score, ScoreRequest
-from .sampling import sample_next, seeded_generator
+from prefsteer.errors import InputError
+from prefsteer.backends.base import MATMUL_PRECISIONS, Generation, GenerationConfig, Guide, Messages, Score, ScoreRequest
+from prefsteer.backends.sampling import sample_next, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class TransformersBackend:
                  batch_size: int = 32, threads: int | None = None, cache_dir: str | None = None,
                  share_prefix: bool = True, restrict_logits: bool = True,
                  matmul_precision: str | None = None, **_: Any):
-        from .loading import load_model
+        from prefsteer.backends.loading import load_model
 
         if batch_size < 1:
             raise ValueError(f"`batch_size` (={batch_size}) has to be at least 1")
@@ -221,7 +221,7 @@ class TransformersBackend:
         copy per precision is made and kept, so every method that asks shares it."""
         import copy
 
-        from .loading import _default_dtype, warn_if_emulated
+        from prefsteer.backends.loading import _default_dtype, warn_if_emulated
 
         dtype = _default_dtype(str(self.device), dtype)
         if dtype == self.model.dtype:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import PrefsteerError
+from prefsteer.errors import PrefsteerError
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,9 @@ def resolve_model(model: str | None) -> tuple[str, str | None]:
 
 def default_cache_root() -> Path:
     """``$PREFSTEER_CACHE/models``, else ``~/.cache/prefsteer/models``."""
-    base = os.environ.get("PREFSTEER_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "prefsteer") / "models"
+    from prefsteer.paths import model_cache_dir
+
+    return model_cache_dir()
 
 
 def gguf_identity(local_dir: str, gguf_file: str) -> str:

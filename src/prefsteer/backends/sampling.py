@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import GenerationConfig
+from prefsteer.backends.base import GenerationConfig
 
 
 def seeded_generator(config: GenerationConfig, device: str | torch.device = "cpu") -> torch.Generator | None:

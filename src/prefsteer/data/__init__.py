@@ -5,10 +5,10 @@
     >>> train, test = train_test_split(pairs, seed=0)                     # doctest: +SKIP
 """
 
-from .loaders import (FORMATS, detect_format, group_by_user, load_jsonl, load_pairs, load_prism,
+from prefsteer.data.loaders import (FORMATS, detect_format, group_by_user, load_jsonl, load_pairs, load_prism,
                       load_tldr_comparisons)
-from .prompts import TLDR_REQUEST, for_display, tldr_prompt
-from .splits import select_users, train_test_split
+from prefsteer.data.prompts import TLDR_REQUEST, for_display, tldr_prompt
+from prefsteer.data.splits import select_users, train_test_split
 
 __all__ = ["FORMATS", "TLDR_REQUEST", "detect_format", "for_display", "group_by_user", "load_jsonl",
            "load_pairs", "load_prism", "load_tldr_comparisons", "select_users", "tldr_prompt",

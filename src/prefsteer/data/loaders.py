@@ -23,9 +23,9 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ..errors import InputError
-from ..types import PreferencePair
-from .prompts import tldr_prompt
+from prefsteer.errors import InputError
+from prefsteer.types import PreferencePair
+from prefsteer.data.prompts import tldr_prompt
 
 log = logging.getLogger(__name__)
 

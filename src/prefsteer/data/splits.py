@@ -17,8 +17,8 @@ import logging
 import random
 from typing import Iterable, Mapping, Sequence
 
-from ..errors import InputError
-from ..types import PreferencePair
+from prefsteer.errors import InputError
+from prefsteer.types import PreferencePair
 
 log = logging.getLogger(__name__)
 

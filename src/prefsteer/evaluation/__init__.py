@@ -6,9 +6,9 @@
     >>> from prefsteer.evaluation import load_config, Runner
 """
 
-from .metrics import improvement_share, mean_std, pairwise_accuracy, prompt_winrate, summarize
-from .protocol import EvalConfig, MethodSpec, available_configs, load_config
-from .runner import Runner, read_records
+from prefsteer.evaluation.metrics import improvement_share, mean_std, pairwise_accuracy, prompt_winrate, summarize
+from prefsteer.evaluation.protocol import EvalConfig, MethodSpec, available_configs, load_config
+from prefsteer.evaluation.runner import Runner, read_records
 
 __all__ = ["EvalConfig", "MethodSpec", "Runner", "available_configs", "improvement_share", "load_config",
            "mean_std", "pairwise_accuracy", "prompt_winrate", "read_records", "summarize"]

@@ -18,8 +18,8 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from ..errors import InputError
-from ..memory import read_selections
+from prefsteer.errors import InputError
+from prefsteer.memory import read_selections
 
 
 def load_side(path: str | Path, config_id: str | None = None) -> list[dict]:

@@ -20,10 +20,10 @@ import os
 import urllib.request
 from typing import Callable, Protocol, Sequence
 
-from ..backends.base import ScoreRequest
-from ..methods.base_prompt import build_system_prompt
-from ..types import PreferencePair
-from .metrics import prompt_winrate
+from prefsteer.backends.base import ScoreRequest
+from prefsteer.methods.history import build_system_prompt
+from prefsteer.types import PreferencePair
+from prefsteer.evaluation.metrics import prompt_winrate
 
 JUDGE_HEADER = ("You are a careful judge of personal preferences. Below are a user's past choices: "
                 "for each request, the response the user preferred and the one they rejected.\n")

@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from prefsteer.errors import InputError
+from prefsteer.paths import REPO_ROOT  # where ../shared/ is resolved from
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-# src/prefsteer/evaluation/protocol.py -> the repository root (where ../shared/ is resolved from)
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclass

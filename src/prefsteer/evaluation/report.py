@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from .metrics import summarize
-from .runner import RUN_INFO, read_records
+from prefsteer.evaluation.metrics import summarize
+from prefsteer.evaluation.runner import RUN_INFO, read_records
 
 PAPER_EXACT = {"Llama-3.1-8B": 65.12, "Gemma-2-9B-it": 66.01, "Qwen2.5-7B": 60.28}
 
@@ -195,7 +195,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     out.mkdir(parents=True, exist_ok=True)
     records = read_records(run_dir)
     if not [r for r in records if r.get("kind") in ("method", "table7")]:
-        from ..errors import InputError
+        from prefsteer.errors import InputError
 
         raise InputError("no evaluation records to report on", file=str(run_dir / "records.jsonl"))
     info = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).exists() else {}

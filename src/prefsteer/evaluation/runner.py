@@ -36,10 +36,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..errors import InputError
-from ..types import PreferencePair
-from .metrics import improvement_share, pairwise_accuracy, summarize
-from .protocol import REPO_ROOT, EvalConfig, MethodSpec
+from prefsteer.errors import InputError
+from prefsteer.types import PreferencePair
+from prefsteer.evaluation.metrics import improvement_share, pairwise_accuracy, summarize
+from prefsteer.evaluation.protocol import REPO_ROOT, EvalConfig, MethodSpec
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class Job:
 
 def make_jobs(config: EvalConfig, pairs: Sequence[PreferencePair], seeds: Sequence[int]) -> Iterator[Job]:
     """The protocol's (seed, user, train, test) in order; deterministic given seed and data."""
-    from ..data import group_by_user, select_users, train_test_split
+    from prefsteer.data import group_by_user, select_users, train_test_split
 
     by_user = group_by_user(pairs)
     for seed in seeds:
@@ -108,8 +108,8 @@ class Runner:
                  methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                  judge=None, winrate: bool | None = None, table7: bool | None = None,
                  progress: bool = True):
-        from ..attributes import load_library
-        from ..memory import Memory, ScoreCache
+        from prefsteer.attributes import load_library
+        from prefsteer.memory import Memory, ScoreCache
 
         self.config, self.backend = config, backend
         self.out = Path(out_dir)
@@ -125,7 +125,7 @@ class Runner:
         self.full_library = library
         self.library = library.subset(config.attributes) if config.attributes else library
         if isinstance(embedder, str) or embedder is None:
-            from ..embedders import load_embedder
+            from prefsteer.retrieval import load_embedder
 
             embedder = load_embedder(embedder)
         self.embedder = embedder
@@ -145,7 +145,7 @@ class Runner:
             if not self.config.methods:
                 raise InputError("the configuration names no methods", field="methods")
             return list(self.config.methods)
-        from ..methods import available_methods
+        from prefsteer.methods import available_methods
 
         specs = []
         for n in names:
@@ -177,7 +177,7 @@ class Runner:
     @property
     def judge(self):
         if self._judge is None:
-            from .judge import LocalJudge
+            from prefsteer.evaluation.judge import LocalJudge
 
             w = self.config.winrate
             self._judge = LocalJudge(self.backend, w.judge_pairs, w.judge_chars)
@@ -186,7 +186,7 @@ class Runner:
     def method(self, spec: MethodSpec):
         """One instance per label, built with the shared resources its constructor accepts."""
         if spec.label not in self._methods:
-            from ..methods import get_method_class
+            from prefsteer.methods import get_method_class
 
             cls = get_method_class(spec.method)
             params = inspect.signature(cls.__init__).parameters
@@ -222,7 +222,7 @@ class Runner:
         """Compute what is missing; stop after ``max_records`` new records (a simulated kill)."""
         from tqdm.auto import tqdm
 
-        from ..data import load_pairs
+        from prefsteer.data import load_pairs
 
         start = time.perf_counter()
         pairs = load_pairs(self.config.data_path(), self.config.format)
@@ -273,7 +273,7 @@ class Runner:
         return out
 
     def plain_margins(self, test: Sequence[PreferencePair]) -> list[float]:
-        from ..methods.plain import plain_margins
+        from prefsteer.methods.plain import plain_margins
 
         return plain_margins(self.scorer, test)
 
@@ -299,7 +299,7 @@ class Runner:
             except Exception:  # noqa: BLE001 - informative only
                 pass
         if self.winrate:
-            from ..backends.base import GenerationConfig
+            from prefsteer.backends.base import GenerationConfig
 
             w = self.config.winrate
             prompts = self._gen_prompts(job)
@@ -316,7 +316,7 @@ class Runner:
         return list(dict.fromkeys(p.prompt for p in job.test))[: self.config.winrate.n_prompts]
 
     def _winrates(self, job: Job, max_records: int | None) -> None:
-        from .judge import compare
+        from prefsteer.evaluation.judge import compare
 
         ref = self.config.winrate.reference
         gens = {r["method"]: r.get("generations") for r in self.records
@@ -356,7 +356,7 @@ class Runner:
         return out[: self.config.table7.n_pairs]
 
     def table7_record(self, job: Job, pair: PreferencePair) -> dict:
-        from ..exact.indexer import exhaustive_select, greedy_select, make_objective
+        from prefsteer.methods.exact.select import exhaustive_select, greedy_select, make_objective
 
         c = self.config.table7
         lib = self.full_library.subset(list(self.full_library.names[: c.library_size]))

@@ -5,20 +5,28 @@ registered by name:
 
     @register_method("mine")
     class Mine(Method):
-        def fit(self, user_id, pairs): ...
-        def margin(self, user_id, pair): ...
+        config_class = MineConfig             # a dataclass: its fields become --mine-<field> options
+        def fit(self, user_id, pairs): ...    # learns, then self.save_state(user_id, {...})
+        def margins(self, user_id, pairs): ...
         def generate(self, user_id, prompts, config=None): ...
+
+Per-user state lives in the memory (`Memory.put_method_state`), keyed by user, method and
+`state_id` (the model fingerprint, chat template and the method's options), so a method fitted in
+one process generates for that user in any other: `load_state` reads what `save_state` wrote.
+`profile` says what was learned and `feedback` takes new pairs the way the method can (EXACT
+indexes them, Drift refits, others mark their state stale).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
-from ..backends.base import Backend, GenerationConfig
-from ..types import PreferencePair
+from prefsteer.backends.base import Backend, GenerationConfig
+from prefsteer.types import PreferencePair
 
 
 @dataclass
@@ -31,10 +39,53 @@ class MethodOutput:
 
 class Method(ABC):
     name: str = ""
+    # the method's options as a dataclass whose fields carry their help text (None: no options)
+    config_class: ClassVar[type | None] = None
 
     def __init__(self, backend: Backend, **options: Any):
         self.backend = backend
         self.options = options
+
+    # -- persisted per-user state ----------------------------------------------------------
+    @property
+    def state_id(self) -> str:
+        """What a stored state was learned under: model, chat template and the method's options.
+        A state is served only to a method built the same way."""
+        from prefsteer.memory import sha
+
+        cfg = getattr(self, "config", None)
+        opts = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}
+        return sha(self.name, self.backend.fingerprint, self.backend.template_id, opts)[:16]
+
+    def save_state(self, user_id: str, state: dict[str, Any], files: dict[str, bytes] | None = None,
+                   n_pairs: int | None = None) -> None:
+        """Store ``state`` (JSON-able) and ``files`` (name -> bytes) for the user, all or nothing."""
+        memory = getattr(self, "memory", None)
+        if memory is not None:
+            memory.put_method_state(user_id, self.name, self.state_id, self.backend.fingerprint, state,
+                                    files=files, n_pairs=n_pairs)
+
+    def load_state(self, user_id: str) -> dict[str, Any] | None:
+        """The stored state of the user under this `state_id` (with ``"files"``: name -> path, and
+        ``"stale"``), or None when there is none."""
+        memory = getattr(self, "memory", None)
+        return None if memory is None else memory.method_state(user_id, self.name, self.state_id)
+
+    def profile(self, user_id: str) -> dict[str, Any]:
+        """What the method learned about the user, JSON-able (``{"fitted": False}`` when nothing)."""
+        st = self.load_state(user_id)
+        if st is None:
+            return {"method": self.name, "fitted": False}
+        return {"method": self.name, "fitted": True, "stale": st["stale"], "pairs": st["n_pairs"],
+                "updated": st["updated"], "state": st["state"]}
+
+    def feedback(self, user_id: str, pairs: Sequence[PreferencePair]) -> str:
+        """Take new pairs (already stored in the memory) into account; returns what was done:
+        ``"indexed"``, ``"refit"`` or ``"stale"`` (the state no longer covers every pair: fit again)."""
+        memory = getattr(self, "memory", None)
+        if memory is not None:
+            memory.mark_stale(user_id, self.name)
+        return "stale"
 
     @abstractmethod
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:

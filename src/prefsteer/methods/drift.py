@@ -32,10 +32,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..attributes import Attribute, AttributeLibrary, load_library
-from ..backends.base import GenerationConfig, Messages, ScoreRequest, user_turn
-from ..types import PreferencePair
-from .base import Method, MethodOutput, register_method
+from prefsteer.attributes import Attribute, AttributeLibrary, load_library
+from prefsteer.backends.base import GenerationConfig, Messages, ScoreRequest, user_turn
+from prefsteer.types import PreferencePair
+from prefsteer.methods.base import Method, MethodOutput, register_method
 
 PLACEMENTS = ("system", "user")
 
@@ -152,7 +152,7 @@ class Drift(Method):
         self.drift_backend = drift_backend if drift_backend is not None else backend
         self.memory = memory
         if memory is not None:
-            from ..memory import ScoreCache
+            from prefsteer.memory import ScoreCache
             self.scorer = ScoreCache(self.drift_backend, memory)
             self.base_scorer = self.scorer if self.drift_backend is backend else ScoreCache(backend, memory)
         else:
@@ -219,7 +219,7 @@ class Drift(Method):
 
     def generate(self, user_id: str, prompts: Sequence[str],
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
-        from ..backends.sampling import seeded_generator
+        from prefsteer.backends.sampling import seeded_generator
 
         config = config or GenerationConfig()
         w = self._weights(user_id)
@@ -254,7 +254,7 @@ def _decode_toy(backend, small, base, branches, weights, beta, config, gen) -> s
     """The fake backend's step function, one row at a time (no cache: the toy model is cheap)."""
     import torch
 
-    from ..backends.sampling import sample_next
+    from prefsteer.backends.sampling import sample_next
 
     def ids_of(b, msgs):
         return torch.tensor([b.tokenize(b.render(msgs))])
@@ -280,7 +280,7 @@ class _Rows:
     def __init__(self, backend, contexts: list[list[int]]):
         from transformers import DynamicCache
 
-        from ..backends.hf import left_pad
+        from prefsteer.backends.hf import left_pad
 
         self.backend = backend
         dev = backend.device
@@ -317,7 +317,7 @@ def _decode_hf(backend, small, base, branches, weights, beta, config, gen) -> st
     """
     import torch
 
-    from ..backends.sampling import sample_next
+    from prefsteer.backends.sampling import sample_next
 
     if small is not backend and small.tokenizer.get_vocab() != backend.tokenizer.get_vocab():
         raise ValueError("`drift_backend` has to share the backend's tokenizer for generation")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from ..backends.base import GenerationConfig, ScoreRequest, user_turn
-from ..types import PreferencePair
-from .base import Method, MethodOutput, register_method
+from prefsteer.backends.base import GenerationConfig, ScoreRequest, user_turn
+from prefsteer.types import PreferencePair
+from prefsteer.methods.base import Method, MethodOutput, register_method
 
 
 def plain_margins(scorer, pairs: Sequence[PreferencePair], system: str | None = None) -> list[float]:

@@ -28,9 +28,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..backends.base import GenerationConfig, user_turn
-from ..types import PreferencePair
-from .base import Method, MethodOutput, register_method
+from prefsteer.backends.base import GenerationConfig, user_turn
+from prefsteer.types import PreferencePair
+from prefsteer.methods.base import Method, MethodOutput, register_method
 
 
 @dataclass

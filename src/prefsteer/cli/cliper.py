@@ -25,7 +25,7 @@ ALL_PREFS = "concise,humor,formal,empathetic,helpful"
 def _backend(args, ctx=None):
     if ctx is not None:
         return ctx.backend
-    from ..backends import load_backend
+    from prefsteer.backends import load_backend
 
     name = getattr(args, "backend", None) or "hf"
     kw: dict[str, Any] = {}
@@ -116,10 +116,10 @@ def run_train(args, ctx=None) -> int:
     hidden state and the candidate token's embedding learns to tell them apart."""
     from pathlib import Path
 
-    from .classifier import fingerprint_slug, user_classifier_dir
-    from .data import default_tldr_path, tldr_prompts
-    from .prefs import parse_prefs
-    from .train import TrainConfig, train_preferences
+    from prefsteer.methods.cliper.heads import fingerprint_slug, user_classifier_dir
+    from prefsteer.methods.cliper.data import default_tldr_path, tldr_prompts
+    from prefsteer.methods.cliper.prefs import parse_prefs
+    from prefsteer.methods.cliper.train import TrainConfig, train_preferences
 
     prefs = list(parse_prefs(args.prefs, allow_personal=False))
     backend = _backend(args, ctx)
@@ -147,7 +147,7 @@ def run_calibrate(args, ctx=None) -> int:
     with and without a line stating the preference, under the base model) and the base model's
     perplexity of the answer; the choice is the alpha with the largest mean gain over alpha = 0
     whose perplexity stays within --ppl-bound times plain decoding's."""
-    from .calibrate import calibrate, format_curve, plot_curve
+    from prefsteer.evaluation.cliper_calibrate import calibrate, format_curve, plot_curve
 
     backend = _backend(args, ctx)
     res = calibrate(backend, args)
@@ -168,7 +168,7 @@ def run_eval(args, ctx=None) -> int:
     by scorers that did not train the classifiers (length for conciseness; the base model's
     log-likelihood ratio with and without a line stating the preference for the others), fluency (perplexity
     under the base model) and distinctness (distinct-2, repeated 4-grams)."""
-    from .evaluate import evaluate, format_table
+    from prefsteer.evaluation.cliper_eval import evaluate, format_table
 
     backend = _backend(args, ctx)
     res = evaluate(backend, args)
@@ -184,7 +184,7 @@ def run_eval(args, ctx=None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the cliper subcommands without the main CLI (``python -m prefsteer.cliper.cli train``)."""
+    """Run the cliper subcommands without the main CLI (``python -m prefsteer.cli.cliper train``)."""
     parser = argparse.ArgumentParser(prog="prefsteer")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["cliper", *(argv if argv is not None else sys.argv[1:])])

@@ -119,11 +119,9 @@ def fingerprint_slug(fingerprint: str) -> str:
 
 def user_classifier_dir() -> Path:
     """Where `prefsteer cliper train` writes by default: $PREFSTEER_CLIPER_DIR or the user cache."""
-    env = os.environ.get("PREFSTEER_CLIPER_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "prefsteer" / "cliper"
+    from prefsteer import paths
+
+    return paths.user_classifier_dir()
 
 
 def packaged_classifier_dir() -> Path:

@@ -19,12 +19,12 @@ log = logging.getLogger(__name__)
 
 
 def calibrate(backend, args) -> dict[str, Any]:
-    from ..backends.base import GenerationConfig, user_turn
-    from ..methods.cliper import Cliper
-    from .data import tldr_prompts
-    from .evaluate import score_condition
-    from .guidance import check_alpha
-    from .prefs import parse_prefs
+    from prefsteer.backends.base import GenerationConfig, user_turn
+    from prefsteer.methods.cliper import Cliper
+    from prefsteer.methods.cliper.data import tldr_prompts
+    from prefsteer.evaluation.cliper_eval import score_condition
+    from prefsteer.methods.cliper.guidance import check_alpha
+    from prefsteer.methods.cliper.prefs import parse_prefs
 
     prefs = [p for p in parse_prefs(args.prefs, allow_personal=False)]
     alphas = sorted({check_alpha(float(a)) for a in str(args.alphas).split(",") if a.strip()} | {0.0})

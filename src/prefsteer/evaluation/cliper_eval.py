@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from prefsteer.paths import cliper_answers_dir
+
 log = logging.getLogger(__name__)
 
 SINGLES = ["concise", "humor", "formal", "empathetic", "helpful"]
@@ -35,8 +37,8 @@ PAIRS = ["concise+humor", "helpful+humor"]
 def attribute_line(prefs: Sequence[str]) -> str:
     """``Attributes: <Concise (short and to the point, no filler), ...>`` as ``inject(describe=True)``
     renders it, with the library's descriptions where the library has the attribute."""
-    from ..attributes import load_library
-    from .prefs import PREFERENCES
+    from prefsteer.attributes import load_library
+    from prefsteer.methods.cliper.prefs import PREFERENCES
 
     lib = load_library()
     items = []
@@ -51,7 +53,7 @@ def attribute_line(prefs: Sequence[str]) -> str:
 
 
 def scorer_line(pref: str) -> str:
-    from .prefs import PREFERENCES
+    from prefsteer.methods.cliper.prefs import PREFERENCES
 
     return f"(Your answer should be {PREFERENCES[pref].description}.)"
 
@@ -87,7 +89,7 @@ def _load_cache(path: Path) -> dict[str, dict]:
 def generate_condition(backend, key: str, method: str, prefs: list[str], prompts: list[str], *,
                        max_new_tokens: int, alpha: float, top_k: int, batch_size: int,
                        classifier_dirs=None) -> dict[str, Any]:
-    from ..backends.base import GenerationConfig, user_turn
+    from prefsteer.backends.base import GenerationConfig, user_turn
 
     cfg = GenerationConfig(max_new_tokens=max_new_tokens)
     guide = None
@@ -97,7 +99,7 @@ def generate_condition(backend, key: str, method: str, prefs: list[str], prompts
     else:
         ctx = [user_turn(p) for p in prompts]
     if method == "cliper":
-        from ..methods.cliper import Cliper
+        from prefsteer.methods.cliper import Cliper
 
         guide, _ = Cliper(backend, prefs={p: 1.0 for p in prefs}, alpha=alpha, top_k=top_k,
                           classifier_dirs=classifier_dirs).guide_for(None)
@@ -114,7 +116,7 @@ def generate_condition(backend, key: str, method: str, prefs: list[str], prompts
 
 def score_condition(backend, row: dict, prompts: list[str], prefs_to_score: Sequence[str]) -> dict[str, Any]:
     """Per-answer metrics of one condition's answers."""
-    from ..backends.base import ScoreRequest, user_turn
+    from prefsteer.backends.base import ScoreRequest, user_turn
 
     texts = row["texts"]
     reqs = [ScoreRequest.of(user_turn(p), t) for p, t in zip(prompts, texts)]
@@ -147,13 +149,13 @@ def _median(xs):
 
 
 def evaluate(backend, args) -> dict[str, Any]:
-    from ..methods.cliper import DEFAULT_ALPHA
-    from .data import tldr_prompts
+    from prefsteer.methods.cliper import DEFAULT_ALPHA
+    from prefsteer.methods.cliper.data import tldr_prompts
 
     alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
     rows = tldr_prompts("eval", args.n_prompts, args.data)
     prompts = [r["prompt"] for r in rows]
-    cache_dir = Path(getattr(args, "cache", None) or Path.home() / ".cache" / "prefsteer" / "cliper-eval")
+    cache_dir = Path(getattr(args, "cache", None) or cliper_answers_dir())
     cache_dir.mkdir(parents=True, exist_ok=True)
     answers_file = cache_dir / "answers.jsonl"
     cache = _load_cache(answers_file)

@@ -21,9 +21,9 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from ..backends.base import GenerationConfig, user_turn
-from ..types import PreferencePair
-from .base import Method, MethodOutput, register_method
+from prefsteer.backends.base import GenerationConfig, user_turn
+from prefsteer.types import PreferencePair
+from prefsteer.methods.base import Method, MethodOutput, register_method
 
 DEFAULT_ALPHA = 0.5  # `prefsteer cliper calibrate` (all five preferences) on SmolLM2-135M-Instruct: results/cliper/README.md
 DEFAULT_TOP_K = 20
@@ -37,8 +37,8 @@ class Cliper(Method):
 
     def __init__(self, backend, prefs: str | dict[str, float] | None = None, alpha: float | None = None,
                  top_k: int | None = None, classifier_dirs: Sequence[str] | None = None, **options: Any):
-        from ..cliper.guidance import check_alpha, check_top_k
-        from ..cliper.prefs import parse_prefs
+        from prefsteer.methods.cliper.guidance import check_alpha, check_top_k
+        from prefsteer.methods.cliper.prefs import parse_prefs
 
         super().__init__(backend, **options)
         self.classifier_dirs = list(classifier_dirs or [])
@@ -53,7 +53,7 @@ class Cliper(Method):
                 self._head(name)
 
     def _available(self) -> list[str]:
-        from ..cliper.classifier import available_classifiers
+        from prefsteer.methods.cliper.heads import available_classifiers
 
         try:
             return list(available_classifiers(self.backend.fingerprint, self.classifier_dirs))
@@ -61,7 +61,7 @@ class Cliper(Method):
             return []
 
     def _head(self, name: str):
-        from ..cliper.classifier import load_classifier
+        from prefsteer.methods.cliper.heads import load_classifier
 
         if name not in self._heads:
             self._heads[name] = load_classifier(name, self.backend.fingerprint, self.classifier_dirs)
@@ -69,7 +69,7 @@ class Cliper(Method):
 
     # -- the personal classifier ----------------------------------------------------------------
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:
-        from ..cliper.train import TrainConfig, pair_items, train_classifier
+        from prefsteer.methods.cliper.train import TrainConfig, pair_items, train_classifier
 
         if not pairs:
             raise ValueError(f"user '{user_id}': no training pairs to fit the personal classifier on")
@@ -83,7 +83,7 @@ class Cliper(Method):
         self._personal[user_id] = head
 
     def personal_head(self, user_id: str):
-        from ..errors import UnknownUserError
+        from prefsteer.errors import UnknownUserError
 
         if user_id not in self._personal:
             raise UnknownUserError(user_id, sorted(self._personal))
@@ -92,7 +92,7 @@ class Cliper(Method):
     def margins(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[float]:
         import torch
 
-        from ..cliper.train import features, pair_items
+        from prefsteer.methods.cliper.train import features, pair_items
 
         head = self.personal_head(user_id)
         if not pairs:
@@ -110,8 +110,8 @@ class Cliper(Method):
     # -- guided generation ------------------------------------------------------------------------
     def guide_for(self, user_id: str | None):
         """The ``CliperGuide`` for this user (None when there is nothing to guide with)."""
-        from ..cliper.classifier import HeadBank
-        from ..cliper.guidance import CliperGuide
+        from prefsteer.methods.cliper.heads import HeadBank
+        from prefsteer.methods.cliper.guidance import CliperGuide
 
         prefs = dict(self.prefs)
         if not prefs and user_id in self._personal:

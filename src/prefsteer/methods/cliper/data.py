@@ -17,12 +17,9 @@ SPLITS = {"train": range(0, 6), "calibration": range(6, 8), "eval": range(8, 10)
 
 def default_tldr_path() -> Path:
     """``../shared/data/tldr/batch13.json`` next to the repository (or $PREFSTEER_TLDR)."""
-    import os
+    from prefsteer import paths
 
-    env = os.environ.get("PREFSTEER_TLDR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "tldr" / "batch13.json"
+    return paths.tldr_comparisons()
 
 
 def split_of(post_id: str) -> str:
@@ -34,7 +31,7 @@ def tldr_prompts(split: str, n: int | None = None, path: str | Path | None = Non
                  max_chars: int = 1400) -> list[dict]:
     """``[{"post_id", "prompt"}]``: unique posts of ``split`` whose prompt has at most
     ``max_chars`` characters, in file order, the first ``n``."""
-    from ..data import load_pairs
+    from prefsteer.data import load_pairs
 
     if split not in SPLITS:
         raise ValueError(f"`split` (={split!r}) has to be one of {', '.join(SPLITS)}")

@@ -24,8 +24,8 @@ import time
 from dataclasses import asdict
 from typing import Any, Callable
 
-from .backends.base import MATMUL_PRECISIONS
-from .errors import PrefsteerError
+from prefsteer.backends.base import MATMUL_PRECISIONS
+from prefsteer.errors import PrefsteerError
 
 log = logging.getLogger("prefsteer")
 
@@ -44,7 +44,7 @@ class Context:
     @property
     def backend(self):
         if self._backend is None:
-            from .backends import load_backend
+            from prefsteer.backends import load_backend
 
             kw: dict[str, Any] = {}
             if self.args.backend == "hf":
@@ -58,7 +58,7 @@ class Context:
     @property
     def memory(self):
         if self._memory is None:
-            from .memory import Memory
+            from prefsteer.memory import Memory
 
             self._memory = Memory(self.args.db)
         return self._memory
@@ -66,20 +66,20 @@ class Context:
     @property
     def embedder(self):
         if self._embedder is None:
-            from .embedders import load_embedder
+            from prefsteer.retrieval import load_embedder
 
             self._embedder = load_embedder(self.args.embedder)
         return self._embedder
 
     def library(self):
-        from .attributes import load_library
+        from prefsteer.attributes import load_library
 
         return load_library(self.args.attributes)
 
     def exact(self, method: str = "exact", **overrides):
-        from .config import dataclass_from_args
-        from .methods import get_method_class
-        from .methods.exact import ExactConfig
+        from prefsteer.config import dataclass_from_args
+        from prefsteer.methods import get_method_class
+        from prefsteer.methods.exact import ExactConfig
 
         cls = get_method_class(method)
         return cls(self.backend, memory=self.memory, embedder=self.embedder, library=self.library(),
@@ -106,9 +106,9 @@ def cmd_attributes(args, ctx: Context) -> int:
 
 def check_lengths(ctx: Context, pairs, k: int, describe: bool) -> None:
     """Refuse, before anything is written, a pair that cannot fit the model's context."""
-    from .attributes import render
-    from .backends.base import user_turn
-    from .errors import InputError
+    from prefsteer.attributes import render
+    from prefsteer.backends.base import user_turn
+    from prefsteer.errors import InputError
 
     lib = ctx.library()
     longest = sorted(lib.names, key=lambda n: len(render([n], lib, describe)), reverse=True)[:k]
@@ -123,7 +123,7 @@ def check_lengths(ctx: Context, pairs, k: int, describe: bool) -> None:
 
 
 def cmd_index(args, ctx: Context) -> int:
-    from .data import group_by_user, load_pairs
+    from prefsteer.data import group_by_user, load_pairs
 
     pairs = load_pairs(args.data, args.format)  # validated as a whole: a bad file writes nothing
     if args.user:
@@ -170,16 +170,16 @@ def cmd_profile(args, ctx: Context) -> int:
 
 
 def generation_config(args):
-    from .backends.base import GenerationConfig
-    from .config import dataclass_from_args
+    from prefsteer.backends.base import GenerationConfig
+    from prefsteer.config import dataclass_from_args
 
     return dataclass_from_args(GenerationConfig, args)
 
 
 def run_generate(args, ctx: Context, prompt: str) -> dict:
-    from .backends.base import user_turn
-    from .attributes import inject
-    from .methods import get_method_class
+    from prefsteer.backends.base import user_turn
+    from prefsteer.attributes import inject
+    from prefsteer.methods import get_method_class
 
     config = generation_config(args)
     if args.attributes_given:
@@ -220,9 +220,9 @@ def cmd_generate(args, ctx: Context) -> int:
 
 
 def cmd_feedback(args, ctx: Context) -> int:
-    from .data import load_pairs
-    from .errors import InputError
-    from .types import PreferencePair
+    from prefsteer.data import load_pairs
+    from prefsteer.errors import InputError
+    from prefsteer.types import PreferencePair
 
     if args.file:
         pairs = load_pairs(args.file)
@@ -247,8 +247,8 @@ def cmd_demo(args, ctx: Context) -> int:
     import tempfile
     from importlib import resources
 
-    from .backends.base import GenerationConfig
-    from .data import load_pairs
+    from prefsteer.backends.base import GenerationConfig
+    from prefsteer.data import load_pairs
 
     if args.db is None:  # the demo keeps its own memory, not the user's
         args.db = os.path.join(tempfile.mkdtemp(prefix="prefsteer-demo-"), "memory.db")
@@ -260,7 +260,7 @@ def cmd_demo(args, ctx: Context) -> int:
     say(f"indexing {len(pairs)} preference pairs of 2 users (EXACT, k={getattr(args, 'k', 3)}) ...")
     args.quiet = args.quiet or args.json
     exact = ctx.exact()
-    from .data import group_by_user
+    from prefsteer.data import group_by_user
 
     start = time.perf_counter()
     for user, ps in group_by_user(pairs).items():
@@ -270,7 +270,7 @@ def cmd_demo(args, ctx: Context) -> int:
     for u in users:
         say("\n" + profile_text(u, ctx.memory.entries(u)))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens or 80)
-    from .backends.base import user_turn
+    from prefsteer.backends.base import user_turn
 
     prompt = args.prompt
     exact.embedder.encode(["warm-up"])
@@ -326,9 +326,9 @@ def common_parser() -> argparse.ArgumentParser:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from .backends.base import GenerationConfig
-    from .config import add_dataclass_args
-    from .methods.exact import ExactConfig
+    from prefsteer.backends.base import GenerationConfig
+    from prefsteer.config import add_dataclass_args
+    from prefsteer.methods.exact import ExactConfig
 
     common = common_parser()
     parser = argparse.ArgumentParser(prog="prefsteer", description=__doc__.split("\n\n")[0],
@@ -383,7 +383,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=80, help="tokens generated per answer")
     add_dataclass_args(p, ExactConfig, skip=("global_pairs",))
 
-    for module in ("prefsteer.cliper.cli", "prefsteer.evaluation.cli", "prefsteer.service.cli"):
+    for module in ("prefsteer.cli.cliper", "prefsteer.cli.eval", "prefsteer.service.cli"):
         _add_plugin_commands(sub, common, module)
     return parser
 
@@ -430,6 +430,3 @@ def main(argv: list[str] | None = None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

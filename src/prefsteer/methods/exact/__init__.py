@@ -15,14 +15,14 @@ from typing import Sequence
 
 import numpy as np
 
-from ..attributes import AttributeLibrary, inject, load_library
-from ..backends.base import GenerationConfig, ScoreRequest, user_turn
-from ..embedders import Embedder, load_embedder, nearest
-from ..exact.indexer import SELECTORS, Selection, greedy_select, make_objective, screened_greedy_select
-from ..memory import Entry, Memory, ScoreCache, sha
-from ..types import PreferencePair
-from .base import Method, MethodOutput, register_method
-from .plain import timed_generate
+from prefsteer.attributes import AttributeLibrary, inject, load_library
+from prefsteer.backends.base import GenerationConfig, ScoreRequest, user_turn
+from prefsteer.retrieval import Embedder, load_embedder, nearest
+from prefsteer.methods.exact.select import SELECTORS, Selection, greedy_select, make_objective, screened_greedy_select
+from prefsteer.memory import Entry, Memory, ScoreCache, sha
+from prefsteer.types import PreferencePair
+from prefsteer.methods.base import Method, MethodOutput, register_method
+from prefsteer.methods.plain import timed_generate
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 if TYPE_CHECKING:
-    from .classifier import HeadBank
+    from prefsteer.methods.cliper.heads import HeadBank
 
 
 def check_alpha(alpha: float) -> float:

@@ -20,8 +20,8 @@ import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-from ..attributes import AttributeLibrary, inject
-from ..backends.base import ScoreRequest, user_turn
+from prefsteer.attributes import AttributeLibrary, inject
+from prefsteer.backends.base import ScoreRequest, user_turn
 
 AttrSet = tuple[str, ...]
 Objective = Callable[[Sequence[AttrSet]], list[float]]

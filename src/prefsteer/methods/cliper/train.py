@@ -23,9 +23,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..backends.base import GenerationConfig, ScoreRequest, user_turn
-from .classifier import PreferenceHead
-from .prefs import PREFERENCES
+from prefsteer.backends.base import GenerationConfig, ScoreRequest, user_turn
+from prefsteer.methods.cliper.heads import PreferenceHead
+from prefsteer.methods.cliper.prefs import PREFERENCES
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ def train_preferences(backend, prompts: Sequence[str], prefs: Sequence[str], *, 
     Returns ``{pref: {"path", "metrics"}}``."""
     from pathlib import Path
 
-    from .classifier import save_classifier
+    from prefsteer.methods.cliper.heads import save_classifier
 
     want = {"fingerprint": backend.fingerprint, "prompts": list(prompts),
             "max_new_tokens": max_new_tokens}

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..backends.base import GenerationConfig, user_turn
-from ..types import PreferencePair
-from .base import Method, MethodOutput, register_method
-from .plain import plain_margins, timed_generate
+from prefsteer.backends.base import GenerationConfig, user_turn
+from prefsteer.types import PreferencePair
+from prefsteer.methods.base import Method, MethodOutput, register_method
+from prefsteer.methods.plain import plain_margins, timed_generate
 
 MAX_PAIRS = 200
 MAX_CHARS = 20_000

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def add_subcommands(sub, common) -> None:
-    from .protocol import available_configs
+    from prefsteer.evaluation.protocol import available_configs
 
     p = sub.add_parser("eval", parents=[common], help="run an evaluation configuration (EXACT §6)",
                        description=f"Run a named configuration ({', '.join(available_configs())}) or a "
@@ -53,13 +53,13 @@ def add_subcommands(sub, common) -> None:
 
 
 def default_out(config_name: str, fingerprint: str) -> Path:
-    base = os.environ.get("PREFSTEER_CACHE")
-    root = Path(base) if base else Path.home() / ".cache" / "prefsteer"
-    return root / "eval" / f"{config_name}-{fingerprint.replace(':', '-')[:24]}"
+    from prefsteer.paths import eval_run_dir
+
+    return eval_run_dir(config_name, fingerprint)
 
 
 def cmd_report(args, ctx) -> int:
-    from .report import write_report
+    from prefsteer.evaluation.report import write_report
 
     path = write_report(args.run_dir, getattr(args, "out", None))
     if args.json:
@@ -70,7 +70,7 @@ def cmd_report(args, ctx) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare_selections, format_comparison, load_side
+    from prefsteer.evaluation.compare import compare_selections, format_comparison, load_side
 
     ref_path, other_path = args.action[1:]
     result = compare_selections(load_side(ref_path, args.ref_config), load_side(other_path, args.other_config))
@@ -82,7 +82,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_eval(args, ctx) -> int:
-    from ..errors import InputError
+    from prefsteer.errors import InputError
 
     if args.action:
         if args.action[0] == "compare" and len(args.action) == 3:
@@ -92,9 +92,9 @@ def cmd_eval(args, ctx) -> int:
                              field="action")
         args.run_dir = args.action[1]
         return cmd_report(args, ctx)
-    from .judge import OpenAIJudge
-    from .protocol import load_config
-    from .runner import Runner
+    from prefsteer.evaluation.judge import OpenAIJudge
+    from prefsteer.evaluation.protocol import load_config
+    from prefsteer.evaluation.runner import Runner
 
     config = load_config(args.config)
     judge = None
@@ -107,7 +107,7 @@ def cmd_eval(args, ctx) -> int:
                     judge=judge, winrate=args.winrate, table7=args.table7, progress=not args.quiet)
     summary = runner.run(max_records=args.max_records)
     if args.report:
-        from .report import write_report
+        from prefsteer.evaluation.report import write_report
 
         summary["report"] = str(write_report(out))
     if args.json:
