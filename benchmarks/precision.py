@@ -7,7 +7,8 @@ activation to 8 bits of mantissa, and EXACT ranks attributes by differences of s
 log-probabilities that are often under a nat apart. ``--low matmul-medium`` keeps float32 weights
 and activations and lets only the matrix products run as torch's "medium" float32 matmul precision
 (``--matmul-precision medium``), whose accuracy depends on the CPU's kernels: this is how to check
-a machine before trusting it. The table says what each costs:
+a machine before trusting it. That precision is process-wide and a backend fixes it once at load,
+so the "medium" searches run in a child process of this script. The table says what each costs:
 
 * ``|diff|``: how far bfloat16's objective F(A) = log p(y_w | x, A) - log p(y_l | x, A) lies from
   float32's, over every attribute set both searches scored;
@@ -42,33 +43,66 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--low", default="bfloat16", choices=["bfloat16", "float16", "matmul-medium"],
                    help="the reduced precision to compare with float32: a dtype, or float32 with "
                         "'medium' matrix products (default bfloat16)")
+    p.add_argument("--child-json", default=None, help=argparse.SUPPRESS)  # the child's searches go here
     return p
+
+
+def search(backend, pair, library, k, values: dict) -> dict:
+    """One pair's greedy search on ``backend``, every set it scores recorded in ``values``."""
+    from prefsteer.methods.exact.select import greedy_select
+
+    objective = recording_objective(backend, pair.prompt, pair.chosen, pair.rejected, library, values)
+    start = time.perf_counter()
+    sel = greedy_select(objective, library.names, k)
+    return {"seconds": time.perf_counter() - start, "set": list(sel.attributes), "objective": sel.objective}
+
+
+def child_searches(args: argparse.Namespace) -> list[tuple[dict, dict]]:
+    """Run the "medium" searches in a child process (torch's matmul precision is process-wide):
+    per pair, its search row and the values of every set it scored."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "medium.json"
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child-json", str(out)], check=True)
+        rows = json.loads(out.read_text("utf-8"))
+    return [(r["row"], {tuple(s): v for s, v in r["values"]}) for r in rows]
 
 
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from prefsteer.backends.hf import TransformersBackend
-    from prefsteer.methods.exact.select import greedy_select, make_objective
+    from prefsteer.methods.exact.select import make_objective
 
     inputs = read_inputs(args)
     if inputs is None:
         return 2
     pairs, library = inputs
-    low = {"dtype": "float32", "matmul_precision": "medium"} if args.low == "matmul-medium" else {"dtype": args.low}
-    backends = {"float32": TransformersBackend(model=args.model, threads=args.threads, dtype="float32"),
-                args.low: TransformersBackend(model=args.model, threads=args.threads, **low)}
+    medium = args.low == "matmul-medium"
+    if args.child_json:  # the child of a matmul-medium run: only the "medium" searches
+        backend = TransformersBackend(model=args.model, threads=args.threads, dtype="float32",
+                                      matmul_precision="medium")
+        found = []
+        for pair in tqdm(pairs, desc="pairs (medium)", unit="pair"):
+            values: dict[tuple, float] = {}
+            found.append({"row": search(backend, pair, library, args.k, values),
+                          "values": [[list(s), v] for s, v in values.items()]})
+        Path(args.child_json).write_text(json.dumps(found), "utf-8")
+        return 0
+    from_child = child_searches(args) if medium else None
+    backends = {"float32": TransformersBackend(model=args.model, threads=args.threads, dtype="float32")}
+    if not medium:
+        backends[args.low] = TransformersBackend(model=args.model, threads=args.threads, dtype=args.low)
     rows = []
-    for pair in tqdm(pairs, desc="pairs", unit="pair"):
+    for n, pair in enumerate(tqdm(pairs, desc="pairs", unit="pair")):
         row: dict = {"pair_id": pair.pair_id}
         values: dict[str, dict[tuple, float]] = {}
         for dt, backend in backends.items():
-            objective = recording_objective(backend, pair.prompt, pair.chosen, pair.rejected, library,
-                                            values.setdefault(dt, {}))
-            start = time.perf_counter()
-            sel = greedy_select(objective, library.names, args.k)
-            row[dt] = {"seconds": time.perf_counter() - start, "set": list(sel.attributes),
-                       "objective": sel.objective}
+            row[dt] = search(backend, pair, library, args.k, values.setdefault(dt, {}))
+        if from_child is not None:
+            row[args.low], values[args.low] = from_child[n]
         ref, low = row["float32"], row[args.low]
         low_set = tuple(low["set"])
         if low_set not in values["float32"]:  # score the reduced-precision choice under float32

@@ -128,3 +128,91 @@ def test_feedback_without_fields_is_a_clear_error(tmp_path, capsys):
     code, _, err = run(capsys, "feedback", "--user", "u", "--prompt", "p", "--chosen", "x", "--rejected", "x",
                        "--db", str(tmp_path / "m.db"))
     assert code == 2 and "same text" in err
+
+
+def test_every_method_indexes_then_generates_and_profiles_from_the_memory(tmp_path, capsys):
+    """Each call of `main` builds its method afresh from the database, as a new process does."""
+    from prefsteer.methods import available_methods
+
+    db = str(tmp_path / "m.db")
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    for m in ("exact-global", "base", "drift"):
+        code, out, err = run(capsys, "index", "--method", m, "--data", str(data), "--db", db, "--k", "1", "--json")
+        assert code == 0, err
+        assert [(u["user_id"], u["pairs"]) for u in json.loads(out)["users"]] == [("u", 2), ("w", 1)]
+    code, out, err = run(capsys, "generate", "--method", "exact-global", "--user", "u", "--db", db, "--k", "1",
+                         "--json", "--max-new-tokens", "4", "anything")
+    assert code == 0 and json.loads(out)["attributes"] == ["Humor"], err
+    code, out, _ = run(capsys, "profile", "--user", "u", "--db", db, "--json")
+    prof = json.loads(out)
+    assert prof["entries"] == [] and prof["pairs"] == 2
+    assert sorted(s["method"] for s in prof["methods"]) == ["base", "drift", "exact-global"]
+    glob = next(s for s in prof["methods"] if s["method"] == "exact-global")
+    assert glob["state"]["attributes"] == ["Humor"] and glob["n_pairs"] == 2 and not glob["stale"]
+    # feedback: exact-global cannot take a pair without refitting, so it says its state is stale
+    code, out, _ = run(capsys, "feedback", "--user", "u", "--db", db, "--k", "1", "--json",
+                       "--prompt", "fix my python script", "--chosen", "python code", "--rejected", "lol wow")
+    actions = {r["method"]: r["action"] for r in json.loads(out)["methods"]}
+    assert code == 0 and actions["exact-global"] == "stale" and set(actions) == {"base", "drift", "exact-global"}
+    code, out, _ = run(capsys, "profile", "--user", "u", "--db", db, "--json")
+    prof = json.loads(out)
+    assert prof["pairs"] == 3 and next(s for s in prof["methods"] if s["method"] == "exact-global")["stale"]
+    assert "exact" in available_methods()
+
+
+def test_method_options_reach_the_methods_config(tmp_path, capsys):
+    from prefsteer.cli import Context, make_parser
+
+    args = make_parser().parse_args(["generate", "--method", "drift", "--drift-beta", "2.5", "--k", "4",
+                                     "hi", *FAST])
+    ctx = Context(args)
+    assert ctx.method("drift").config.beta == 2.5
+    assert ctx.method("exact").config.k == 4 and ctx.method("exact-global").config.k == 4
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    code, _, err = run(capsys, "index", "--method", "drift", "--drift-beta", "-1", "--data", str(data),
+                       "--db", str(tmp_path / "m.db"))
+    assert code == 2 and "`beta` (=-1.0) has to be a strictly positive float" in err and "Traceback" not in err
+
+
+def test_argparse_errors_exit_2_and_a_bug_exits_1_with_its_traceback(tmp_path, capsys, monkeypatch):
+    code, _, err = run(capsys, "index", "--method", "nope", "--data", "x")
+    assert code == 2 and "invalid choice: 'nope'" in err
+    code, _, err = run(capsys, "profile")
+    assert code == 2 and "--user" in err
+    import prefsteer.cli as cli_mod
+
+    def broken(args, ctx):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli_mod, "cmd_attributes", broken)
+    code, _, err = run(capsys, "attributes")
+    assert code == 1 and "Traceback" in err and "KeyError: 'a bug'" in err
+
+
+def test_index_reports_every_bad_line_at_once_and_writes_nothing(tmp_path, capsys):
+    db = tmp_path / "m.db"
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join([json.dumps(ROWS[0]), '{"user_id": "u", "prompt": "Hi", "chosen":',
+                               json.dumps({**ROWS[0], "rejected": ROWS[0]["chosen"]}),
+                               json.dumps({**ROWS[1], "user_id": ""})]) + "\n")
+    code, _, err = run(capsys, "index", "--data", str(data), "--db", str(db))
+    assert code == 2 and "3 bad lines" in err and "Traceback" not in err
+    assert f"{data}:2: malformed JSON" in err
+    assert f"{data}:3: field 'rejected': chosen and rejected are the same text" in err
+    assert f"{data}:4: field 'user_id': empty" in err
+    from prefsteer.memory import Memory
+    assert Memory(db).users() == []
+
+
+def test_eval_and_cliper_are_subcommands_of_the_one_parser():
+    from prefsteer.cli import make_parser
+
+    p = make_parser()
+    a = p.parse_args(["eval", "compare", "r1", "r2", "--json"])
+    assert (a.ref, a.other, a.json, a.func.__name__) == ("r1", "r2", True, "cmd_compare")
+    a = p.parse_args(["eval", "report", "run", "--backend", "fake"])
+    assert (a.run_dir, a.backend, a.func.__name__) == ("run", "fake", "cmd_report")
+    a = p.parse_args(["eval", "--config", "quick", "--backend", "fake", "--embedder", "hash"])
+    assert (a.config, a.func.__name__, a.embedder) == ("quick", "cmd_eval", "hash")
+    a = p.parse_args(["cliper", "train", "--backend", "fake", "--steps", "3", "--db", "x.db"])
+    assert (a.steps, a.backend, a.db, a.func.__name__) == (3, "fake", "x.db", "run_train")

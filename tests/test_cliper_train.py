@@ -47,7 +47,7 @@ def test_data_labels_and_features(backend, data):
     assert {it.label for it in data["plain"]} == {0} and {it.label for it in data["humor"]} == {1}
     items = preference_items(data, "humor")
     f = features(backend, items)
-    n = sum(len(backend.tokenize(it.text)) for it in items)
+    n = sum(len(backend.encode_continuation(it.text)) for it in items)
     assert f["H"].shape == (n, backend.hidden_size) and f["E"].shape == (n, backend.hidden_size)
     # features are read under the plain prompt: the instructed answer's first state is the plain one's
     assert torch.allclose(f["H"][f["item"] == 0][0], f["H"][f["item"] == len(PROMPTS)][0])
@@ -120,18 +120,32 @@ def test_method_arguments_are_validated(backend, classifier_dir):
 
 def test_personal_classifier(backend, classifier_dir):
     # a user who likes jokes: chosen answers are funny, rejected ones formal
+    from prefsteer.methods.base import NotFittedError
+
     funny, formal = "funny joke lol wow humor", "dear sir regards formal analysis"
     pairs = [PreferencePair("u1", p, f"{funny} about my {t}", f"{formal} about my {t}", f"p{i}")
              for i, (p, t) in enumerate(zip(PROMPTS, TOPICS * 3))]
     m = cliper(backend, classifier_dir, alpha=3.0)
-    with pytest.raises(KeyError, match="unknown user 'u1'"):
+    with pytest.raises(NotFittedError, match="user 'u1' has not been fitted with the 'cliper' method"):
         m.margins("u1", pairs[:2])
     m.fit("u1", pairs[:24])
     margins = m.margins("u1", pairs[24:])
     assert len(margins) == len(pairs) - 24 and all(x > 0 for x in margins)
-    # without prefs a fitted user is guided by their own classifier
-    out = m.generate("u1", PROMPTS[:2], GenerationConfig(max_new_tokens=10))
+    # without prefs a fitted user is guided by their own classifier: its answers read as theirs
+    from prefsteer.methods.cliper.train import LabelledText
+
+    cfg = GenerationConfig(max_new_tokens=10)
+    out = m.generate("u1", PROMPTS[:4], cfg)
     assert out[0].extra["prefs"] == {"personal": 1.0}
+    plain = get_method_class("none")(backend).generate("u1", PROMPTS[:4], cfg)
+    head = m.personal_head("u1")
+
+    def log_odds(outs):
+        f = features(backend, [LabelledText(p, o.text, 0, i) for i, (p, o) in enumerate(zip(PROMPTS, outs))])
+        with torch.no_grad():
+            return head(f["H"], f["E"]).mean().item()
+
+    assert log_odds(out) > log_odds(plain) + 1.0
     m2 = cliper(backend, classifier_dir, prefs="personal=1,humor=0.5", alpha=1.0)
-    with pytest.raises(KeyError, match="unknown user 'u1'"):
-        m2.generate("u1", PROMPTS[:1])
+    with pytest.raises(NotFittedError, match="user 'u2'"):
+        m2.generate("u2", PROMPTS[:1])

@@ -11,6 +11,7 @@ import pytest
 from prefsteer.data import (detect_format, for_display, group_by_user, load_jsonl, load_pairs,
                             load_prism, load_tldr_comparisons, tldr_prompt)
 from prefsteer.errors import InputError
+from prefsteer.memory import pair_key
 from prefsteer.types import PreferencePair
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -36,14 +37,16 @@ def test_tldr_prompt_with_and_without_subreddit():
 def test_load_jsonl_fixture():
     path = FIXTURES / "pairs_small.jsonl"
     pairs = load_jsonl(path)
-    assert [p.pair_id for p in pairs] == ["pairs_small:1", "custom-7", "pairs_small:4"]
-    assert pairs[0] == PreferencePair("alice", "Describe the sea.", "Vast and grey-blue.", "Water.",
-                                      "pairs_small:1")
+    sea = ("alice", "Describe the sea.", "Vast and grey-blue.", "Water.")
+    colour = ("alice", "Name a colour.", " Teal", " Red")
+    assert [p.pair_id for p in pairs] == [pair_key(*sea), "custom-7", pair_key(*colour)]
+    assert pair_key(*sea) != pair_key("alice", "Describe the sea.", "Water.", "Vast and grey-blue.")
+    assert pairs[0] == PreferencePair(*sea, pair_key(*sea))
     assert pairs[2].chosen == " Teal" and pairs[2].rejected == " Red"  # texts kept as they are
     assert pairs[2].meta == {"source": "hand-written"}
     assert pairs[0].meta == {}
     assert list(group_by_user(pairs)) == ["alice", "bob"]
-    assert [p.pair_id for p in group_by_user(pairs)["alice"]] == ["pairs_small:1", "pairs_small:4"]
+    assert [p.pair_id for p in group_by_user(pairs)["alice"]] == [pairs[0].pair_id, pairs[2].pair_id]
     assert load_pairs(path) == pairs and detect_format(path) == "jsonl"
 
 
@@ -182,7 +185,8 @@ BAD = [
     ("jsonl", _jl(prompt=..., title="t", post=""), "post", "empty (whitespace-only) text"),
     ("jsonl", _jl(prompt=..., title="t", post="p", subreddit=1), "subreddit",
      "expected a string, got number"),
-    ("jsonl", _jl(pair_id="g:1"), "pair_id", "duplicate pair_id 'g:1' (first on line 1)"),
+    ("jsonl", _jl(pair_id="g:1", chosen="other"), "pair_id", "duplicate pair_id 'g:1' with other text (first on line 1)"),
+    ("jsonl", _jl(id=""), "id", "empty (whitespace-only) text"),
     ("tldr", "{not json", None, "malformed JSON"),
     ("tldr", _tl(info=...), "info", "missing required field"),
     ("tldr", _tl(info="x"), "info", "expected an object, got string"),
@@ -231,13 +235,15 @@ BAD = [
 GOOD_FIRST = {"jsonl": _jl(pair_id="g:1"),
               "tldr": _tl(),
               "prism": _pr(conversation_id="c0", within_turn_id=1)}
+GOOD_LAST = {"jsonl": _jl(pair_id="g:4"), "tldr": _tl(worker="w4"),
+             "prism": _pr(conversation_id="c0", within_turn_id=4, if_chosen=False, score=10)}
 LOADERS = {"jsonl": load_jsonl, "tldr": load_tldr_comparisons, "prism": load_prism}
 
 
 @pytest.mark.parametrize("fmt, bad, field, message", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
 def test_bad_input_names_file_line_field(tmp_path, fmt, bad, field, message):
     path = tmp_path / f"bad_{fmt}.jsonl"
-    path.write_text(GOOD_FIRST[fmt] + "\n\n" + bad + "\n" + GOOD_FIRST[fmt].replace("g:1", "g:4") + "\n")
+    path.write_text(GOOD_FIRST[fmt] + "\n\n" + bad + "\n" + GOOD_LAST[fmt] + "\n")
     for load in (LOADERS[fmt], lambda p: load_pairs(p, fmt)):
         with pytest.raises(InputError) as ei:
             load(path)
@@ -250,6 +256,35 @@ def test_bad_input_names_file_line_field(tmp_path, fmt, bad, field, message):
         assert str(e).startswith(f"{path}:3")
         if field is not None:
             assert f"field '{field}'" in str(e)
+
+
+def test_every_bad_line_is_reported_in_one_error(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    good = _jl()
+    lines = [good, '{"user_id": "u", "prompt": "Hi", "chosen":', _jl(chosen="Same", rejected="Same")]
+    lines += [_jl(prompt=f"p{i}", rejected=...) for i in range(25)]  # lines 4..28
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError) as ei:
+        load_jsonl(path)
+    msg = str(ei.value)
+    assert msg.startswith(f"{path}: 27 bad lines")
+    assert f"{path}:2: malformed JSON" in msg
+    assert f"{path}:3: field 'rejected': chosen and rejected are the same text" in msg
+    assert [e.line for e in ei.value.errors] == [2, 3] + list(range(4, 22))  # the first 20
+    assert msg.endswith("... and 7 more")
+
+
+def test_ids_are_content_keys_unless_given_and_a_repeated_line_is_read_once(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join([_jl(), _jl(), _jl(chosen="c"), _jl(id="mine"), _jl(pair_id="p1", chosen="d")]) + "\n")
+    pairs = load_jsonl(path)
+    assert [p.pair_id for p in pairs] == [pair_key("u", "p", "a", "b"), pair_key("u", "p", "c", "b"), "mine", "p1"]
+    assert [p.source[1] for p in pairs] == [1, 3, 4, 5]
+    # the same content in another file of the same name has the same id; an edited line another
+    other = tmp_path / "sub"
+    other.mkdir()
+    (other / "pairs.jsonl").write_text(_jl(chosen="edited") + "\n")
+    assert load_jsonl(other / "pairs.jsonl")[0].pair_id == pair_key("u", "p", "edited", "b")
 
 
 def test_bad_input_in_auto_mode_is_reported_by_the_detected_loader(tmp_path):

@@ -123,14 +123,56 @@ def test_zero_weights_is_plain_greedy(fake_backend):
     assert out[0].attributes == ATTRS
 
 
-def test_weights_steer_generation(fake_backend):
-    d = Drift(fake_backend, attributes=ATTRS)
-    d.weights["u1"] = {"Concise": 0.0, "Humor": 3.0, "Formal": 0.0}
+def test_weight_one_decodes_the_attribute_branch(fake_backend):
+    """With base = plain, w = beta: log p_plain + (w / beta)(log p_attr - log p_plain) = log p_attr,
+    so greedy Drift is plain greedy decoding under the attribute's context, token for token."""
+    d = Drift(fake_backend, attributes=ATTRS, beta=2.0)
+    d.weights["u1"] = {"Concise": 0.0, "Humor": 2.0, "Formal": 0.0}
     cfg = GenerationConfig(max_new_tokens=12)
-    out = d.generate("u1", ["tell me about your dog"], cfg)[0]
+    prompt = "tell me about your dog"
+    out = d.generate("u1", [prompt], cfg)[0]
     assert out.attributes == ["Humor"]
-    plain = fake_backend.generate([user_turn("tell me about your dog")], cfg)[0].text
-    assert out.text != plain
+    humor = fake_backend.generate([d.context(prompt, d.library.get("Humor"))], cfg)[0].text
+    plain = fake_backend.generate([user_turn(prompt)], cfg)[0].text
+    assert out.text == humor and humor != plain
+
+
+def test_weights_steer_generation(fake_backend):
+    # a larger humor weight puts the humor instruction's words into the answer (none in the plain one)
+    d = Drift(fake_backend, attributes=ATTRS)
+    words = set(d.instruction(d.library.get("Humor")).lower().replace(",", " ").replace(".", " ").split())
+    words -= {"you", "are", "an", "assistant", "your", "answers", "with", "or"}
+    cfg = GenerationConfig(max_new_tokens=12)
+    prompt = "tell me about your dog"
+
+    def count(text):
+        return sum(w in words for w in text.split())
+
+    d.weights["u1"] = {"Concise": 0.0, "Humor": 3.0, "Formal": 0.0}
+    steered = d.generate("u1", [prompt], cfg)[0].text
+    plain = fake_backend.generate([user_turn(prompt)], cfg)[0].text
+    assert count(plain) == 0 and count(steered) >= 1
+
+
+def test_decoding_uses_only_the_protocol(fake_backend):
+    """A backend without `start_decoding` makes generation fail naming backend and operation."""
+    from prefsteer.backends.base import UnsupportedOperation
+    from prefsteer.backends.fake import FakeBackend
+
+    class NoSteps(FakeBackend):
+        capabilities = FakeBackend.capabilities - {"start_decoding"}
+
+    d = Drift(NoSteps(), attributes=ATTRS)
+    d.weights["u1"] = {n: 1.0 for n in ATTRS}
+    with pytest.raises(UnsupportedOperation, match="'fake' backend does not support `start_decoding`"):
+        d.generate("u1", ["hi"])
+
+
+def test_unknown_option_is_named(fake_backend):
+    from prefsteer.methods.base import UnknownOptionError
+
+    with pytest.raises(UnknownOptionError, match="unknown option 'bta' for method 'drift'"):
+        Drift(fake_backend, bta=2.0)
 
 
 def test_config_validation():
@@ -149,8 +191,10 @@ def test_real_model_zero_weights_is_plain_greedy(hf_backend):
     out = d.generate("u1", [prompt], cfg)[0]
     plain = hf_backend.generate([user_turn(prompt)], cfg)[0]
     assert out.text == plain.text
-    d.weights["u1"] = {"Concise": 0.0, "Humor": 3.0}
-    assert d.generate("u1", [prompt], cfg)[0].text != plain.text
+    # w = beta on one attribute: decoding follows that attribute's branch exactly
+    d.weights["u1"] = {"Concise": 0.0, "Humor": 1.0}
+    humor = hf_backend.generate([d.context(prompt, d.library.get("Humor"))], cfg)[0]
+    assert d.generate("u1", [prompt], cfg)[0].text == humor.text
 
 
 @pytest.mark.model

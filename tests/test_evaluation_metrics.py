@@ -238,4 +238,4 @@ def test_compare_selections_on_hand_made_runs(tmp_path, capsys):
     assert "| same set, any order | 2 / 3 (66.7%) |" in capsys.readouterr().out
     (tmp_path / "bad.jsonl").write_text(json.dumps(row("p1", ["A"], 1.0)) + "\n" + '{"user_id": "u"}\n')
     assert main(["eval", "compare", str(tmp_path / "bad.jsonl"), str(tmp_path / "other.jsonl")]) == 2
-    assert "bad.jsonl:2, field 'pair_id'" in capsys.readouterr().err
+    assert "bad.jsonl:2: field 'pair_id'" in capsys.readouterr().err

@@ -169,7 +169,7 @@ def test_selections_export_and_import_round_trip_and_bad_lines_name_their_field(
     bad.write_text(path.read_text() + '{"user_id": "u2", "pair_id": "p", "config_id": "c", '
                    '"attributes": "Humor", "objective": 1, "base_objective": 0, "gains": [1]}\n')
     fresh = Memory(tmp_path / "c.db")
-    with pytest.raises(InputError, match=r"bad\.jsonl:3, field 'attributes'"):
+    with pytest.raises(InputError, match=r"bad\.jsonl:3: field 'attributes'"):
         fresh.import_selections(bad)
     assert fresh.selection("u1", "p1", "cfg") is None  # all or none
 
@@ -252,3 +252,40 @@ def test_screened_mode_ranks_with_a_cast_copy_and_keeps_the_models_objectives(fa
     assert g.selection.evaluations == 1 + 3
     with pytest.raises(ValueError, match="`screen_top` \\(=0\\)"):
         ExactConfig(mode="screened", screen_top=0)
+
+
+def test_exact_global_persists_its_set_and_a_new_instance_generates_without_fitting(fake_backend, tmp_path):
+    mem = Memory(tmp_path / "m.db")
+    ps = [PreferencePair("u", f"prompt {i}", "humor funny", "formal sir", str(i)) for i in range(3)]
+    ExactGlobal(fake_backend, memory=mem, config=ExactConfig(k=1)).fit("u", ps)
+    fresh = ExactGlobal(fake_backend, memory=Memory(tmp_path / "m.db"), config=ExactConfig(k=1))
+    fresh.select = None  # a refit would call it
+    assert fresh.attributes_for("u", ["x"]) == [["Humor"]]
+    out = fresh.generate("u", ["x"])[0]
+    assert out.attributes == ["Humor"] and out.extra["prompt"] == "x\nAttributes: <Humor>"
+    assert fresh.profile("u")["state"]["attributes"] == ["Humor"] and fresh.profile("u")["pairs"] == 3
+    # another k is another state: not served from k=1's
+    from prefsteer.errors import PrefsteerError
+    with pytest.raises(PrefsteerError, match="exact-global has not been fitted for user 'u'"):
+        ExactGlobal(fake_backend, memory=mem, config=ExactConfig(k=2)).attributes_for("u", ["x"])
+
+
+def test_an_unknown_or_bad_option_is_an_error_naming_it(fake_backend):
+    from prefsteer.errors import PrefsteerError
+    with pytest.raises(PrefsteerError, match="unknown option 'kk' for method 'exact'"):
+        Exact(fake_backend, kk=3)
+    with pytest.raises(PrefsteerError, match=r"`k` \(=0\) has to be at least 1"):
+        Exact(fake_backend, k=0)
+    assert Exact(fake_backend, k=2, mode="lazy").config == ExactConfig(k=2, mode="lazy")
+    assert Exact.config_class is ExactConfig and ExactGlobal.config_class is ExactConfig
+
+
+def test_fit_adds_to_a_users_memory_unless_scope_says_otherwise(fake_backend, tmp_path):
+    first, second = pairs_for("u")[:2], pairs_for("u")[2:]
+    for scope, expected in (("all", 3), ("given", 1), ("replace", 1)):
+        mem = Memory(tmp_path / f"{scope}.db")
+        ex = Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=1), scope=scope)
+        ex.fit("u", first)
+        ex.fit("u", second)
+        assert len(mem.entries("u")) == expected, scope
+        assert len(mem.pairs("u")) == (1 if scope == "replace" else 3), scope

@@ -191,57 +191,76 @@ def test_bfloat16_is_another_model_for_caches_and_runs_and_scores_close(backend)
 def test_log_probabilities_do_not_depend_on_the_logit_block(backend, monkeypatch):
     """The output layer runs a block of positions at a time; blocks that cut through a response
     (3 positions) give every response the log-probability that one block for all gives."""
-    from prefsteer.backends import hf
+    from prefsteer.backends.hf import scoring
 
     reqs = _requests()
     whole = backend.score(reqs)
-    assert sum(s.n_tokens for s in whole) < hf._LOGIT_BLOCK * 2  # one or two blocks by default
-    monkeypatch.setattr(hf, "_LOGIT_BLOCK", 3)
+    assert sum(s.n_tokens for s in whole) < scoring.LOGIT_BLOCK * 2  # one or two blocks by default
+    monkeypatch.setattr(scoring, "LOGIT_BLOCK", 3)
     backend.clear_prefix_memo()
     cut = backend.score(reqs)
     assert [c.n_tokens for c in cut] == [w.n_tokens for w in whole]
     assert [c.logprob for c in cut] == pytest.approx([w.logprob for w in whole], abs=1e-4)
 
 
-def test_matmul_precision_reaches_the_backend_and_is_put_back(backend, monkeypatch):
-    """`--matmul-precision medium` reaches the backend, which runs its forwards under it and puts
-    torch's process-wide setting back; its fingerprint differs, so caches and runs never mix it with
-    strict float32; its scores stay within a nat of strict float32's (on CPUs whose "medium" kernels
-    are compensated, within 1e-3: benchmarks/precision.py --low matmul-medium), and equal them on a
-    CPU without bfloat16 kernels, where torch runs "medium" in plain float32."""
+_MEDIUM = r"""
+import json, sys, torch
+from prefsteer.attributes import inject
+from prefsteer.backends.base import ScoreRequest, user_turn
+from prefsteer.backends.hf import TransformersBackend
+from prefsteer.cli import Context, make_parser
+from prefsteer.errors import InputError
+args = make_parser().parse_args(["generate", "--matmul-precision", "medium", "hello"])
+medium = Context(args).backend
+at_load = torch.get_float32_matmul_precision()
+reqs = [ScoreRequest.of(user_turn(inject(p, a)), r) for p, a, r in json.loads(sys.argv[1])]
+scores = [s.logprob for s in medium.score(reqs)]
+try:
+    TransformersBackend(matmul_precision="highest")
+    refused = ""
+except InputError as e:
+    refused = str(e)
+print(json.dumps({"at_load": at_load, "after": torch.get_float32_matmul_precision(), "scores": scores,
+                  "fingerprint": medium.fingerprint, "info": medium.info()["matmul_precision"],
+                  "refused": refused}))
+"""
+
+
+def test_matmul_precision_is_set_once_at_load_for_the_process(backend):
+    """`--matmul-precision medium` reaches the backend, which sets torch's process-wide precision
+    once when it loads (never per call: concurrent calls would step on each other) and refuses a
+    second backend in another precision in the same process; its fingerprint differs, so caches
+    and runs never mix it with strict float32; its scores stay within a nat of strict float32's
+    (on CPUs whose "medium" kernels are compensated, within 1e-3: benchmarks/precision.py --low
+    matmul-medium), and equal them on a CPU without bfloat16 kernels, where torch runs "medium" in
+    plain float32. The medium backend runs in a child process, as the session's backend fixed
+    "highest" for this one."""
+    import json
+    import subprocess
+    import sys
+
     from prefsteer.backends.hf import TransformersBackend
     from prefsteer.backends.loading import cpu_lacks_kernels
-    from prefsteer.cli import Context, make_parser
 
-    args = make_parser().parse_args(["generate", "--matmul-precision", "medium", "hello"])
-    medium = Context(args).backend
-    assert medium.matmul_precision == "medium" and medium.info()["matmul_precision"] == "medium"
-    assert medium.fingerprint == backend.fingerprint + ":matmul-medium"
-    seen = []
-    forward = medium.body.forward
-
-    def spy(*a, **kw):
-        seen.append(torch.get_float32_matmul_precision())
-        return forward(*a, **kw)
-
-    monkeypatch.setattr(medium.body, "forward", spy)
-    reqs = _requests(POSTS[:1])
-    torch.set_float32_matmul_precision("high")
-    try:
-        low = medium.score(reqs)
-        assert seen and set(seen) == {"medium"}
-        assert torch.get_float32_matmul_precision() == "high"
-        strict = backend.score(reqs)
-        assert torch.get_float32_matmul_precision() == "high"
-    finally:
-        torch.set_float32_matmul_precision("highest")
-    gap = max(abs(a.logprob - b.logprob) for a, b in zip(strict, low))
-    if medium.device.type == "cpu" and cpu_lacks_kernels(torch.bfloat16):
+    assert torch.get_float32_matmul_precision() == "highest"
+    cases = [(POSTS[0], attrs, resp) for attrs in ATTRIBUTES for resp in RESPONSES]
+    out = subprocess.run([sys.executable, "-c", _MEDIUM, json.dumps(cases)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["at_load"] == got["after"] == "medium" and got["info"] == "medium"
+    assert got["fingerprint"] == backend.fingerprint + ":matmul-medium"
+    assert "process" in got["refused"] and "'highest'" in got["refused"]
+    strict = backend.score(_requests(POSTS[:1]))
+    gap = max(abs(a.logprob - b) for a, b in zip(strict, got["scores"]))
+    if backend.device.type == "cpu" and cpu_lacks_kernels(torch.bfloat16):
         assert gap == 0.0  # no reduced-precision kernels on this CPU (AVX2 only): "medium" is float32
     else:
         assert 0 < gap < 1.0
     with pytest.raises(InputError, match="matmul_precision.*'low'"):
         TransformersBackend(matmul_precision="low")
+    with pytest.raises(InputError, match="process"):  # this process runs at "highest"
+        TransformersBackend(matmul_precision="medium")
 
 
 def test_kept_prefix_is_extended_by_the_next_step_and_changes_nothing(backend):
@@ -271,7 +290,7 @@ def test_kept_prefix_is_extended_by_the_next_step_and_changes_nothing(backend):
 
 
 def test_attention_kernels_agree():
-    from prefsteer.backends.hf import _attend
+    from prefsteer.backends.hf.attention import attend as _attend
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, 6, 16, generator=g) for h in (6, 2, 2))
@@ -318,3 +337,63 @@ def test_an_emulated_half_precision_on_cpu_is_warned_about(backend, monkeypatch,
             ["this CPU has no float16 matrix-product kernels"]
     finally:
         backend._casts.pop(torch.float16, None)  # the module's other tests do not need the copy
+
+
+# -- independent references: plain transformers calls on a freshly loaded model ----------------
+
+@pytest.fixture(scope="module")
+def plain():
+    """The same weights and tokenizer from the loading code, as a plain `AutoModelForCausalLM`
+    (its own attention implementation, no prefsteer code in its forward)."""
+    from prefsteer.backends.loading import load_model
+
+    model, tokenizer, _ = load_model(None, "cpu", "float32")
+    return model, tokenizer
+
+
+def _chat_ids(tokenizer, messages, **kw) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, **kw)
+    ids = out["input_ids"] if hasattr(out, "keys") else out
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def test_score_equals_a_plain_forward_over_the_whole_conversation(backend, plain):
+    """log p(reply | context) from one `AutoModelForCausalLM` forward over the chat template's ids
+    of the whole conversation (context + assistant reply), summed over the reply's tokens."""
+    model, tok = plain
+    cases = [(user_turn("What is the capital of France?"), "The capital of France is Paris."),
+             (user_turn(POSTS[1], system="You are a terse assistant."), "Roommate leaves dishes; talked twice."),
+             (user_turn(inject(POSTS[0], ["Humor", "Casual"])), "phone went swimming lol")]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for msgs, reply in cases:
+        ctx = _chat_ids(tok, msgs, add_generation_prompt=True)
+        full = _chat_ids(tok, list(msgs) + [{"role": "assistant", "content": reply}])
+        assert full[: len(ctx)] == ctx
+        stop = len(full) - 1 - full[::-1].index(end)  # the reply's end-of-turn token
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([full])).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        ref = sum(lp[i - 1, full[i]].item() for i in range(len(ctx), stop))
+        (s,) = backend.score([ScoreRequest.of(msgs, reply)])
+        assert s.n_tokens == stop - len(ctx)
+        assert s.logprob == pytest.approx(ref, abs=1e-3)
+
+
+def test_greedy_generate_equals_transformers_generate(backend, plain):
+    """Token for token what `model.generate(do_sample=False)` decodes, up to the end of the turn
+    (which `generate` leaves out) or ``max_new_tokens``."""
+    model, tok = plain
+    eos = sorted(backend.eos_token_ids)
+    for prompt, n in [("Give me a short tip for staying focused.", 12), ("Say hi.", 20),
+                      ("Name three colors of the rainbow, please, as a numbered list.", 16)]:
+        msgs = user_turn(prompt)
+        ids = _chat_ids(tok, msgs, add_generation_prompt=True)
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=n, eos_token_id=eos,
+                                 pad_token_id=backend.pad_id)[0, len(ids):].tolist()
+        if out and out[-1] in eos:
+            out = out[:-1]
+        (g,) = backend.generate([msgs], GenerationConfig(max_new_tokens=n))
+        assert g.token_ids == out
+        assert g.text == tok.decode(out, skip_special_tokens=True)

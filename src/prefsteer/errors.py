@@ -24,7 +24,7 @@ class InputError(PrefsteerError, ValueError):
             where.append(f"line {line}")
         if field is not None:
             where.append(f"field '{field}'")
-        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
 
 
 class UnknownUserError(PrefsteerError, KeyError):
@@ -34,3 +34,19 @@ class UnknownUserError(PrefsteerError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message otherwise
         return self.args[0]
+
+
+class MemoryFileError(PrefsteerError):
+    """The memory database cannot be used: names the path, what is wrong and what to do."""
+
+    def __init__(self, path: str, problem: str, todo: str):
+        self.path, self.problem, self.todo = path, problem, todo
+        super().__init__(f"memory {path} {problem}; {todo}")
+
+
+def unknown_keys(what: str, given, known) -> None:
+    """Raise `InputError` naming the keys of ``given`` that are not in ``known``."""
+    bad = sorted(set(given) - set(known))
+    if bad:
+        raise InputError(f"unknown option{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))} for {what}; "
+                         f"expected some of {', '.join(sorted(known)) or '(none)'}", field=bad[0])

@@ -9,6 +9,14 @@ Tables
                 are selected, so a crash never leaves a half-written user.
     scores      the score cache: log p(continuation | context) keyed by model fingerprint, chat
                 template, messages (prompt + attribute line) and continuation
+    method_states  every other method's per-user state (see `Method.save_state`)
+
+A pair's identity is its content: `pair_key` of (user, prompt, chosen, rejected), unless the data
+gives an explicit id; the same pair given twice is stored once, and a pair stored under an explicit
+id whose text changed is updated and selected again. The file carries its schema version in
+``PRAGMA user_version``: an older file is migrated in one transaction, a newer one refused. Every
+failure of the file itself (not a database, truncated, read-only, a directory, an unwritable
+place) is a `MemoryFileError` naming the path and what to do.
 
     >>> mem = Memory("memory.db")
     >>> mem.add_pairs(pairs)
@@ -17,9 +25,12 @@ Tables
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
+import shutil
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -30,9 +41,11 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from prefsteer.backends.base import Score, ScoreRequest
-from prefsteer.errors import UnknownUserError
+from prefsteer.errors import MemoryFileError, UnknownUserError
 from prefsteer.paths import default_db_path
 from prefsteer.types import PreferencePair
+
+SCHEMA_VERSION = 1  # 0: before versioning (pairs keyed by file stem and line)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -97,6 +110,22 @@ def sha(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
 
 
+def pair_key(user_id: str, prompt: str, chosen: str, rejected: str) -> str:
+    """A pair's identity by content: the same four texts give the same key, any change another."""
+    return "c" + sha("pair", user_id, prompt, chosen, rejected)[:23]
+
+
+def with_id(p: PreferencePair) -> PreferencePair:
+    """``p`` with its content key as ``pair_id`` when it has no id of its own."""
+    if p.pair_id:
+        return p
+    return dataclasses.replace(p, pair_id=pair_key(p.user_id, p.prompt, p.chosen, p.rejected))
+
+
+# ids that today's loaders no longer give: "<file stem>:<line>" and "feedback:<milliseconds>"
+_V0_LINE_ID = re.compile(r"^[^:\s]+:\d+$")
+
+
 @dataclass
 class Entry:
     """One memory entry of a user: a past prompt, its attributes and why they were chosen."""
@@ -119,18 +148,153 @@ class Entry:
 
 
 
+class _Conn:
+    """The connection, with SQLite's failures of the file itself turned into `MemoryFileError`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: str):
+        self._conn, self._path = conn, path
+
+    def _wrap(self, fn, *a):
+        try:
+            return fn(*a)
+        except sqlite3.DatabaseError as e:
+            raise _file_error(self._path, e) from e
+
+    def execute(self, *a):
+        return self._wrap(self._conn.execute, *a)
+
+    def executemany(self, *a):
+        return self._wrap(self._conn.executemany, *a)
+
+    def executescript(self, *a):
+        return self._wrap(self._conn.executescript, *a)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.in_transaction
+
+
+def _file_error(path: str, e: sqlite3.DatabaseError) -> Exception:
+    """What to tell the user about an SQLite error; errors of prefsteer's own SQL stay bugs."""
+    msg = str(e)
+    low = msg.lower()
+    if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        return e
+    if "readonly" in low or "read-only" in low:
+        return MemoryFileError(path, "is read-only", "make it writable (chmod u+w) or give another --db")
+    if "locked" in low or "busy" in low:
+        return MemoryFileError(path, "is locked by another process", "wait for it to finish, or give another --db")
+    if "not a database" in low or "malformed" in low or "corrupt" in low:
+        return MemoryFileError(path, f"is not a readable prefsteer memory ({msg}): the file is corrupt or "
+                               "truncated", "move it away (a new one is made) or give another --db")
+    if "unable to open" in low or "disk i/o" in low or "full" in low:
+        return MemoryFileError(path, f"cannot be opened or written ({msg})",
+                               "check the location is writable and has space, or give another --db")
+    if type(e) is sqlite3.DatabaseError:
+        return MemoryFileError(path, f"is unusable ({msg})", "move it away or give another --db")
+    return e
+
+
 class Memory:
     def __init__(self, path: str | Path | None = None):
         self.path = str(path) if path is not None else str(default_db_path())
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        # one connection, used from the thread that made it or under the lock (HTTP service)
         self._lock = threading.RLock()
-        self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL" if self.path != ":memory:" else "PRAGMA journal_mode=MEMORY")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.executescript(SCHEMA)
         self._depth = 0
+        if self.path != ":memory:":
+            self._check_location()
+        # one connection, used from the thread that made it or under the lock (HTTP service)
+        try:
+            raw = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as e:
+            raise _file_error(self.path, e) from e
+        self.conn = _Conn(raw, self.path)
+        try:
+            self._open()
+        except BaseException:
+            raw.close()
+            raise
+
+    def _check_location(self) -> None:
+        """Refuse, before SQLite creates or touches anything, a path that cannot hold the memory."""
+        p = Path(self.path)
+        if p.is_dir():
+            raise MemoryFileError(self.path, "is a directory", f"give a file path, e.g. --db {p / 'memory.db'}")
+        if p.exists():
+            st = p.stat()
+            if not os.access(p, os.W_OK) or not st.st_mode & 0o222:
+                raise MemoryFileError(self.path, "is read-only",
+                                      "make it writable (chmod u+w) or copy it and give the copy as --db")
+            if st.st_size and st.st_size < 100:  # shorter than SQLite's header
+                raise MemoryFileError(self.path, f"is not a prefsteer memory ({st.st_size} bytes: truncated or "
+                                      "another kind of file)", "move it away (a new one is made) or give another --db")
+            if not os.access(p.parent, os.W_OK):
+                raise MemoryFileError(self.path, f"sits in a folder that is not writable ({p.parent}), where "
+                                      "SQLite keeps its journal", "make the folder writable or give another --db")
+            return
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MemoryFileError(self.path, f"cannot be created ({e.strerror}: {e.filename})",
+                                  "give a --db in a writable location") from None
+        if not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
+            raise MemoryFileError(self.path, f"cannot be created: {p.parent} is not a writable folder",
+                                  "give a --db in a writable location")
+
+    def _open(self) -> None:
+        c = self.conn
+        # reading the header first: a file that is not a database fails here, before anything is written
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if self.path != ":memory:" and Path(self.path).exists():
+            size = os.path.getsize(self.path)
+            page_size = c.execute("PRAGMA page_size").fetchone()[0]
+            pages = c.execute("PRAGMA page_count").fetchone()[0]
+            if not Path(self.path + "-wal").exists() and size < page_size * pages:
+                raise MemoryFileError(self.path, f"is truncated ({size} of {page_size * pages} bytes)",
+                                      "restore it from a copy, or move it away (a new one is made)")
+        if version > SCHEMA_VERSION:
+            raise MemoryFileError(self.path, f"was written by a newer prefsteer (memory schema {version}; this "
+                                  f"one reads up to {SCHEMA_VERSION})", "upgrade prefsteer, or give another --db")
+        c.execute("PRAGMA journal_mode=WAL" if self.path != ":memory:" else "PRAGMA journal_mode=MEMORY")
+        c.execute("PRAGMA synchronous=NORMAL")
+        if version == SCHEMA_VERSION:
+            c.executescript(SCHEMA)  # tables a file of this version may lack are created; no-op otherwise
+            return
+        with self.transaction() as t:
+            if version == 0 and "pairs" in tables:
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        t.execute(stmt)
+                self._migrate_v0(t)
+            else:
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        t.execute(stmt)
+            t.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @staticmethod
+    def _migrate_v0(c) -> None:
+        """Schema 0 -> 1: pairs keyed "<file stem>:<line>" (or "feedback:<ms>") are re-keyed by their
+        content, with their selections and entries; two such rows of the same content become one."""
+        rows = c.execute("SELECT user_id, pair_id, prompt, chosen, rejected, seq FROM pairs ORDER BY user_id, seq"
+                         ).fetchall()
+        for user, old, prompt, chosen, rejected, _seq in rows:
+            if not _V0_LINE_ID.match(old):
+                continue  # an id the user gave
+            new = pair_key(user, prompt, chosen, rejected)
+            args = (new, user, old)
+            c.execute("UPDATE OR IGNORE pairs SET pair_id=? WHERE user_id=? AND pair_id=?", args)
+            c.execute("DELETE FROM pairs WHERE user_id=? AND pair_id=?", (user, old))
+            c.execute("UPDATE OR IGNORE selections SET pair_id=? WHERE user_id=? AND pair_id=?", args)
+            c.execute("DELETE FROM selections WHERE user_id=? AND pair_id=?", (user, old))
+            c.execute("UPDATE entries SET pair_id=? WHERE user_id=? AND pair_id=?", args)
+
+    @property
+    def schema_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
 
     def close(self) -> None:
         self.conn.close()
@@ -175,26 +339,68 @@ class Memory:
         with self.transaction() as c:
             c.execute("UPDATE users SET status=? WHERE user_id=?", (status, user_id))
 
-    def add_pairs(self, pairs: Sequence[PreferencePair]) -> int:
-        """Store pairs (all or none); a pair already stored under the same id is left as it is.
-        Returns how many were new."""
-        new = 0
+    def add_pairs(self, pairs: Sequence[PreferencePair]) -> dict[str, int]:
+        """Store pairs, all or none: ``{"added", "kept", "updated"}``. A pair is keyed by its id
+        (`with_id`: its content when it has no id of its own); one already stored with the same text
+        is kept as it is, so the same pair given twice is stored once. One stored under the same
+        explicit id with other text is updated, and its selections dropped: it is selected again."""
+        counts = {"added": 0, "kept": 0, "updated": 0}
         with self.transaction() as c:
-            for p in pairs:
+            for p in map(with_id, pairs):
                 c.execute("INSERT OR IGNORE INTO users(user_id) VALUES (?)", (p.user_id,))
-                seq = c.execute("SELECT COUNT(*) FROM pairs WHERE user_id=?", (p.user_id,)).fetchone()[0]
-                cur = c.execute(
-                    "INSERT OR IGNORE INTO pairs(user_id, pair_id, prompt, chosen, rejected, meta, seq) "
-                    "VALUES (?,?,?,?,?,?,?)",
-                    (p.user_id, p.pair_id, p.prompt, p.chosen, p.rejected, json.dumps(p.meta), seq))
-                new += cur.rowcount
-        return new
+                old = c.execute("SELECT prompt, chosen, rejected FROM pairs WHERE user_id=? AND pair_id=?",
+                                (p.user_id, p.pair_id)).fetchone()
+                if old is not None:
+                    if tuple(old) == (p.prompt, p.chosen, p.rejected):
+                        counts["kept"] += 1
+                        continue
+                    c.execute("UPDATE pairs SET prompt=?, chosen=?, rejected=?, meta=? WHERE user_id=? AND pair_id=?",
+                              (p.prompt, p.chosen, p.rejected, json.dumps(p.meta), p.user_id, p.pair_id))
+                    c.execute("DELETE FROM selections WHERE user_id=? AND pair_id=?", (p.user_id, p.pair_id))
+                    c.execute("DELETE FROM entries WHERE user_id=? AND pair_id=?", (p.user_id, p.pair_id))
+                    counts["updated"] += 1
+                    continue
+                seq = c.execute("SELECT COALESCE(MAX(seq) + 1, 0) FROM pairs WHERE user_id=?",
+                                (p.user_id,)).fetchone()[0]
+                c.execute("INSERT INTO pairs(user_id, pair_id, prompt, chosen, rejected, meta, seq) "
+                          "VALUES (?,?,?,?,?,?,?)",
+                          (p.user_id, p.pair_id, p.prompt, p.chosen, p.rejected, json.dumps(p.meta), seq))
+                counts["added"] += 1
+        return counts
 
     def pairs(self, user_id: str) -> list[PreferencePair]:
         self.require_user(user_id)
         rows = self.conn.execute("SELECT pair_id, prompt, chosen, rejected, meta FROM pairs "
                                  "WHERE user_id=? ORDER BY seq", (user_id,))
         return [PreferencePair(user_id, pr, ch, rj, pid, json.loads(meta)) for pid, pr, ch, rj, meta in rows]
+
+    def forget_pairs(self, user_id: str, keep: Sequence[str]) -> int:
+        """Remove the user's pairs whose ids are not in ``keep``, with their selections and entries
+        (`prefsteer index --replace`). Returns how many pairs went."""
+        keep = set(keep)
+        with self.transaction() as c:
+            gone = [pid for (pid,) in c.execute("SELECT pair_id FROM pairs WHERE user_id=?", (user_id,)).fetchall()
+                    if pid not in keep]
+            for pid in gone:
+                for table in ("pairs", "selections", "entries"):
+                    c.execute(f"DELETE FROM {table} WHERE user_id=? AND pair_id=?", (user_id, pid))
+        return len(gone)
+
+    def delete_user(self, user_id: str) -> dict[str, int]:
+        """Remove everything stored about the user: rows per table, and ``"files"``: the method
+        files of their state folder. Unknown users raise `UnknownUserError`."""
+        self.require_user(user_id)
+        out: dict[str, int] = {}
+        with self.transaction() as c:
+            for table in ("pairs", "selections", "entries", "method_states", "users"):
+                out[table] = c.execute(f"DELETE FROM {table} WHERE user_id=?", (user_id,)).rowcount
+        out["files"] = 0
+        if self.path != ":memory:":
+            d = self.state_dir(user_id)
+            if d.is_dir():
+                out["files"] = sum(1 for f in d.rglob("*") if f.is_file())
+                shutil.rmtree(d)
+        return out
 
     # -- EXACT's selections and entries ---------------------------------------------------
     def selection(self, user_id: str, pair_id: str, config_id: str) -> dict | None:

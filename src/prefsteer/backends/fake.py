@@ -5,6 +5,16 @@ vocabulary). The next-token logits are a seeded random bigram table plus a bonus
 already present in the context, so text mentioned in the prompt (an attribute such as "Humor")
 raises the probability of the same words in the reply: enough structure for EXACT's objective,
 retrieval and guidance to behave measurably.
+
+Every operation of the protocol is here: lock-step decoding (`start_decoding`) over the same
+next-token function, and a trainable low-rank adapter on the embedding table (`adapter`), so that
+Drift and Reward run on it as they do on the transformers backend.
+
+    >>> fake = FakeBackend()
+    >>> s = fake.start_decoding([user_turn("hi"), user_turn("hi", "be funny")])
+    >>> s.logits().shape                     # (2, V)
+    >>> with fake.adapter(AdapterSpec(r=4)) as a:
+    ...     a.last_hidden([[5, 6, 7]]).shape  # (1, d), differentiable in a.parameters()
 """
 
 from __future__ import annotations
@@ -12,11 +22,13 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from prefsteer.backends.base import Generation, GenerationConfig, Guide, Messages, Score, ScoreRequest
+from prefsteer.backends.base import (OPERATIONS, AdapterSpec, Generation, GenerationConfig, Guide, Messages,
+                                     Score, ScoreRequest)
 
 _WORD = re.compile(r"[a-z0-9]+")
 _WORDS = ("the a and to of in is it that was i you my he she we they for on with this but not so "
@@ -28,6 +40,7 @@ _WORDS = ("the a and to of in is it that was i you my he she we they for on with
 
 class FakeBackend:
     name = "fake"
+    capabilities: frozenset[str] = frozenset(OPERATIONS)
 
     def __init__(self, vocab_size: int = 2048, hidden_size: int = 16, context_bonus: float = 2.0,
                  seed: int = 0, max_context: int = 4096, dtype: Any = None, **_: Any):
@@ -50,6 +63,7 @@ class FakeBackend:
             self.bigram, self.embed = self.bigram.to(low).float(), self.embed.to(low).float()
         # id -> word for decoding: known words keep their own id, other ids print as "w<id>"
         self._id2word = {self._word_id(w): w for w in _WORDS}
+        self._casts: dict[str, FakeBackend] = {}
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -69,9 +83,12 @@ class FakeBackend:
         return {"backend": self.name, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size}
 
     def cast(self, dtype: Any) -> "FakeBackend":
-        """The same toy model with its weights rounded to ``dtype``."""
-        return FakeBackend(self.vocab_size, self.hidden_size, self.context_bonus, self.seed,
-                           self._max_context, dtype)
+        """The same toy model with its weights rounded to ``dtype`` (one copy per precision, kept)."""
+        key = str(dtype)
+        if key not in self._casts:
+            self._casts[key] = FakeBackend(self.vocab_size, self.hidden_size, self.context_bonus, self.seed,
+                                           self._max_context, dtype)
+        return self._casts[key]
 
     # -- tokenization -----------------------------------------------------------------------
     def _word_id(self, word: str) -> int:
@@ -83,6 +100,23 @@ class FakeBackend:
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return " ".join(self._id2word.get(i, f"w{i}") for i in ids if i != self.eos_id)
+
+    def encode_context(self, messages: Messages) -> list[int]:
+        return self.tokenize(self.render(messages))
+
+    def encode_continuation(self, text: str) -> list[int]:
+        return self.tokenize(text)
+
+    def decode_tokens(self, ids: Sequence[int]) -> str:
+        return self.detokenize(ids)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset({self.eos_id})
+
+    @property
+    def eos_text(self) -> str | None:
+        return None  # no word reads back as end-of-sequence
 
     def render(self, messages: Messages) -> str:
         return " ".join(f"{m['role']} {m['content']}" for m in messages) + " assistant"
@@ -153,3 +187,74 @@ class FakeBackend:
         for o in outs:
             o.seconds = secs
         return outs
+
+    # -- lock-step decoding and adapters --------------------------------------------------------
+    def start_decoding(self, contexts: Sequence[Messages]) -> "FakeDecodeSession":
+        return FakeDecodeSession(self, [self.encode_context(m) for m in contexts])
+
+    @contextmanager
+    def adapter(self, spec: AdapterSpec, state: dict[str, torch.Tensor] | None = None
+                ) -> Iterator["FakeAdapter"]:
+        """A low-rank delta on the embedding table; the backend's own weights are never written,
+        so score and generate are unaffected inside the block."""
+        yield FakeAdapter(self, spec, state)
+
+
+class FakeDecodeSession:
+    """Rows of the fake model extended token by token (no cache: the toy model is cheap)."""
+
+    def __init__(self, backend: FakeBackend, contexts: list[list[int]]):
+        if not contexts:
+            raise ValueError("`contexts` has to hold at least one context")
+        self.backend = backend
+        self.rows = [torch.tensor([ids]) for ids in contexts]      # R x (1, T_r)
+
+    def logits(self) -> torch.Tensor:
+        return torch.cat([self.backend.next_logits(ids)[1] for ids in self.rows])  # (R, V)
+
+    def append(self, tokens: Sequence[int]) -> None:
+        if len(tokens) != len(self.rows):
+            raise ValueError(f"`tokens` has {len(tokens)} entries for {len(self.rows)} rows")
+        self.rows = [torch.cat([ids, torch.tensor([[int(t)]])], 1) for ids, t in zip(self.rows, tokens)]
+
+
+class FakeAdapter:
+    """E' = E + (alpha / r) * A @ B on the embedding table (V, d): A (V, r) random, B (r, d) zero,
+    so a fresh adapter leaves every hidden state as it was (LoRA's init)."""
+
+    def __init__(self, backend: FakeBackend, spec: AdapterSpec, state: dict[str, torch.Tensor] | None):
+        V, d = backend.embed.shape
+        self.backend, self.hidden_size, self.scale = backend, d, spec.alpha / spec.r
+        self.training = False
+        self.lora_A = torch.nn.Parameter(torch.randn(V, spec.r) / spec.r ** 0.5)  # (V, r)
+        self.lora_B = torch.nn.Parameter(torch.zeros(spec.r, d))                  # (r, d)
+        if state is not None:
+            want = {"lora_A": tuple(self.lora_A.shape), "lora_B": tuple(self.lora_B.shape)}
+            got = {k: tuple(v.shape) for k, v in state.items()}
+            if got != want:
+                raise ValueError(f"adapter state has shapes {got}, expected {want} (another spec or model)")
+            with torch.no_grad():
+                self.lora_A.copy_(state["lora_A"])
+                self.lora_B.copy_(state["lora_B"])
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [self.lora_A, self.lora_B]
+
+    def train(self, mode: bool = True) -> None:
+        self.training = mode
+
+    def last_hidden(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The fake model's hidden state (see `FakeBackend.next_logits`) under E'."""
+        b = self.backend
+        emb = b.embed + self.scale * (self.lora_A @ self.lora_B)                # (V, d)
+        out = []
+        for seq in sequences:
+            ids = torch.tensor(list(seq))
+            present = torch.zeros(b.vocab_size)
+            present[ids] = 1.0
+            present[b.eos_id] = 0.0
+            out.append(emb[ids[-1]] + present @ emb / len(ids))               # (d,)
+        return torch.stack(out)                                                 # (B, d)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"lora_A": self.lora_A.detach().clone(), "lora_B": self.lora_B.detach().clone()}

@@ -2,18 +2,28 @@
 
     prefsteer demo                                   # the main job, on the embedded default model
     prefsteer index --data pairs.jsonl               # EXACT offline: select attributes per pair
+    prefsteer index --method drift --data pairs.jsonl   # any registered method, stored per user
     prefsteer profile --user alice                   # what was learned about alice
     prefsteer generate --user alice "PROMPT"         # EXACT online: retrieve, inject, generate
+    prefsteer generate --method drift --drift-beta 2 --user alice "PROMPT"
     prefsteer feedback --user alice --prompt P --chosen A --rejected B
     prefsteer attributes                             # the attribute library
+    prefsteer eval --config quick | eval report RUN | eval compare A B
+    prefsteer cliper train | calibrate | eval
 
-Every command takes --json, --db and --model. Errors in the input name the file, line and field
-and exit with status 2.
+Every command takes the common options (--json, --db, --backend, --model, ...). A subcommand lives
+in a module of `prefsteer.cli` exposing ``add_parser(subparsers, parents)``, which sets
+``func=cmd(args, ctx) -> int``. A user's mistake (bad input, a missing file, a bad option, a method
+the backend cannot run) ends in one line on stderr and exit status 2; anything else is a bug and
+exits 1 with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -22,6 +32,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict
+import inspect
 from typing import Any, Callable
 
 from prefsteer.backends.base import MATMUL_PRECISIONS
@@ -76,15 +87,70 @@ class Context:
 
         return load_library(self.args.attributes)
 
-    def exact(self, method: str = "exact", **overrides):
-        from prefsteer.config import dataclass_from_args
+    def method(self, name: str, **extra):
+        """The registered method ``name``, built with its config from the command line
+        (``--<method>-<field>``; EXACT's options keep their plain names) and the resources its
+        constructor takes."""
         from prefsteer.methods import get_method_class
-        from prefsteer.methods.exact import ExactConfig
+        from prefsteer.methods.base import config_from_options
 
-        cls = get_method_class(method)
-        return cls(self.backend, memory=self.memory, embedder=self.embedder, library=self.library(),
-                   config=dataclass_from_args(ExactConfig, self.args, **overrides),
-                   progress=not self.args.quiet)
+        cls = get_method_class(name)
+        params = inspect.signature(cls.__init__).parameters
+        kw: dict[str, Any] = {}
+        cfg_cls = getattr(cls, "config_class", None)
+        if cfg_cls is not None:
+            values = _config_values(cfg_cls, self.args, option_prefix(name, cfg_cls))
+            values.update(_legacy_options(name, self.args, cfg_cls))
+            kw["config"] = config_from_options(cfg_cls, values, name)
+        else:
+            kw.update(_legacy_options(name, self.args, None))
+        shared = {"memory": self.memory, "library": self.library(), "progress": not self.args.quiet,
+                  "embedder": self.args.embedder}
+        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        for k, v in {**shared, **extra}.items():
+            if k in params:
+                kw[k] = v
+            elif k == "memory" and var_kw:  # Method's own constructor takes the memory
+                kw[k] = v
+        if "config" not in params and "config" in kw:  # a config class, but options as keywords
+            kw.update(dataclasses.asdict(kw.pop("config")))
+        return cls(self.backend, **kw)
+
+    def exact(self, method: str = "exact", **extra):
+        return self.method(method, **extra)
+
+
+EXACT_METHODS = ("exact", "exact-global")
+
+
+def option_prefix(method: str, config_class: type) -> str:
+    """``--<method>-<field>``, except EXACT's options, which keep their plain names (--k, --mode)."""
+    from prefsteer.methods.exact import ExactConfig
+
+    return "" if config_class is ExactConfig else f"{method}-"
+
+
+def _config_values(cls: type, args: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    """The fields of ``cls`` the user gave on the command line."""
+    dest = prefix.replace("-", "_")
+    out = {f.name: getattr(args, dest + f.name) for f in dataclasses.fields(cls) if hasattr(args, dest + f.name)}
+    for f in dataclasses.fields(cls):  # a tuple field's values arrive as a list
+        if f.name in out and isinstance(f.default, tuple) and isinstance(out[f.name], list):
+            out[f.name] = tuple(out[f.name])
+    return out
+
+
+def _legacy_options(name: str, args: argparse.Namespace, cfg_cls: type | None) -> dict[str, Any]:
+    """`generate`'s older CLIPer options (--prefs, --alpha, --top-k-guidance), where given."""
+    if name != "cliper":
+        return {}
+    out = {k: getattr(args, k, None) for k in ("prefs", "alpha")}
+    out["top_k"] = getattr(args, "top_k_guidance", None)
+    out = {k: v for k, v in out.items() if v is not None}
+    if cfg_cls is not None:
+        fields = {f.name for f in dataclasses.fields(cfg_cls)}
+        out = {k: v for k, v in out.items() if k in fields}
+    return out
 
 
 def emit(args: argparse.Namespace, obj: Any, text: str | Callable[[], str]) -> None:
@@ -124,6 +190,7 @@ def check_lengths(ctx: Context, pairs, k: int, describe: bool) -> None:
 
 def cmd_index(args, ctx: Context) -> int:
     from prefsteer.data import group_by_user, load_pairs
+    from prefsteer.memory import with_id
 
     pairs = load_pairs(args.data, args.format)  # validated as a whole: a bad file writes nothing
     if args.user:
@@ -131,20 +198,49 @@ def cmd_index(args, ctx: Context) -> int:
     if args.limit:
         by_user = group_by_user(pairs)
         pairs = [p for ps in by_user.values() for p in ps[: args.limit]]
-    exact = ctx.exact()
-    check_lengths(ctx, pairs, exact.config.k, exact.config.describe)
+    pairs = [with_id(p) for p in pairs]
+    exact_like = args.method in EXACT_METHODS
+    method = ctx.method(args.method, **({"scope": "replace" if args.replace else "all"} if exact_like else {}))
+    cfg = getattr(method, "config", None)
+    check_lengths(ctx, pairs, getattr(cfg, "k", 3) if exact_like else 3, getattr(cfg, "describe", False))
     start = time.perf_counter()
     report = []
+    mem = ctx.memory
     for user, ps in group_by_user(pairs).items():
-        exact.fit(user, ps)
-        report.append({"user_id": user, "pairs": len(ps), "entries": len(ctx.memory.entries(user))})
+        if exact_like:
+            method.fit(user, ps)  # EXACT stores the pairs itself, additively unless --replace
+            pool = mem.pairs(user)
+        else:
+            known = user in mem.users()
+            old = [] if (args.replace or not known) else mem.pairs(user)
+            ids = {p.pair_id for p in ps}
+            pool = [p for p in old if p.pair_id not in ids] + ps  # the user's pairs, old and new
+            method.fit(user, pool)
+            with mem.transaction():
+                mem.add_pairs(ps)
+                if args.replace:
+                    mem.forget_pairs(user, keep=ids)
+        row = {"user_id": user, "pairs": len(ps), "stored_pairs": len(pool)}
+        if args.method == "exact":
+            row["entries"] = len(mem.entries(user))
+        report.append(row)
     secs = time.perf_counter() - start
-    out = {"db": ctx.memory.path, "users": report, "seconds": round(secs, 2),
-           "score_cache": {"hits": exact.scorer.hits, "misses": exact.scorer.misses}}
-    emit(args, out, lambda: "\n".join(
-        [f"indexed {len(pairs)} pairs of {len(report)} users in {secs:.1f}s into {ctx.memory.path}"] +
-        [f"  {r['user_id']}: {r['pairs']} pairs, {r['entries']} distinct prompts" for r in report] +
-        [f"  score cache: {exact.scorer.hits} hits, {exact.scorer.misses} model calls"]))
+    out = {"db": mem.path, "method": args.method, "users": report, "seconds": round(secs, 2)}
+    scorer = getattr(method, "scorer", None)
+    if scorer is not None and hasattr(scorer, "hits"):
+        out["score_cache"] = {"hits": scorer.hits, "misses": scorer.misses}
+
+    def text() -> str:
+        lines = [f"indexed {len(pairs)} pairs of {len(report)} users with {args.method} in {secs:.1f}s "
+                 f"into {mem.path}"]
+        for r in report:
+            extra = f", {r['entries']} distinct prompts" if "entries" in r else ""
+            lines.append(f"  {r['user_id']}: {r['pairs']} pairs ({r['stored_pairs']} stored){extra}")
+        if "score_cache" in out:
+            lines.append(f"  score cache: {out['score_cache']['hits']} hits, {out['score_cache']['misses']} model calls")
+        return "\n".join(lines)
+
+    emit(args, out, text)
     return 0
 
 
@@ -153,19 +249,49 @@ def _short(text: str, n: int = 70) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def profile_text(user: str, entries) -> str:
+def profile_text(user: str, entries, states: list[dict] | None = None) -> str:
     lines = [f"user {user}: {len(entries)} memory entries"]
     for e in entries:
         gains = ", ".join(f"{a} {g:+.2f}" for a, g in zip(e.attributes, e.gains))
         lines.append(f"  - {_short(e.prompt)}\n    attributes: {gains or '(none)'}   "
                      f"objective {e.objective:+.2f} (plain {e.base_objective:+.2f})")
+    for st in states or []:
+        flag = "  STALE: newer pairs not learned, run `prefsteer index` again" if st["stale"] else ""
+        lines.append(f"  method {st['method']} (options {st['state_id']}): fitted on {st['n_pairs']} pairs, "
+                     f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(st['updated']))}{flag}")
+        summary = _state_summary(st.get("state"))
+        if summary:
+            lines.append(f"    {summary}")
     return "\n".join(lines)
 
 
+def _state_summary(state: Any) -> str:
+    if not isinstance(state, dict):
+        return ""
+    parts = []
+    for k, v in state.items():
+        if isinstance(v, (str, int, float, bool)) and len(str(v)) <= 60:
+            parts.append(f"{k}={v}")
+        elif isinstance(v, list) and len(v) <= 12 and all(isinstance(x, (str, int, float)) for x in v):
+            parts.append(f"{k}=[{', '.join(f'{x:.3g}' if isinstance(x, float) else str(x) for x in v)}]")
+        else:
+            parts.append(f"{k}=<{type(v).__name__}>")
+    return _short("; ".join(parts), 160)
+
+
 def cmd_profile(args, ctx: Context) -> int:
-    entries = ctx.memory.entries(args.user)
-    emit(args, {"user_id": args.user, "status": ctx.memory.user_status(args.user),
-                "entries": [e.to_json() for e in entries]}, lambda: profile_text(args.user, entries))
+    mem = ctx.memory
+    status = mem.user_status(args.user)  # an unknown user: exit 2, before anything else
+    entries = mem.entries(args.user)
+    states = []
+    for row in mem.method_states(args.user):
+        st = mem.method_state(args.user, row["method"], row["state_id"])
+        states.append({**row, "state": st["state"] if st else None,
+                       "files": sorted(st["files"]) if st else []})
+    pairs = mem.pairs(args.user)
+    emit(args, {"user_id": args.user, "status": status, "pairs": len(pairs),
+                "entries": [e.to_json() for e in entries], "methods": states},
+         lambda: profile_text(args.user, entries, states))
     return 0
 
 
@@ -177,9 +303,8 @@ def generation_config(args):
 
 
 def run_generate(args, ctx: Context, prompt: str) -> dict:
-    from prefsteer.backends.base import user_turn
     from prefsteer.attributes import inject
-    from prefsteer.methods import get_method_class
+    from prefsteer.backends.base import user_turn
 
     config = generation_config(args)
     if args.attributes_given:
@@ -189,20 +314,13 @@ def run_generate(args, ctx: Context, prompt: str) -> dict:
         g = ctx.backend.generate([user_turn(inject(prompt, attrs, lib, getattr(args, 'describe', False)))], config)[0]
         return {"method": "attributes", "user_id": args.user, "attributes": attrs, "text": g.text,
                 "timings": {"retrieval": 0.0, "generation": time.perf_counter() - start}}
-    if args.method in ("exact", "exact-global"):
+    if args.method != "none":
         if not args.user:
             raise PrefsteerError(f"--method {args.method} needs --user")
         ctx.memory.require_user(args.user)
-        method = ctx.exact(args.method)
-        if args.method == "exact-global":
-            method.fit(args.user, ctx.memory.pairs(args.user))
-        else:
-            method.embedder.encode(["warm-up"])  # load once: per-request overhead is what is timed
-    else:
-        options = {k: getattr(args, k) for k in ("prefs", "alpha", "top_k_guidance") if getattr(args, k) is not None}
-        if "top_k_guidance" in options:
-            options["top_k"] = options.pop("top_k_guidance")
-        method = get_method_class(args.method)(ctx.backend, memory=ctx.memory, **options)
+    method = ctx.method(args.method)
+    if args.method == "exact":
+        method.embedder.encode(["warm-up"])  # load once: per-request overhead is what is timed
     out = method.generate(args.user, [prompt], config)[0]
     return {"method": args.method, "user_id": args.user, "attributes": out.attributes, "text": out.text,
             "timings": out.timings, **out.extra}
@@ -219,9 +337,19 @@ def cmd_generate(args, ctx: Context) -> int:
     return 0
 
 
+def fitted_methods(mem, user: str) -> list[str]:
+    """The methods the user has something stored for: EXACT's entries, every other method's state."""
+    from prefsteer.methods import available_methods
+
+    names = ["exact"] if user in mem.users() and mem.entries(user) else []
+    names += [r["method"] for r in mem.method_states(user) if r["method"] not in names]
+    return [n for n in names if n in available_methods()]
+
+
 def cmd_feedback(args, ctx: Context) -> int:
-    from prefsteer.data import load_pairs
+    from prefsteer.data import group_by_user, load_pairs
     from prefsteer.errors import InputError
+    from prefsteer.memory import with_id
     from prefsteer.types import PreferencePair
 
     if args.file:
@@ -233,13 +361,33 @@ def cmd_feedback(args, ctx: Context) -> int:
                                  "--rejected)", field=f"--{name}")
         if args.chosen.strip() == args.rejected.strip():
             raise InputError("chosen and rejected are the same text", field="--chosen")
-        pid = args.pair_id or f"feedback:{int(time.time() * 1000)}"
-        pairs = [PreferencePair(args.user, args.prompt, args.chosen, args.rejected, pid)]
-    exact = ctx.exact()
-    check_lengths(ctx, pairs, exact.config.k, exact.config.describe)
-    added = [exact.add_feedback(p).to_json() for p in pairs]
-    emit(args, {"added": added}, lambda: "\n".join(
-        f"added to {e['user_id']}: {_short(e['prompt'])} -> {', '.join(e['attributes'])}" for e in added))
+        pairs = [PreferencePair(args.user, args.prompt, args.chosen, args.rejected, args.pair_id or "")]
+    pairs = [with_id(p) for p in pairs]  # the id is the content unless one was given
+    mem = ctx.memory
+    check_lengths(ctx, pairs, getattr(args, "k", 3), getattr(args, "describe", False))
+    report: list[dict] = []
+    added: list[dict] = []
+    # all or nothing: the pairs, EXACT's selections and every method's update commit together
+    with mem.transaction():
+        for user, ps in group_by_user(pairs).items():
+            methods = fitted_methods(mem, user) if user in mem.users() else []
+            if not methods:
+                methods = ["exact"]  # a new user: EXACT indexes the pair, as before
+            counts = mem.add_pairs(ps)
+            for name in methods:
+                m = ctx.method(name)
+                did = m.feedback(user, ps)
+                report.append({"user_id": user, "method": name, "action": did})
+                if name == "exact":
+                    added += [{"user_id": user, "prompt": p.prompt, "pair_id": p.pair_id,
+                               **(mem.selection(user, p.pair_id, m.config_id) or {})} for p in ps]
+            report.append({"user_id": user, "method": None, "action": "stored", **counts})
+    emit(args, {"added": added, "methods": [r for r in report if r["method"]],
+                "stored": [r for r in report if not r["method"]]}, lambda: "\n".join(
+        [f"added to {e['user_id']}: {_short(e['prompt'])} -> {', '.join(e['attributes'])}" for e in added] +
+        [f"{r['user_id']}: {r['method']} {r['action']}" + (" (run `prefsteer index` to refit)"
+                                                           if r["action"] == "stale" else "")
+         for r in report if r["method"]]))
     return 0
 
 
@@ -325,84 +473,101 @@ def common_parser() -> argparse.ArgumentParser:
     return p
 
 
+def method_parser() -> argparse.ArgumentParser:
+    """Every registered method's config dataclass as options: ``--<method>-<field>``, EXACT's with
+    their plain names (--k, --mode, ...)."""
+    from prefsteer.config import add_dataclass_args
+    from prefsteer.methods import available_methods, get_method_class
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--method", default="exact", choices=available_methods(), metavar="METHOD",
+                   help=f"personalization method: {', '.join(available_methods())} (default: exact)")
+    done: set[type] = set()
+    for name in available_methods():
+        cfg = getattr(get_method_class(name), "config_class", None)
+        if cfg is None or cfg in done:
+            continue
+        done.add(cfg)
+        prefix = option_prefix(name, cfg)
+        label = "exact, exact-global" if not prefix else name
+        add_dataclass_args(p.add_argument_group(f"{label} options"), cfg, prefix=prefix)
+    return p
+
+
+# subcommands that live in their own module of prefsteer.cli; one not installed yet is skipped
+COMMAND_MODULES = ("prefsteer.cli.eval", "prefsteer.cli.cliper", "prefsteer.cli.serve", "prefsteer.cli.keys")
+
+
 def make_parser() -> argparse.ArgumentParser:
     from prefsteer.backends.base import GenerationConfig
     from prefsteer.config import add_dataclass_args
-    from prefsteer.methods.exact import ExactConfig
 
     common = common_parser()
+    methods = method_parser()
     parser = argparse.ArgumentParser(prog="prefsteer", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n\n")[1:]))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name, fn, help_):
-        p = sub.add_parser(name, parents=[common], help=help_, description=help_)
+    def add(name, fn, help_, parents=(common,)):
+        p = sub.add_parser(name, parents=list(parents), help=help_, description=help_)
         p.set_defaults(func=fn)
         return p
 
     add("attributes", cmd_attributes, "list the attribute library")
 
-    p = add("index", cmd_index, "EXACT offline: select attributes for every preference pair of a file")
+    p = add("index", cmd_index, "fit a method (default EXACT: select attributes for every preference pair) "
+                                "for every user of a file, and store what it learned", (common, methods))
     p.add_argument("--data", required=True, help="preference pairs: JSONL (user_id, prompt, chosen, rejected), "
                    "raw TL;DR comparisons (batch13.json) or a PRISM directory")
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "tldr", "prism"], help="input format")
     p.add_argument("--user", action="append", help="only this user (repeatable)")
     p.add_argument("--limit", type=int, default=0, help="at most this many pairs per user (0: all)")
-    add_dataclass_args(p, ExactConfig, skip=("global_pairs",))
+    p.add_argument("--replace", action="store_true", help="a user's memory becomes this file's pairs: their "
+                   "other stored pairs are removed (default: the file's pairs are added)")
 
-    p = add("profile", cmd_profile, "show a user's memory: prompts, attributes, per-step gains")
+    p = add("profile", cmd_profile, "show what is stored for a user: EXACT's entries (prompts, attributes, "
+                                    "per-step gains) and every other method's state")
     p.add_argument("--user", required=True, help="user id")
 
-    p = add("generate", cmd_generate, "generate a personalized answer for a user")
+    p = add("generate", cmd_generate, "generate a personalized answer for a user", (common, methods))
     p.add_argument("prompt", help="the user's prompt")
     p.add_argument("--user", help="user id (needed by every method but 'none')")
-    p.add_argument("--method", default="exact", help="personalization method: exact (default), "
-                   "exact-global, none, and the other registered methods")
     p.add_argument("--attributes", dest="attributes_given", default=None,
                    help="inject these attributes (comma-separated) instead of retrieving them")
     p.add_argument("--prefs", default=None, help="cliper: preferences and weights, e.g. concise=1,humor=0.5")
     p.add_argument("--alpha", type=float, default=None, help="cliper: guidance strength")
     p.add_argument("--top-k-guidance", type=int, default=None, help="cliper: candidates scored per step")
-    add_dataclass_args(p, GenerationConfig)
-    add_dataclass_args(p, ExactConfig, skip=("global_pairs",))
+    add_dataclass_args(p.add_argument_group("generation"), GenerationConfig)
 
-    p = add("feedback", cmd_feedback, "add one preference pair to a user's memory (no re-indexing)")
+    p = add("feedback", cmd_feedback, "add preference pairs to a user's memory; every method fitted for "
+                                      "the user takes them the way it can (EXACT indexes them)", (common, methods))
     p.add_argument("--user", help="user id")
     p.add_argument("--prompt", help="the prompt")
     p.add_argument("--chosen", help="the preferred answer")
     p.add_argument("--rejected", help="the dispreferred answer")
-    p.add_argument("--pair-id", default=None, help="an id for the pair (default: a timestamp)")
+    p.add_argument("--pair-id", default=None, help="an id for the pair (default: its content)")
     p.add_argument("--file", default=None, help="or: a JSONL file of pairs")
-    add_dataclass_args(p, ExactConfig, skip=("global_pairs",))
 
     p = add("demo", cmd_demo, "the main job: index a small demo set, show profiles and a personalized "
-                              "answer beside the plain one")
+                              "answer beside the plain one", (common, methods))
     p.add_argument("--prompt", default="Give me some advice for my first job interview.",
                    help="the new prompt answered for each demo user")
     p.add_argument("--max-new-tokens", type=int, default=80, help="tokens generated per answer")
-    add_dataclass_args(p, ExactConfig, skip=("global_pairs",))
 
-    for module in ("prefsteer.cli.cliper", "prefsteer.cli.eval", "prefsteer.service.cli"):
-        _add_plugin_commands(sub, common, module)
+    for module in COMMAND_MODULES:
+        if importlib.util.find_spec(module) is None:  # not written yet: no command
+            continue
+        importlib.import_module(module).add_parser(sub, [common])
     return parser
 
 
-def _add_plugin_commands(sub, common, module: str) -> None:
-    """Subcommands that live with their feature (cliper, eval, serve), when the feature is installed."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            return
-        raise
-    mod.add_subcommands(sub, common)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, its message already printed)
+        return int(e.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
@@ -411,22 +576,24 @@ def main(argv: list[str] | None = None) -> int:
     # `kill` (SIGTERM) stops a command the way Ctrl-C does: cleanup runs, finished work is saved
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
+    name = " ".join(x for x in (args.command, getattr(args, "cliper_command", None)) if x)
     try:
         return args.func(args, ctx) or 0
-    except PrefsteerError as e:
-        print(f"prefsteer {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # argument validation in configs (`k`, `temperature`, ...)
-        print(f"prefsteer {args.command}: error: {e}", file=sys.stderr)
+    except PrefsteerError as e:  # the user's to fix: one line (a list of bad lines at most), no traceback
+        print(f"prefsteer {name}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `prefsteer ... | head`
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print(f"prefsteer {args.command}: interrupted; finished work is saved, run again to resume",
-              file=sys.stderr)
+        print(f"prefsteer {name}: interrupted; finished work is saved, run again to resume", file=sys.stderr)
         return 130
+    except Exception:  # a bug: the traceback is what a report needs
+        import traceback
+
+        traceback.print_exc()
+        print(f"prefsteer {name}: internal error (a bug; please report the traceback above)", file=sys.stderr)
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-

@@ -4,9 +4,9 @@
     prefsteer cliper calibrate --prefs concise,humor --plot results/cliper/calibration.png
     prefsteer cliper eval --n-prompts 50 --out results/cliper
 
-The main parser calls :func:`add_subcommands` (``subparsers``, and the parent parser holding the
-common options ``--json``, ``--model``, ``--backend``, ``--threads``); each command is one function
-``run_<name>(args, ctx=None)``. Heavy imports happen inside the functions.
+The main parser calls :func:`add_parser` (``subparsers``, and the parent parsers holding the common
+options ``--json``, ``--model``, ``--backend``, ...); each command is one function
+``run_<name>(args, ctx)``. Heavy imports happen inside the functions.
 """
 
 from __future__ import annotations
@@ -22,32 +22,13 @@ log = logging.getLogger("prefsteer.cliper")
 ALL_PREFS = "concise,humor,formal,empathetic,helpful"
 
 
-def _backend(args, ctx=None):
-    if ctx is not None:
-        return ctx.backend
-    from prefsteer.backends import load_backend
-
-    name = getattr(args, "backend", None) or "hf"
-    kw: dict[str, Any] = {}
-    if name == "hf":
-        kw = {"model": getattr(args, "model", None), "threads": getattr(args, "threads", None)}
-    return load_backend(name, **kw)
+def _backend(args, ctx):
+    return ctx.backend
 
 
-def _common_parent() -> argparse.ArgumentParser:
-    """The common options, for when this module's parser is used on its own."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.add_argument("--model", default=None, help="model: a local path or hub name (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", default="hf", help="model backend: hf (default) or fake (tests)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
-    return p
-
-
-def add_subcommands(subparsers, common: argparse.ArgumentParser | None = None) -> None:
-    """Add ``cliper {train,calibrate,eval}`` to the main parser's ``subparsers``."""
-    parents = [common if common is not None else _common_parent()]
+def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    """Add ``cliper {train,calibrate,eval}`` to the main parser's ``subparsers``; ``parents`` hold
+    the common options."""
     top = subparsers.add_parser("cliper", help="CLIPer: train preference classifiers, calibrate alpha, evaluate",
                                 description=__doc__.split("\n\n")[0])
     sub = top.add_subparsers(dest="cliper_command", metavar="SUBCOMMAND", required=True,
@@ -110,7 +91,7 @@ def _emit(args, payload: dict, text: str) -> None:
         print(text)
 
 
-def run_train(args, ctx=None) -> int:
+def run_train(args, ctx) -> int:
     """Train CLIPer's preference classifiers for the model: the base model answers training prompts
     built from TL;DR posts plainly and with each preference's instruction; a head on the model's
     hidden state and the candidate token's embedding learns to tell them apart."""
@@ -141,7 +122,7 @@ def run_train(args, ctx=None) -> int:
     return 0
 
 
-def run_calibrate(args, ctx=None) -> int:
+def run_calibrate(args, ctx) -> int:
     """Pick CLIPer's guidance strength alpha on held-out prompts: for each alpha of the grid, guide
     each preference alone and measure its strength (the log-likelihood ratio per token of the answer
     with and without a line stating the preference, under the base model) and the base model's
@@ -162,7 +143,7 @@ def run_calibrate(args, ctx=None) -> int:
     return 0
 
 
-def run_eval(args, ctx=None) -> int:
+def run_eval(args, ctx) -> int:
     """Evaluate CLIPer on held-out TL;DR prompts: each single preference and the pairs concise+humor
     and helpful+humor, against plain decoding and prompt injection of the same attributes; strength
     by scorers that did not train the classifiers (length for conciseness; the base model's
@@ -184,13 +165,10 @@ def run_eval(args, ctx=None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the cliper subcommands without the main CLI (``python -m prefsteer.cli.cliper train``)."""
-    parser = argparse.ArgumentParser(prog="prefsteer")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["cliper", *(argv if argv is not None else sys.argv[1:])])
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args, None) or 0
+    """``python -m prefsteer.cli.cliper train ...``: the same as ``prefsteer cliper train ...``."""
+    from prefsteer.cli import main as prefsteer_main
+
+    return prefsteer_main(["cliper", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""`prefsteer eval`, `prefsteer eval report` (also `prefsteer eval-report`) and `prefsteer eval compare`.
+"""`prefsteer eval`, with its subcommands `report` and `compare` (and the older `eval-report`).
 
     prefsteer eval --config quick --json                       # one JSON object; `accuracy` per method
     prefsteer eval --config paper --methods none base exact --seeds 0 --out results/paper
     prefsteer eval report results/paper                        # report.md + PNGs in the run directory
+    prefsteer eval-report results/paper                        # the same
     prefsteer eval compare results/paper results/paper-screened   # how far two runs' selections agree
 """
 
@@ -14,16 +15,15 @@ import os
 from pathlib import Path
 
 
-def add_subcommands(sub, common) -> None:
+def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    """``eval`` (run a configuration), ``eval report RUN_DIR``, ``eval compare REF OTHER`` and the
+    older spelling ``eval-report RUN_DIR``."""
     from prefsteer.evaluation.protocol import available_configs
 
-    p = sub.add_parser("eval", parents=[common], help="run an evaluation configuration (EXACT §6)",
-                       description=f"Run a named configuration ({', '.join(available_configs())}) or a "
-                                   "JSON file; `eval report RUN_DIR` writes Markdown tables and PNG plots; "
-                                   "`eval compare REF OTHER` says how far two runs' EXACT selections agree.")
-    p.add_argument("action", nargs="*", metavar="report RUN_DIR | compare REF OTHER",
-                   help="`report RUN_DIR`: write the report of a run instead of running; `compare REF OTHER`: "
-                        "compare two runs' selections (run directories or selections files) pair by pair")
+    p = subparsers.add_parser("eval", parents=parents, help="run an evaluation configuration (EXACT §6)",
+                              description=f"Run a named configuration ({', '.join(available_configs())}) or a "
+                                          "JSON file; `eval report RUN_DIR` writes Markdown tables and PNG plots; "
+                                          "`eval compare REF OTHER` says how far two runs' EXACT selections agree.")
     p.add_argument("--config", default="quick", help="configuration name or JSON path (default: quick)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="only these method labels of the configuration (or registered method names)")
@@ -39,14 +39,30 @@ def add_subcommands(sub, common) -> None:
     p.add_argument("--judge-model", default=None, help="model name at the judge endpoint")
     p.add_argument("--max-records", type=int, default=None, help="stop after this many new records")
     p.add_argument("--report", action="store_true", help="also write the report into the run directory")
-    p.add_argument("--ref-config", default=None,
-                   help="compare: the reference's search configuration (config_id), when it holds several")
-    p.add_argument("--other-config", default=None,
-                   help="compare: the other side's search configuration (config_id), when it holds several")
     p.set_defaults(func=cmd_eval)
+    actions = p.add_subparsers(dest="eval_command", metavar="report|compare", required=False,
+                               help="instead of running: `report RUN_DIR` or `compare REF OTHER`")
 
-    r = sub.add_parser("eval-report", parents=[common], help="write Markdown tables and PNGs for a run",
-                       description="write Markdown tables and PNGs for an evaluation run")
+    r = actions.add_parser("report", parents=parents, help="write Markdown tables and PNGs for a run",
+                           description="write Markdown tables and PNGs for an evaluation run")
+    r.add_argument("run_dir", help="a run directory (holding records.jsonl)")
+    r.add_argument("--out", default=None, help="where to write (default: the run directory)")
+    r.set_defaults(func=cmd_report)
+
+    c = actions.add_parser("compare", parents=parents, help="how far two runs' EXACT selections agree",
+                           description="compare two runs' selections (run directories or selections files) "
+                                       "pair by pair")
+    c.add_argument("ref", help="the reference run directory or selections file")
+    c.add_argument("other", help="the other run directory or selections file")
+    c.add_argument("--ref-config", default=None,
+                   help="the reference's search configuration (config_id), when it holds several")
+    c.add_argument("--other-config", default=None,
+                   help="the other side's search configuration (config_id), when it holds several")
+    c.set_defaults(func=cmd_compare)
+
+    r = subparsers.add_parser("eval-report", parents=parents, help="write Markdown tables and PNGs for a run "
+                              "(the same as `eval report`)", description="write Markdown tables and PNGs for an "
+                              "evaluation run")
     r.add_argument("run_dir", help="a run directory (holding records.jsonl)")
     r.add_argument("--out", default=None, help="where to write (default: the run directory)")
     r.set_defaults(func=cmd_report)
@@ -69,34 +85,25 @@ def cmd_report(args, ctx) -> int:
     return 0
 
 
-def cmd_compare(args) -> int:
+def cmd_compare(args, ctx=None) -> int:
     from prefsteer.evaluation.compare import compare_selections, format_comparison, load_side
 
-    ref_path, other_path = args.action[1:]
-    result = compare_selections(load_side(ref_path, args.ref_config), load_side(other_path, args.other_config))
+    result = compare_selections(load_side(args.ref, args.ref_config), load_side(args.other, args.other_config))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(format_comparison(result, ref_path, other_path))
+        print(format_comparison(result, args.ref, args.other))
     return 0
 
 
 def cmd_eval(args, ctx) -> int:
-    from prefsteer.errors import InputError
-
-    if args.action:
-        if args.action[0] == "compare" and len(args.action) == 3:
-            return cmd_compare(args)
-        if args.action[0] != "report" or len(args.action) != 2:
-            raise InputError("expected `prefsteer eval report RUN_DIR` or `prefsteer eval compare REF OTHER`",
-                             field="action")
-        args.run_dir = args.action[1]
-        return cmd_report(args, ctx)
     from prefsteer.evaluation.judge import OpenAIJudge
     from prefsteer.evaluation.protocol import load_config
     from prefsteer.evaluation.runner import Runner
 
     config = load_config(args.config)
+    for spec in config.methods:  # an unknown method or option stops the run before the model loads
+        spec.check()
     judge = None
     if args.judge == "openai":
         judge = OpenAIJudge(args.judge_url or "", args.judge_model or "",

@@ -52,8 +52,38 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
-def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line number, object) for every non-blank line of a JSONL file."""
+MAX_ERRORS = 20  # bad lines reported in one run
+
+
+class _Errors:
+    """The bad lines of one file, collected so one run reports them all (up to `MAX_ERRORS`)."""
+
+    def __init__(self, file: str):
+        self.file, self.errors, self.more = file, [], 0
+
+    def add(self, e: InputError) -> None:
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(e)
+        else:
+            self.more += 1
+
+    def check(self) -> None:
+        """Raise one `InputError` listing every bad line, when there was one."""
+        if not self.errors:
+            return
+        if len(self.errors) == 1 and not self.more:
+            raise self.errors[0]
+        n = len(self.errors) + self.more
+        lines = [str(e) for e in self.errors] + ([f"... and {self.more} more"] if self.more else [])
+        err = InputError(f"{n} bad lines (nothing was read from the file):\n  " + "\n  ".join(lines),
+                         file=self.file)
+        err.errors = self.errors
+        raise err
+
+
+def _records(path: Path, errors: _Errors) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for every non-blank line of a JSONL file; bad lines go to
+    ``errors``."""
     file = str(path)
     if not path.exists():
         raise InputError("no such file", file=file)
@@ -64,18 +94,18 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise InputError(f"not valid UTF-8 ({e.reason} at byte {e.start})",
-                                 file=file, line=line_no) from None
+                errors.add(InputError(f"not valid UTF-8 ({e.reason} at byte {e.start})", file=file, line=line_no))
+                continue
             if not text.strip():
                 continue
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise InputError(f"malformed JSON: {e.msg} (column {e.colno})",
-                                 file=file, line=line_no) from None
+                errors.add(InputError(f"malformed JSON: {e.msg} (column {e.colno})", file=file, line=line_no))
+                continue
             if not isinstance(obj, dict):
-                raise InputError(f"expected a JSON object, got {_json_type(obj)}",
-                                 file=file, line=line_no)
+                errors.add(InputError(f"expected a JSON object, got {_json_type(obj)}", file=file, line=line_no))
+                continue
             yield line_no, obj
 
 
@@ -158,44 +188,58 @@ class _Checker:
             raise self.fail("chosen and rejected are the same text", field)
 
 
-def _check_unique_id(pair_id: str, seen: dict[str, int], chk: _Checker) -> None:
-    if pair_id in seen:
-        raise chk.fail(f"duplicate pair_id '{pair_id}' (first on line {seen[pair_id]})", "pair_id")
-    seen[pair_id] = chk.line
-
-
 # --------------------------------------------------------------------------- generic JSONL
 
-_JSONL_CORE = ("user_id", "prompt", "chosen", "rejected", "pair_id")
+_JSONL_CORE = ("user_id", "prompt", "chosen", "rejected", "pair_id", "id")
 
 
 def load_jsonl(path: str | Path) -> list[PreferencePair]:
     """Generic preference JSONL (see the module docstring); blank lines are skipped.
 
-    ``pair_id`` defaults to ``"<file stem>:<1-based line>"``; fields other than the core ones are kept
-    in ``meta`` (for the TL;DR fixture format: post_id, subreddit, title, post).
+    A pair's id is its ``pair_id`` (or ``id``) field when given, else the content key of (user,
+    prompt, chosen, rejected) (`prefsteer.memory.pair_key`): an edited line is a new pair, and a line
+    repeated word for word is read once. Fields other than the core ones are kept in ``meta`` (for
+    the TL;DR fixture format: post_id, subreddit, title, post). Every bad line (up to 20) is
+    reported in one `InputError`.
     """
+    from prefsteer.memory import pair_key
+
     path = Path(path)
-    file, stem = str(path), path.stem
+    file = str(path)
+    errors = _Errors(file)
     pairs: list[PreferencePair] = []
-    seen: dict[str, int] = {}
-    for line, obj in _records(path):
+    seen: dict[str, tuple[int, tuple[str, ...]]] = {}
+    for line, obj in _records(path, errors):
         chk = _Checker(file, line)
-        user_id = chk.text(obj, "user_id")
-        if "prompt" in obj or not ("title" in obj or "post" in obj):
-            prompt = chk.text(obj, "prompt")
-        else:  # the TL;DR fixture format: the prompt is built from the post
-            title = chk.text(obj, "title")
-            post = chk.text(obj, "post")
-            subreddit = chk.text(obj, "subreddit", optional=True, nullable=True)
-            prompt = tldr_prompt(title, post, subreddit)
-        chosen = chk.text(obj, "chosen")
-        rejected = chk.text(obj, "rejected")
-        chk.distinct(chosen, rejected)
-        pair_id = chk.text(obj, "pair_id", optional=True) or f"{stem}:{line}"
-        _check_unique_id(pair_id, seen, chk)
+        try:
+            user_id = chk.text(obj, "user_id")
+            if "prompt" in obj or not ("title" in obj or "post" in obj):
+                prompt = chk.text(obj, "prompt")
+            else:  # the TL;DR fixture format: the prompt is built from the post
+                title = chk.text(obj, "title")
+                post = chk.text(obj, "post")
+                subreddit = chk.text(obj, "subreddit", optional=True, nullable=True)
+                prompt = tldr_prompt(title, post, subreddit)
+            chosen = chk.text(obj, "chosen")
+            rejected = chk.text(obj, "rejected")
+            chk.distinct(chosen, rejected)
+            id_key = "pair_id" if "pair_id" in obj else "id"
+            given = chk.text(obj, id_key, optional=True)
+            pair_id = given or pair_key(user_id, prompt, chosen, rejected)
+            content = (user_id, prompt, chosen, rejected)
+            if pair_id in seen:
+                first, before = seen[pair_id]
+                if before == content:
+                    log.info("%s:%d: the same pair as line %d, read once", file, line, first)
+                    continue
+                raise chk.fail(f"duplicate pair_id '{pair_id}' with other text (first on line {first})", id_key)
+            seen[pair_id] = (line, content)
+        except InputError as e:
+            errors.add(e)
+            continue
         meta = {k: v for k, v in obj.items() if k not in _JSONL_CORE}
         pairs.append(PreferencePair(user_id, prompt, chosen, rejected, pair_id, meta, (file, line)))
+    errors.check()
     return pairs
 
 
@@ -212,39 +256,48 @@ def load_tldr_comparisons(path: str | Path) -> list[PreferencePair]:
     path = Path(path)
     file, stem = str(path), path.stem
     pairs: list[PreferencePair] = []
-    for line, obj in _records(path):
-        chk = _Checker(file, line)
-        info = chk.object(obj, "info")
-        post_id = chk.text(info, "id", "info.id")
-        title = chk.text(info, "title", "info.title")
-        post = chk.text(info, "post", "info.post")
-        subreddit = chk.text(info, "subreddit", "info.subreddit", optional=True, nullable=True)
-        summaries = chk.array(obj, "summaries")
-        if len(summaries) != 2:
-            raise chk.fail(f"expected 2 summaries, got {len(summaries)}", "summaries")
-        texts, policies = [], []
-        for i, s in enumerate(summaries):
-            if not isinstance(s, dict):
-                raise chk.fail(f"expected an object, got {_json_type(s)}", f"summaries[{i}]")
-            texts.append(chk.text(s, "text", f"summaries[{i}].text"))
-            policies.append(chk.text(s, "policy", f"summaries[{i}].policy"))
-        choice = chk.integer(obj, "choice")
-        if not 0 <= choice < len(summaries):
-            raise chk.fail(f"choice {choice} is out of range (there are {len(summaries)} summaries)",
-                           "choice")
-        worker = chk.text(obj, "worker")
-        extra = chk.object(obj, "extra", optional=True) or {}
-        confidence = chk.integer(extra, "confidence", "extra.confidence", optional=True, nullable=True)
-        split = chk.text(obj, "split", optional=True, nullable=True)
-        batch = chk.text(obj, "batch", optional=True, nullable=True)
-        chosen, rejected = texts[choice], texts[1 - choice]
-        chk.distinct(chosen, rejected, "summaries")
-        meta = {"post_id": post_id, "subreddit": subreddit, "title": title,
-                "policies": {"chosen": policies[choice], "rejected": policies[1 - choice]},
-                "confidence": confidence, "split": split, "batch": batch}
-        pairs.append(PreferencePair(worker, tldr_prompt(title, post, subreddit), chosen, rejected,
-                                    f"{stem}:{line - 1}", meta, (file, line)))
+    errors = _Errors(file)
+    for line, obj in _records(path, errors):
+        try:
+            pairs.append(_tldr_record(obj, _Checker(file, line), stem, line, file))
+        except InputError as e:
+            errors.add(e)
+    errors.check()
     return pairs
+
+
+def _tldr_record(obj: dict, chk: "_Checker", stem: str, line: int, file: str) -> PreferencePair:
+    """One comparison; its id is the file's own index of it (the data set's id, as in the fixture)."""
+    info = chk.object(obj, "info")
+    post_id = chk.text(info, "id", "info.id")
+    title = chk.text(info, "title", "info.title")
+    post = chk.text(info, "post", "info.post")
+    subreddit = chk.text(info, "subreddit", "info.subreddit", optional=True, nullable=True)
+    summaries = chk.array(obj, "summaries")
+    if len(summaries) != 2:
+        raise chk.fail(f"expected 2 summaries, got {len(summaries)}", "summaries")
+    texts, policies = [], []
+    for i, s in enumerate(summaries):
+        if not isinstance(s, dict):
+            raise chk.fail(f"expected an object, got {_json_type(s)}", f"summaries[{i}]")
+        texts.append(chk.text(s, "text", f"summaries[{i}].text"))
+        policies.append(chk.text(s, "policy", f"summaries[{i}].policy"))
+    choice = chk.integer(obj, "choice")
+    if not 0 <= choice < len(summaries):
+        raise chk.fail(f"choice {choice} is out of range (there are {len(summaries)} summaries)",
+                       "choice")
+    worker = chk.text(obj, "worker")
+    extra = chk.object(obj, "extra", optional=True) or {}
+    confidence = chk.integer(extra, "confidence", "extra.confidence", optional=True, nullable=True)
+    split = chk.text(obj, "split", optional=True, nullable=True)
+    batch = chk.text(obj, "batch", optional=True, nullable=True)
+    chosen, rejected = texts[choice], texts[1 - choice]
+    chk.distinct(chosen, rejected, "summaries")
+    meta = {"post_id": post_id, "subreddit": subreddit, "title": title,
+            "policies": {"chosen": policies[choice], "rejected": policies[1 - choice]},
+            "confidence": confidence, "split": split, "batch": batch}
+    return PreferencePair(worker, tldr_prompt(title, post, subreddit), chosen, rejected,
+                          f"{stem}:{line - 1}", meta, (file, line))
 
 
 # --------------------------------------------------------------------------- PRISM
@@ -273,37 +326,13 @@ def load_prism(path: str | Path, *, history: bool = True) -> list[PreferencePair
         raise InputError(f"no utterances.jsonl in the PRISM directory {path}", file=file)
 
     groups: dict[tuple[str, int], list[tuple[int, dict[str, Any]]]] = {}
-    for line, obj in _records(utt):
-        chk = _Checker(file, line)
-        row = {
-            "user_id": chk.text(obj, "user_id"),
-            "conversation_id": chk.text(obj, "conversation_id"),
-            "turn": chk.integer(obj, "turn"),
-            "within_turn_id": chk.integer(obj, "within_turn_id"),
-            "user_prompt": chk.text(obj, "user_prompt"),
-            "model_response": chk.text(obj, "model_response"),
-            "if_chosen": chk.boolean(obj, "if_chosen"),
-            "score": chk.number(obj, "score", nullable=True),
-            "model_name": chk.text(obj, "model_name", optional=True, nullable=True),
-            "utterance_id": chk.text(obj, "utterance_id", optional=True, nullable=True),
-            "conversation_type": chk.text(obj, "conversation_type", optional=True, nullable=True),
-        }
-        if row["turn"] < 0:
-            raise chk.fail(f"expected a turn >= 0, got {row['turn']}", "turn")
-        group = groups.setdefault((row["conversation_id"], row["turn"]), [])
-        if group:  # one user, one prompt, one chosen response and distinct ids per turn
-            first_line, first = group[0]
-            for key in ("user_id", "user_prompt"):
-                if row[key] != first[key]:
-                    raise chk.fail(f"differs from line {first_line} of the same conversation turn", key)
-            for other_line, other in group:
-                if other["within_turn_id"] == row["within_turn_id"]:
-                    raise chk.fail(f"duplicate within_turn_id {row['within_turn_id']} in this turn "
-                                   f"(first on line {other_line})", "within_turn_id")
-                if row["if_chosen"] and other["if_chosen"]:
-                    raise chk.fail(f"a second chosen response in this turn (first on line "
-                                   f"{other_line})", "if_chosen")
-        group.append((line, row))
+    errors = _Errors(file)
+    for line, obj in _records(utt, errors):
+        try:
+            _prism_row(obj, _Checker(file, line), groups)
+        except InputError as e:
+            errors.add(e)
+    errors.check()
 
     chosen_of = {key: next((r for _, r in g if r["if_chosen"]), None) for key, g in groups.items()}
     pairs: list[PreferencePair] = []
@@ -351,6 +380,39 @@ def load_prism(path: str | Path, *, history: bool = True) -> list[PreferencePair
                  "%d equal texts", file, len(pairs), skipped["no_chosen"], skipped["tie"],
                  skipped["same_text"])
     return pairs
+
+
+def _prism_row(obj: dict, chk: "_Checker", groups: dict) -> None:
+    """Check one utterance row and add it to its (conversation, turn) group."""
+    row = {
+        "user_id": chk.text(obj, "user_id"),
+        "conversation_id": chk.text(obj, "conversation_id"),
+        "turn": chk.integer(obj, "turn"),
+        "within_turn_id": chk.integer(obj, "within_turn_id"),
+        "user_prompt": chk.text(obj, "user_prompt"),
+        "model_response": chk.text(obj, "model_response"),
+        "if_chosen": chk.boolean(obj, "if_chosen"),
+        "score": chk.number(obj, "score", nullable=True),
+        "model_name": chk.text(obj, "model_name", optional=True, nullable=True),
+        "utterance_id": chk.text(obj, "utterance_id", optional=True, nullable=True),
+        "conversation_type": chk.text(obj, "conversation_type", optional=True, nullable=True),
+    }
+    if row["turn"] < 0:
+        raise chk.fail(f"expected a turn >= 0, got {row['turn']}", "turn")
+    group = groups.setdefault((row["conversation_id"], row["turn"]), [])
+    if group:  # one user, one prompt, one chosen response and distinct ids per turn
+        first_line, first = group[0]
+        for key in ("user_id", "user_prompt"):
+            if row[key] != first[key]:
+                raise chk.fail(f"differs from line {first_line} of the same conversation turn", key)
+        for other_line, other in group:
+            if other["within_turn_id"] == row["within_turn_id"]:
+                raise chk.fail(f"duplicate within_turn_id {row['within_turn_id']} in this turn "
+                               f"(first on line {other_line})", "within_turn_id")
+            if row["if_chosen"] and other["if_chosen"]:
+                raise chk.fail(f"a second chosen response in this turn (first on line "
+                               f"{other_line})", "if_chosen")
+    group.append((chk.line, row))
 
 
 # --------------------------------------------------------------------------- dispatch and grouping

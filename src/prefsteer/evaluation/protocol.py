@@ -44,7 +44,21 @@ class MethodSpec:
         if not isinstance(obj, dict) or "label" not in obj and "method" not in obj:
             raise InputError(f"a method entry has to be a name or an object with `label`/`method`, "
                              f"got {obj!r}", field="methods")
-        return cls(obj.get("label") or obj["method"], obj.get("method", ""), dict(obj.get("kwargs", {})))
+        unknown = sorted(set(obj) - {"label", "method", "kwargs"})
+        if unknown:
+            raise InputError(f"unknown key(s) {', '.join(map(repr, unknown))} in the method entry {obj!r}; "
+                             "expected label, method, kwargs", field=f"methods.{unknown[0]}")
+        kwargs = obj.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise InputError(f"`kwargs` of method '{obj.get('label') or obj['method']}' has to be an object, "
+                             f"got {kwargs!r}", field="methods.kwargs")
+        return cls(obj.get("label") or obj["method"], obj.get("method", ""), dict(kwargs))
+
+    def check(self) -> None:
+        """The method exists and takes every key of ``kwargs`` (imports the method's module)."""
+        from prefsteer.evaluation.runner import check_method_kwargs
+
+        check_method_kwargs(self)
 
 
 @dataclass

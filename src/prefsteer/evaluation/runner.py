@@ -79,6 +79,33 @@ def record_key(r: dict) -> tuple:
     return (r["kind"], r["seed"], r["user"], r["method"], r.get("pair_id", ""))
 
 
+# what the runner itself gives a method's constructor, never a configuration's kwargs
+RUNNER_KWARGS = ("memory", "embedder", "library", "scorer", "progress", "scope")
+
+
+def method_options(cls) -> set[str]:
+    """The keyword arguments a method accepts from a configuration: its constructor's named
+    parameters and its config dataclass's fields."""
+    params = inspect.signature(cls.__init__).parameters
+    named = {n for n, p in params.items() if n not in ("self", "backend", "config")
+             and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    from prefsteer.methods.base import option_names
+
+    return (named | set(option_names(cls))) - set(RUNNER_KWARGS)
+
+
+def check_method_kwargs(spec: MethodSpec) -> None:
+    """An unknown method, or a kwarg the method does not take, is an `InputError` naming it."""
+    from prefsteer.errors import unknown_keys
+    from prefsteer.methods import available_methods, get_method_class
+
+    if spec.method not in available_methods():
+        raise InputError(f"unknown method '{spec.method}' (label '{spec.label}'); available: "
+                         f"{', '.join(available_methods())}", field="methods")
+    unknown_keys(f"method '{spec.label}' ({spec.method}) in the configuration's kwargs", spec.kwargs,
+                 method_options(get_method_class(spec.method)))
+
+
 @dataclass
 class Job:
     seed: int
@@ -141,6 +168,12 @@ class Runner:
 
     # -- set-up ----------------------------------------------------------------------------
     def _resolve(self, names: Sequence[str] | None) -> list[MethodSpec]:
+        specs = self._select(names)
+        for spec in specs:
+            check_method_kwargs(spec)
+        return specs
+
+    def _select(self, names: Sequence[str] | None) -> list[MethodSpec]:
         if not names:
             if not self.config.methods:
                 raise InputError("the configuration names no methods", field="methods")
@@ -191,8 +224,10 @@ class Runner:
             cls = get_method_class(spec.method)
             params = inspect.signature(cls.__init__).parameters
             var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            # progress: bars within a user; scope: a user's memory is the split's training pairs only,
+            # never pairs of another seed's split (those may be this split's test pairs)
             shared = {"memory": self.memory, "embedder": self.embedder, "library": self.library,
-                      "scorer": self.scorer, "progress": self.progress}  # progress: bars within a user
+                      "scorer": self.scorer, "progress": self.progress, "scope": "given"}
             kw = {k: v for k, v in shared.items() if k in params or (k == "scorer" and var_kw)}
             self._methods[spec.label] = cls(self.backend, **kw, **spec.kwargs)
         return self._methods[spec.label]

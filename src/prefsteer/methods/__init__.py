@@ -1,6 +1,7 @@
 """Personalization methods, registered by name and imported lazily."""
 
-from prefsteer.methods.base import Method, MethodOutput, available_methods, get_method_class, register_method
+from prefsteer.methods.base import (Method, MethodOutput, NotFittedError, OptionError, UnknownOptionError,
+                                    available_methods, config_from_options, get_method_class, register_method)
 
 # Built-in methods; each module registers itself under the same name when imported.
 for _name, _target in {
@@ -14,4 +15,5 @@ for _name, _target in {
 }.items():
     register_method(_name, _target)
 
-__all__ = ["Method", "MethodOutput", "available_methods", "get_method_class", "register_method"]
+__all__ = ["Method", "MethodOutput", "NotFittedError", "OptionError", "UnknownOptionError", "available_methods",
+           "config_from_options", "get_method_class", "register_method"]

@@ -11,9 +11,9 @@ of 1 + n branches decoded side by side (the plain context and each active attrib
 
     logits = h_base + (1 / beta) * sum_i w_i (h_i - h_plain)
 
-    >>> drift = Drift(backend, attributes=["Concise", "Formal", "Humor"], l2=0.01)
-    >>> drift.fit("alice", train_pairs)
-    >>> drift.weights["alice"]                      # {"Concise": 0.8, "Formal": -0.1, ...}
+    >>> drift = Drift(backend, memory=Memory("memory.db"), attributes=["Concise", "Formal", "Humor"])
+    >>> drift.fit("alice", train_pairs)             # stores alice's weights in the memory
+    >>> drift.profile("alice")["state"]["weights"]  # [{"attribute": "Humor", "weight": 0.8}, ...]
     >>> drift.margins("alice", test_pairs)          # w . (phi(y_w) - phi(y_l)) per pair
     >>> drift.generate("alice", ["Write a TL;DR of ..."])[0].text
 
@@ -21,21 +21,22 @@ Cost: scoring needs (1 + n_attributes) x 2 requests per pair. With ``placement="
 paper's) the contexts differ from their first tokens, so the backend cannot share a prefix and every
 row is a full forward; ``placement="user"`` appends the instruction to the user's turn instead,
 which lets the transformers backend compute the prompt once per pair (several times faster on CPU).
-Given a ``memory``, scores are cached across users and seeds (the features do not depend on the user).
+Given a ``memory``, scores are cached across users and seeds (the features do not depend on the user),
+and each user's weights are stored there: a new process generates from them. ``feedback`` refits.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 from prefsteer.attributes import Attribute, AttributeLibrary, load_library
-from prefsteer.backends.base import GenerationConfig, Messages, ScoreRequest, user_turn
+from prefsteer.backends.base import GenerationConfig, Messages, ScoreRequest, require, user_turn
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import Method, MethodOutput, register_method
+from prefsteer.methods.base import Method, MethodOutput, OptionError, config_from_options, register_method
 
 PLACEMENTS = ("system", "user")
 
@@ -135,22 +136,27 @@ def active_branches(weights: Sequence[float], threshold: float = 1e-6, top_m: in
     return sorted(idx[:top_m] if top_m else idx)
 
 
+# options that only shape decoding or margins, not what `fit` learns: a fitted user serves under any
+DECODING_OPTIONS = ("beta", "include_base", "threshold", "top_m")
+
+
 @register_method("drift")
 class Drift(Method):
     """Options: the fields of `DriftConfig`; ``library`` (an AttributeLibrary or a JSON path);
-    ``memory`` (a Memory: scores are cached in it); ``drift_backend`` (a separate small model
-    for the attribute rewards; its tokenizer has to match the backend's for generation)."""
+    ``memory`` (a Memory: the weights are stored in it and scores cached); ``drift_backend`` (a
+    separate small model for the attribute rewards; its tokenizer has to match the backend's for
+    generation)."""
+
+    config_class = DriftConfig
 
     def __init__(self, backend, memory=None, library: AttributeLibrary | str | None = None,
                  drift_backend=None, config: DriftConfig | None = None, progress: bool = False,
                  **options: Any):
-        super().__init__(backend, **options)
+        super().__init__(backend, memory=memory, **options)
         lib = library if isinstance(library, AttributeLibrary) else load_library(library)
-        self.config = config or DriftConfig(**{k: v for k, v in options.items()
-                                               if k in DriftConfig.__dataclass_fields__})
+        self.config = config_from_options(DriftConfig, options, "drift", config)
         self.library = lib.subset(list(self.config.attributes)) if self.config.attributes else lib
         self.drift_backend = drift_backend if drift_backend is not None else backend
-        self.memory = memory
         if memory is not None:
             from prefsteer.memory import ScoreCache
             self.scorer = ScoreCache(self.drift_backend, memory)
@@ -158,8 +164,16 @@ class Drift(Method):
         else:
             self.scorer, self.base_scorer = self.drift_backend, backend
         self.progress = progress
+        # this process's copy of the stored states
         self.weights: dict[str, dict[str, float]] = {}  # user -> attribute -> weight
         self.fit_info: dict[str, dict[str, Any]] = {}
+
+    def state_options(self) -> dict[str, Any]:
+        opts = {k: v for k, v in asdict(self.config).items() if k not in DECODING_OPTIONS}
+        opts["library"] = [(a.name, a.description) for a in self.library.attributes]
+        if self.drift_backend is not self.backend:
+            opts["drift_backend"] = self.drift_backend.fingerprint
+        return opts
 
     # -- contexts ---------------------------------------------------------------------------
     def instruction(self, attribute: Attribute) -> str:
@@ -176,6 +190,7 @@ class Drift(Method):
     # -- features ---------------------------------------------------------------------------
     def features(self, pairs: Sequence[PreferencePair]) -> tuple[np.ndarray, np.ndarray]:
         """(phi(y_w) - phi(y_l) (N, K), plain log-probability gap (N,)) for each pair."""
+        require(self.drift_backend, "score", "drift's attribute features")
         K = len(self.library)
         reqs = []
         for p in pairs:
@@ -191,7 +206,8 @@ class Drift(Method):
 
     def _weights(self, user_id: str) -> np.ndarray:
         if user_id not in self.weights:
-            raise ValueError(f"drift has not been fitted for user '{user_id}'")
+            st = self.require_state(user_id)["state"]
+            self.weights[user_id], self.fit_info[user_id] = st["weights"], st["fit"]
         w = self.weights[user_id]
         return np.array([w[n] for n in self.library.names])
 
@@ -205,6 +221,20 @@ class Drift(Method):
         self.fit_info[user_id] = {"pairs": len(pairs), "train_accuracy": float(np.mean(diffs @ w > 0))
                                   if len(pairs) else None, "scoring_seconds": scored - start,
                                   "fit_seconds": time.perf_counter() - scored}
+        self.save_state(user_id, {"weights": self.weights[user_id], "fit": self.fit_info[user_id]},
+                        n_pairs=len(pairs))
+
+    def feedback(self, user_id: str, pairs: Sequence[PreferencePair]) -> str:
+        """Refit the weights on all the user's stored pairs (the new ones are already among them):
+        the features of the old pairs come from the score cache, so only the new pairs cost model calls."""
+        if self.memory is None:
+            return super().feedback(user_id, pairs)
+        self.fit(user_id, self.memory.pairs(user_id))
+        return "refit"
+
+    def describe_state(self, state: dict) -> dict:
+        ranked = sorted(state["weights"].items(), key=lambda kv: (-abs(kv[1]), kv[0]))
+        return {"weights": [{"attribute": a, "weight": w} for a, w in ranked], **state["fit"]}
 
     def margins(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[float]:
         """w . (phi(y_w) - phi(y_l)): the paper's reward, the weighted sum of attribute
@@ -223,124 +253,59 @@ class Drift(Method):
 
         config = config or GenerationConfig()
         w = self._weights(user_id)
+        for b in {id(self.backend): self.backend, id(self.drift_backend): self.drift_backend}.values():
+            require(b, "start_decoding", "drift generation")
         active = active_branches(w.tolist(), self.config.threshold, self.config.top_m)
         attrs = [self.library.attributes[i] for i in active]
         weights = [float(w[i]) for i in active]
         start = time.perf_counter()
         texts = []
-        gen = seeded_generator(config, getattr(self.backend, "device", "cpu"))
+        gen = seeded_generator(config)  # on the CPU: the combined logits are moved there to sample
         for prompt in prompts:  # one prompt at a time: its 1 + n branches are the batch
             base = user_turn(prompt)
             branches = [self.context(prompt)] + [self.context(prompt, a) for a in attrs]
-            texts.append(self._decode(base, branches, weights, config, gen))
+            texts.append(decode_branches(self.backend, self.drift_backend, base, branches, weights,
+                                         self.config.beta, config, gen))
         secs = time.perf_counter() - start
         return [MethodOutput(t, [a.name for a in attrs], {"generation": secs},
                              {"weights": dict(zip([a.name for a in attrs], weights))}) for t in texts]
 
-    # -- multi-branch decoding ----------------------------------------------------------------
-    def _decode(self, base: Messages, branches: list[Messages], weights: list[float],
-                config: GenerationConfig, gen) -> str:
-        if hasattr(self.backend, "model") and hasattr(self.backend, "encode_context"):
-            return _decode_hf(self.backend, self.drift_backend, base, branches, weights, self.config.beta,
-                              config, gen)
-        if hasattr(self.backend, "next_logits"):
-            return _decode_toy(self.backend, self.drift_backend, base, branches, weights, self.config.beta,
-                               config, gen)
-        raise NotImplementedError(f"drift generation needs the 'hf' or 'fake' backend, not "
-                                  f"'{getattr(self.backend, 'name', type(self.backend).__name__)}'")
 
+def decode_branches(backend, small, base: Messages, branches: list[Messages], weights: list[float],
+                    beta: float, config: GenerationConfig, gen) -> str:
+    """Decode one prompt with all its branches in lock step (`Backend.start_decoding`).
 
-def _decode_toy(backend, small, base, branches, weights, beta, config, gen) -> str:
-    """The fake backend's step function, one row at a time (no cache: the toy model is cheap)."""
-    import torch
-
-    from prefsteer.backends.sampling import sample_next
-
-    def ids_of(b, msgs):
-        return torch.tensor([b.tokenize(b.render(msgs))])
-
-    rows = [ids_of(backend, base)] + [ids_of(small, m) for m in branches]
-    w = torch.tensor(weights)
-    new: list[int] = []
-    for _ in range(config.max_new_tokens):
-        logits = [(backend if r == 0 else small).next_logits(ids)[1] for r, ids in enumerate(rows)]
-        step = combine_logits(logits[0], logits[1], torch.stack(logits[2:], 1) if len(logits) > 2
-                              else logits[0].new_zeros(1, 0, logits[0].shape[-1]), w, beta)
-        tok = int(sample_next(step, config, gen)[0])
-        if tok == backend.eos_id:
-            break
-        new.append(tok)
-        rows = [torch.cat([ids, torch.tensor([[tok]])], 1) for ids in rows]
-    return backend.detokenize(new)
-
-
-class _Rows:
-    """Left-padded rows of one model decoded one token per step on a key/value cache."""
-
-    def __init__(self, backend, contexts: list[list[int]]):
-        from transformers import DynamicCache
-
-        from prefsteer.backends.hf import left_pad
-
-        self.backend = backend
-        dev = backend.device
-        ids, mask = left_pad(contexts, backend.pad_id)  # every row's last token at position T-1
-        self.mask = mask.to(dev)
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.pos = positions[:, -1:]                                    # (R, 1)
-        self.cache = DynamicCache(config=backend.config)
-        out = backend.extend(self.cache, input_ids=ids.to(dev), attention_mask=self.mask,
-                             position_ids=positions)
-        self.hidden = out.last_hidden_state[:, -1]                      # (R, d)
-
-    def logits(self):
-        return self.backend.lm_head(self.hidden).float()               # (R, V)
-
-    def append(self, tok: int) -> None:
-        import torch
-
-        R = self.mask.shape[0]
-        dev = self.mask.device
-        self.mask = torch.cat([self.mask, torch.ones((R, 1), dtype=self.mask.dtype, device=dev)], 1)
-        self.pos = self.pos + 1
-        out = self.backend.extend(self.cache, input_ids=torch.full((R, 1), tok, dtype=torch.long, device=dev),
-                                  attention_mask=self.mask, position_ids=self.pos)
-        self.hidden = out.last_hidden_state[:, -1]
-
-
-def _decode_hf(backend, small, base, branches, weights, beta, config, gen) -> str:
-    """Decode one prompt with all its branches batched on one KV cache per model.
-
-    Rows: the base context (the backend's model), then the plain context and each attribute's
-    context (the small model). When the small model is the backend's and the base context equals
-    the plain one, the base row is the plain row: 1 + n rows in one forward per step.
+    Rows: the base context (on ``backend``), then the plain context and each attribute's context
+    (on ``small``, the drift backend). When the small model is the backend and the base context
+    equals the plain one, the base row is the plain row: 1 + n rows per step.
     """
     import torch
 
     from prefsteer.backends.sampling import sample_next
 
-    if small is not backend and small.tokenizer.get_vocab() != backend.tokenizer.get_vocab():
-        raise ValueError("`drift_backend` has to share the backend's tokenizer for generation")
     base_ids = backend.encode_context(base)
+    if small is not backend and small.encode_context(base) != base_ids:
+        raise OptionError("`drift_backend` has to share the backend's tokenizer for generation")
     branch_ids = [small.encode_context(m) for m in branches]
     shared = small is backend and branch_ids[0] == base_ids
     steps = min(config.max_new_tokens, backend.max_context - max(len(c) for c in [base_ids] + branch_ids))
+    eos = backend.eos_token_ids
     w = torch.tensor(weights)
     new: list[int] = []
     with torch.inference_mode():
-        rows = _Rows(small, branch_ids)
-        base_rows = None if shared else _Rows(backend, [base_ids])
+        rows = small.start_decoding(branches)
+        base_rows = None if shared else backend.start_decoding([base])
         for step in range(steps):
-            branch_logits = rows.logits()                              # (1 + n, V)
-            base_logits = branch_logits[:1] if shared else base_rows.logits()
+            branch_logits = rows.logits().float().cpu()                # (1 + n, V)
+            base_logits = branch_logits[:1] if shared else base_rows.logits().float().cpu()
             logits = combine_logits(base_logits, branch_logits[:1], branch_logits[None, 1:], w, beta)
             tok = int(sample_next(logits, config, gen)[0])
-            if tok in backend.eos_ids:
+            if tok in eos:
                 break
             new.append(tok)
             if step == steps - 1:
                 break
-            rows.append(tok)
+            rows.append([tok] * len(branches))
             if base_rows is not None:
-                base_rows.append(tok)
-    return backend.tokenizer.decode(new, skip_special_tokens=True)
+                base_rows.append([tok])
+    return backend.decode_tokens(new)

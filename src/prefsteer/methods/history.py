@@ -5,18 +5,19 @@ The system prompt lists the user's past choices, oldest first, at most ``max_pai
 than the budget is cut to it, so the prompt is never empty when the user has pairs). A pair's margin
 is log p(chosen | system, prompt) - log p(rejected | system, prompt).
 
-    >>> base = BasePrompt(backend)
-    >>> base.fit("alice", pairs)
+    >>> base = BasePrompt(backend, memory=Memory("memory.db"), max_pairs=50)
+    >>> base.fit("alice", pairs)                   # stores the system prompt for alice
     >>> base.margins("alice", test_pairs)          # > 0: chosen ranked first
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
-from prefsteer.backends.base import GenerationConfig, user_turn
+from prefsteer.backends.base import GenerationConfig, require, user_turn
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import Method, MethodOutput, register_method
+from prefsteer.methods.base import Method, MethodOutput, config_from_options, register_method
 from prefsteer.methods.plain import plain_margins, timed_generate
 
 MAX_PAIRS = 200
@@ -50,31 +51,57 @@ def build_system_prompt(pairs: Sequence[PreferencePair], max_pairs: int = MAX_PA
     return text, used
 
 
+@dataclass
+class BaseConfig:
+    max_pairs: int = field(default=MAX_PAIRS, metadata={"help": "past pairs in the system prompt at most"})
+    max_chars: int = field(default=MAX_CHARS, metadata={"help": "characters of the system prompt at most"})
+
+    def __post_init__(self):
+        if self.max_pairs < 1:
+            raise ValueError(f"`max_pairs` (={self.max_pairs}) has to be at least 1")
+        if self.max_chars <= len(HEADER):
+            raise ValueError(f"`max_chars` (={self.max_chars}) has to exceed the header's {len(HEADER)} characters")
+
+
 @register_method("base")
 class BasePrompt(Method):
-    def __init__(self, backend, max_pairs: int = MAX_PAIRS, max_chars: int = MAX_CHARS, **options):
-        super().__init__(backend, **options)
-        if max_pairs < 1:
-            raise ValueError(f"`max_pairs` (={max_pairs}) has to be at least 1")
-        self.max_pairs, self.max_chars = max_pairs, max_chars
-        self.systems: dict[str, str] = {}
+    """Options: the fields of `BaseConfig`. The stored state is the system prompt itself and the
+    ids of the pairs it holds."""
+
+    config_class = BaseConfig
+
+    def __init__(self, backend, memory=None, config: BaseConfig | None = None, **options):
+        super().__init__(backend, memory=memory, **options)
+        self.config = config_from_options(BaseConfig, options, "base", config)
+        self.max_pairs, self.max_chars = self.config.max_pairs, self.config.max_chars
+        self.systems: dict[str, str] = {}   # user -> system prompt, this process's copy of the state
         self.n_pairs: dict[str, int] = {}
 
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:
-        self.systems[user_id], self.n_pairs[user_id] = build_system_prompt(
-            list(pairs), self.max_pairs, self.max_chars)
+        pairs = list(pairs)
+        system, n = build_system_prompt(pairs, self.max_pairs, self.max_chars)
+        self.systems[user_id], self.n_pairs[user_id] = system, n
+        self.save_state(user_id, {"system": system, "pairs_in_prompt": n,
+                                  "pair_ids": [p.pair_id for p in pairs[:n]]}, n_pairs=len(pairs))
 
     def system(self, user_id: str) -> str:
         if user_id not in self.systems:
-            raise ValueError(f"base has not been fitted for user '{user_id}'")
+            st = self.require_state(user_id)["state"]
+            self.systems[user_id], self.n_pairs[user_id] = st["system"], st["pairs_in_prompt"]
         return self.systems[user_id]
 
+    def describe_state(self, state: dict) -> dict:
+        return {"pairs_in_prompt": state["pairs_in_prompt"], "pair_ids": state["pair_ids"],
+                "prompt_chars": len(state["system"])}
+
     def margins(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[float]:
+        require(self.backend, "score", "the base method's margins")
         return plain_margins(self.options.get("scorer") or self.backend, pairs, self.system(user_id))
 
     def generate(self, user_id: str, prompts: Sequence[str],
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
         system = self.system(user_id)
+        require(self.backend, "generate", "the base method")
         gens, secs = timed_generate(self.backend, [user_turn(p, system) for p in prompts], config)
         return [MethodOutput(g.text, [], {"generation": secs}, {"pairs_in_prompt": self.n_pairs[user_id]})
                 for g in gens]

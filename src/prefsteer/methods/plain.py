@@ -1,11 +1,15 @@
-"""No personalization: the base model as it is (the reference every method is compared with)."""
+"""No personalization: the base model as it is (the reference every method is compared with).
+
+It learns nothing, so it stores nothing: `generate` works for any user, fitted or not.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
-from prefsteer.backends.base import GenerationConfig, ScoreRequest, user_turn
+from prefsteer.backends.base import GenerationConfig, ScoreRequest, require, user_turn
 from prefsteer.types import PreferencePair
 from prefsteer.methods.base import Method, MethodOutput, register_method
 
@@ -25,15 +29,35 @@ def timed_generate(backend, contexts, config: GenerationConfig | None, **kw) -> 
     return gens, time.perf_counter() - start
 
 
+@dataclass
+class PlainConfig:
+    """`none` has no options."""
+
+
 @register_method("none")
 class Plain(Method):
+    config_class = PlainConfig
+
+    def __init__(self, backend, memory=None, **options: Any):
+        super().__init__(backend, memory=memory, **options)
+        self.config = PlainConfig()
+
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:
-        pass
+        pass  # nothing to learn, nothing to store
+
+    def profile(self, user_id: str) -> dict[str, Any]:
+        return {"method": self.name, "fitted": True, "stale": False, "pairs": None, "updated": None,
+                "state": {"note": "no per-user state: the base model as it is"}}
+
+    def feedback(self, user_id: str, pairs: Sequence[PreferencePair]) -> str:
+        return "unchanged"
 
     def margins(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[float]:
+        require(self.backend, "score", "the none method's margins")
         return plain_margins(self.options.get("scorer") or self.backend, pairs)
 
     def generate(self, user_id: str, prompts: Sequence[str],
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
+        require(self.backend, "generate", "the none method")
         gens, secs = timed_generate(self.backend, [user_turn(p) for p in prompts], config)
         return [MethodOutput(g.text, [], {"generation": secs}) for g in gens]

@@ -6,31 +6,34 @@ alpha=32, dropout 0.05 on q/k/v/o projections). Per user, adapters and head are 
 Bradley-Terry loss -log sigmoid(r(x, y_w) - r(x, y_l)): AdamW, lr 1e-4, batch 8 pairs, 3 epochs,
 sequences at most 1024 tokens (the prompt is cut from the left).
 
-The backend's model is shared with the other methods, so the adapters are injected only for the
-duration of a call and removed afterwards (peft ``unload``, without merging); the base weights are
-never written. Each user's adapter and head weights are kept as CPU tensors (~2 M numbers).
+The backend's model is shared with the other methods, so the adapters live only for the duration
+of a call (``with backend.adapter(spec, state) as a:``, the backend's business: peft on the
+transformers backend); the base weights are never written. Each user's adapter and head weights
+(~2 M numbers) are stored as one safetensors file beside the memory and loaded back by any process.
 
-    >>> rm = Reward(backend, epochs=3, max_train_pairs=40)
-    >>> rm.fit("alice", train_pairs)
+    >>> rm = Reward(backend, memory=Memory("memory.db"), epochs=3, max_train_pairs=40)
+    >>> rm.fit("alice", train_pairs)               # stores alice's adapter and head
     >>> rm.margins("alice", test_pairs)            # r(x, y_w) - r(x, y_l)
     >>> rm.generate("alice", ["Write a TL;DR of ..."], GenerationConfig(max_new_tokens=300))
 
-Needs a backend with a trainable transformers model: ``model``, ``device``, ``pad_id``,
-``encode_context(messages)`` and ``encode_continuation(text)`` (the ``hf`` backend has them).
+Needs a backend with the ``adapter`` operation (the ``hf`` and ``fake`` backends have it).
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from prefsteer.backends.base import GenerationConfig, user_turn
+from prefsteer.backends.base import AdapterSpec, GenerationConfig, require, user_turn
+from prefsteer.errors import PrefsteerError
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import Method, MethodOutput, register_method
+from prefsteer.methods.base import Method, MethodOutput, NotFittedError, config_from_options, register_method
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -91,86 +94,85 @@ def truncate(context: list[int], continuation: list[int], max_length: int) -> li
     return context[-keep:] + continuation
 
 
+# options that only shape best-of-n generation and scoring, not what `fit` learns
+GENERATION_OPTIONS = ("n", "temperature", "top_k", "top_p", "score_batch")
+WEIGHTS_FILE = "reward.safetensors"
+
+
 @register_method("reward")
 class Reward(Method):
-    """Options: the fields of `RewardConfig`; ``system`` (system prompt of the contexts)."""
+    """Options: the fields of `RewardConfig`; ``system`` (system prompt of the contexts); ``memory``
+    (where each user's adapter and head are stored, as one safetensors file)."""
 
-    def __init__(self, backend, config: RewardConfig | None = None, system: str | None = None,
+    config_class = RewardConfig
+
+    def __init__(self, backend, memory=None, config: RewardConfig | None = None, system: str | None = None,
                  progress: bool = False, **options: Any):
-        super().__init__(backend, **options)
-        self.config = config or RewardConfig(**{k: v for k, v in options.items()
-                                                if k in RewardConfig.__dataclass_fields__})
+        super().__init__(backend, memory=memory, **options)
+        self.config = config_from_options(RewardConfig, options, "reward", config)
         self.system, self.progress = system, progress
-        self.states: dict[str, dict[str, Any]] = {}   # user -> {"lora": state dict, "head": state dict}
+        # this process's copy of the stored states: user -> {"lora": state dict, "head": state dict}
+        self.states: dict[str, dict[str, Any]] = {}
         self.fit_info: dict[str, dict[str, Any]] = {}
 
-    # -- the adapted model, for the duration of a call -----------------------------------------
-    def _check_backend(self) -> None:
-        missing = [a for a in ("model", "encode_context", "encode_continuation") if not hasattr(self.backend, a)]
-        if missing:
-            raise NotImplementedError(f"the reward method needs a transformers backend; "
-                                      f"'{getattr(self.backend, 'name', '?')}' lacks {', '.join(missing)}")
+    def state_options(self) -> dict[str, Any]:
+        opts = {k: v for k, v in asdict(self.config).items() if k not in GENERATION_OPTIONS}
+        opts["system"] = self.system
+        return opts
 
-    @contextmanager
-    def _adapted(self, lora_state: dict | None = None) -> Iterator[Any]:
-        """Inject LoRA adapters into the backend's model (loading ``lora_state`` if given) and
-        remove them on exit: the base weights, their ``requires_grad`` and the mode are restored."""
-        from peft import LoraConfig, LoraModel, set_peft_model_state_dict
-
-        self._check_backend()
-        model = self.backend.model
-        grads = {n: p.requires_grad for n, p in model.named_parameters()}
-        was_training = model.training
-        cfg = LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=self.config.dropout,
-                         target_modules=list(self.config.target_modules), bias="none")
-        tuner = LoraModel(model, cfg, "default")
-        try:
-            if lora_state is not None:
-                set_peft_model_state_dict(model, lora_state)
-            yield model
-        finally:
-            tuner.unload()
-            for n, p in model.named_parameters():
-                p.requires_grad_(grads[n])
-            model.train(was_training)
-
-    def _body(self, model):
-        return getattr(model, model.base_model_prefix, None) or model.model
+    @property
+    def spec(self) -> AdapterSpec:
+        c = self.config
+        return AdapterSpec(r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=tuple(c.target_modules))
 
     def _sequence(self, prompt: str, response: str) -> list[int]:
         ctx = self.backend.encode_context(user_turn(prompt, self.system))
         return truncate(ctx, self.backend.encode_continuation(response), self.config.max_length)
 
-    def _forward(self, model, head, seqs: list[list[int]]) -> "torch.Tensor":
-        """Rewards (B,) of right-padded sequences: the head on each one's last hidden state.
-        With causal attention no real token sees the padding, so no mask is needed."""
+    @staticmethod
+    def _forward(adapter, head, seqs: list[list[int]]) -> "torch.Tensor":
+        """Rewards (B,): the head on each sequence's last hidden state (moved to the CPU, where
+        the head lives: d numbers per sequence)."""
+        return head(adapter.last_hidden(seqs).float().cpu()).squeeze(-1)      # (B,)
+
+    @staticmethod
+    def _new_head(hidden_size: int) -> "torch.nn.Linear":
         import torch
 
-        dev = next(model.parameters()).device
-        pad = getattr(self.backend, "pad_id", 0) or 0
-        B, T = len(seqs), max(len(s) for s in seqs)
-        ids = torch.full((B, T), pad, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s)] = torch.tensor(s)
-        hidden = self._body(model)(input_ids=ids.to(dev)).last_hidden_state  # (B, T, d)
-        last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
-        h = hidden[torch.arange(B, device=dev), last]                        # (B, d)
-        return head(h.float()).squeeze(-1)                                   # (B,)
+        head = torch.nn.Linear(hidden_size, 1, bias=False)
+        torch.nn.init.normal_(head.weight, std=hidden_size ** -0.5)  # SmolLM2's initializer_range
+        return head
 
-    def _new_head(self, model) -> "torch.nn.Linear":
-        import torch
+    # -- persisted state --------------------------------------------------------------------
+    def _state(self, user_id: str) -> dict[str, Any]:
+        """The user's adapter and head weights, from this process or the memory."""
+        if user_id not in self.states:
+            from safetensors.torch import load_file
 
-        d = model.config.hidden_size
-        head = torch.nn.Linear(d, 1, bias=False)
-        torch.nn.init.normal_(head.weight, std=getattr(model.config, "initializer_range", 0.02))
-        return head.to(next(model.parameters()).device)
+            st = self.require_state(user_id)
+            path = st["files"].get(WEIGHTS_FILE)
+            if path is None:
+                raise NotFittedError(self.name, user_id)
+            try:
+                tensors = load_file(path)
+            except OSError as e:
+                raise PrefsteerError(f"{path}: cannot read the reward weights of user '{user_id}' "
+                                     f"({e.strerror or e}); fit again with `prefsteer index --method reward`") from e
+            self.states[user_id] = {"lora": {k[len("adapter."):]: v for k, v in tensors.items()
+                                             if k.startswith("adapter.")},
+                                    "head": {"weight": tensors["head.weight"]}}
+            self.fit_info.setdefault(user_id, st["state"])
+        return self.states[user_id]
+
+    def describe_state(self, state: dict) -> dict:
+        return {k: state.get(k) for k in ("pairs", "steps", "final_loss", "epoch_losses", "seconds")}
 
     # -- the Method interface ---------------------------------------------------------------
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:
         import torch
-        from peft import get_peft_model_state_dict
+        from safetensors.torch import save
 
-        self._check_backend()
+        require(self.backend, "adapter", "the reward method")
         c = self.config
         pairs = list(pairs)
         if c.max_train_pairs and len(pairs) > c.max_train_pairs:
@@ -184,11 +186,11 @@ class Reward(Method):
         epoch_losses: list[float] = []
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             torch.manual_seed(c.seed)  # the adapters' and head's init, dropout
-            with self._adapted() as model:
-                head = self._new_head(model)
-                params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-                opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
-                model.train()
+            with self.backend.adapter(self.spec) as adapter:
+                head = self._new_head(adapter.hidden_size)
+                opt = torch.optim.AdamW(list(adapter.parameters()) + list(head.parameters()),
+                                        lr=c.lr, weight_decay=0.0)
+                adapter.train(True)
                 order_rng = np.random.default_rng(c.seed)
                 steps = -(-len(pairs) // c.batch_size) * c.epochs
                 bar = None
@@ -204,7 +206,7 @@ class Reward(Method):
                         total = 0.0
                         for mlo in range(0, len(batch), c.micro_batch):
                             micro = batch[mlo: mlo + c.micro_batch]
-                            r = self._forward(model, head, [seqs[i][0] for i in micro] + [seqs[i][1] for i in micro])
+                            r = self._forward(adapter, head, [seqs[i][0] for i in micro] + [seqs[i][1] for i in micro])
                             loss = bt_loss(r[: len(micro)], r[len(micro):])
                             (loss * len(micro) / len(batch)).backward()
                             total += loss.item() * len(micro) / len(batch)
@@ -217,33 +219,37 @@ class Reward(Method):
                     epoch_losses.append(float(np.mean(epoch)))
                 if bar is not None:
                     bar.close()
-                lora = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-        self.states[user_id] = {"lora": lora, "head": {k: v.detach().cpu().clone()
-                                                       for k, v in head.state_dict().items()}}
-        self.fit_info[user_id] = {"pairs": len(pairs), "steps": len(losses), "losses": losses,
-                                  "epoch_losses": epoch_losses, "seconds": time.perf_counter() - start,
-                                  "tokens": sum(len(a) + len(b) for a, b in seqs) * c.epochs}
+                adapter.train(False)
+                lora = {k: v.detach().cpu().clone() for k, v in adapter.state_dict().items()}
+        state = {"lora": lora, "head": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}}
+        self.states[user_id] = state
+        info = {"pairs": len(pairs), "steps": len(losses), "losses": losses, "epoch_losses": epoch_losses,
+                "final_loss": epoch_losses[-1], "seconds": time.perf_counter() - start,
+                "tokens": sum(len(a) + len(b) for a, b in seqs) * c.epochs}
+        self.fit_info[user_id] = info
+        tensors = {**{f"adapter.{k}": v.contiguous() for k, v in lora.items()},
+                   "head.weight": state["head"]["weight"].contiguous()}
+        self.save_state(user_id, info, files={WEIGHTS_FILE: save(tensors)}, n_pairs=len(pairs))
 
     def rewards(self, user_id: str, items: Sequence[tuple[str, str]]) -> list[float]:
         """r(x, y) of each (prompt, response) under the user's reward model."""
         import torch
 
-        if user_id not in self.states:
-            raise ValueError(f"reward has not been fitted for user '{user_id}'")
+        state = self._state(user_id)
         if not items:
             return []
-        state = self.states[user_id]
+        require(self.backend, "adapter", "the reward method")
         seqs = [self._sequence(x, y) for x, y in items]
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths pad less
         out = [0.0] * len(seqs)
-        with self._adapted(state["lora"]) as model, torch.inference_mode():
-            model.eval()
-            head = self._new_head(model)
+        with self.backend.adapter(self.spec, state["lora"]) as adapter, torch.inference_mode():
+            adapter.train(False)
+            head = self._new_head(adapter.hidden_size)
             head.load_state_dict(state["head"])
             bs = self.config.score_batch
             for lo in range(0, len(order), bs):
                 idx = order[lo: lo + bs]
-                for i, r in zip(idx, self._forward(model, head, [seqs[i] for i in idx]).tolist()):
+                for i, r in zip(idx, self._forward(adapter, head, [seqs[i] for i in idx]).tolist()):
                     out[i] = r
         return out
 
@@ -256,8 +262,8 @@ class Reward(Method):
         """Best-of-n: n candidates sampled from the base model (temperature, top-k and top-p from
         the method's options; length and seed from ``config``), the highest reward wins."""
         c = self.config
-        if user_id not in self.states:
-            raise ValueError(f"reward has not been fitted for user '{user_id}'")
+        self._state(user_id)  # not fitted: fail before sampling
+        require(self.backend, "generate", "the reward method's candidates")
         config = config or GenerationConfig()
         sample = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=True,
                                   temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,

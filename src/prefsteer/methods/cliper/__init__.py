@@ -2,13 +2,14 @@
 
     >>> m = Cliper(backend, prefs="concise=1,humor=0.5", alpha=2.0, top_k=20)
     >>> m.generate("u1", ["Write a TL;DR of ..."])          # guided by the shipped classifiers
-    >>> m.fit("u1", train_pairs)                             # the user's personal classifier
+    >>> m = Cliper(backend, memory=Memory("memory.db"), alpha=2.0)
+    >>> m.fit("u1", train_pairs)                             # the user's personal classifier, stored
     >>> m.margins("u1", test_pairs)                          # its pairwise scores
     >>> Cliper(backend, prefs="personal=1,concise=0.5").generate("u1", prompts)
 
 ``prefs`` names the classifiers (``concise``, ``humor``, ``formal``, ``empathetic``, ``helpful``,
 any classifier trained with ``prefsteer cliper train``, and ``personal``: the user's own, once
-fitted). Without ``prefs``, a fitted user is guided by their personal classifier alone; with
+fitted; it is stored in the memory, so any process serves it). Without ``prefs``, a fitted user is guided by their personal classifier alone; with
 ``alpha=0`` the output is exactly plain decoding.
 
 ``margins`` is the personal classifier's mean log-odds over the chosen answer's tokens minus the
@@ -19,38 +20,70 @@ exactly that per-token evidence, and the mean keeps longer answers from winning 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from prefsteer.backends.base import GenerationConfig, user_turn
+from prefsteer.backends.base import GenerationConfig, require, user_turn
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import Method, MethodOutput, register_method
+from prefsteer.methods.base import Method, MethodOutput, NotFittedError, config_from_options, register_method
 
 DEFAULT_ALPHA = 0.5  # `prefsteer cliper calibrate` (all five preferences) on SmolLM2-135M-Instruct: results/cliper/README.md
 DEFAULT_TOP_K = 20
+HEAD_FILE = "personal.safetensors"
+# the options the personal classifier is trained under: a stored one serves under any prefs/alpha/top_k
+FIT_OPTIONS = ("personal_rank", "personal_steps", "personal_weight_decay")
+
+
+@dataclass
+class CliperConfig:
+    prefs: str | None = field(default=None, metadata={
+        "help": "classifiers and weights, e.g. 'concise=1,humor=0.5' ('personal': the user's own; "
+                "default: the personal one alone)"})
+    alpha: float = field(default=DEFAULT_ALPHA, metadata={"help": "guidance strength (0: plain decoding)"})
+    top_k: int = field(default=DEFAULT_TOP_K, metadata={"help": "candidate tokens re-scored per step"})
+    personal_rank: int = field(default=4, metadata={"help": "rank of the personal classifier's bilinear term"})
+    personal_steps: int = field(default=200, metadata={"help": "training steps of the personal classifier"})
+    personal_weight_decay: float = field(default=0.05, metadata={
+        "help": "L2 penalty of the personal classifier"})
+
+    def __post_init__(self):
+        from prefsteer.methods.cliper.guidance import check_alpha, check_top_k
+
+        self.alpha = check_alpha(DEFAULT_ALPHA if self.alpha is None else self.alpha)
+        self.top_k = check_top_k(DEFAULT_TOP_K if self.top_k is None else self.top_k)
+        if self.personal_rank < 0:
+            raise ValueError(f"`personal_rank` (={self.personal_rank}) has to be a non-negative integer")
+        if self.personal_steps < 1:
+            raise ValueError(f"`personal_steps` (={self.personal_steps}) has to be at least 1")
+        if self.personal_weight_decay < 0:
+            raise ValueError(f"`personal_weight_decay` (={self.personal_weight_decay}) has to be non-negative")
 
 
 @register_method("cliper")
 class Cliper(Method):
-    """Options: ``prefs`` (str or dict), ``alpha`` (>= 0), ``top_k`` (>= 1), ``classifier_dirs``
-    (extra directories holding classifiers), ``personal_rank`` / ``personal_steps`` (the personal
-    head's size and training steps)."""
+    """Options: the fields of `CliperConfig` (``prefs`` may also be a dict); ``classifier_dirs``
+    (extra directories holding classifiers); ``memory`` (where personal classifiers are stored)."""
 
-    def __init__(self, backend, prefs: str | dict[str, float] | None = None, alpha: float | None = None,
-                 top_k: int | None = None, classifier_dirs: Sequence[str] | None = None, **options: Any):
-        from prefsteer.methods.cliper.guidance import check_alpha, check_top_k
+    config_class = CliperConfig
+
+    def __init__(self, backend, memory=None, config: CliperConfig | None = None,
+                 classifier_dirs: Sequence[str] | None = None, **options: Any):
         from prefsteer.methods.cliper.prefs import parse_prefs
 
-        super().__init__(backend, **options)
+        super().__init__(backend, memory=memory, **options)
+        self.config = config_from_options(CliperConfig, options, "cliper", config)
         self.classifier_dirs = list(classifier_dirs or [])
         extra = set(self._available())
-        self.prefs = parse_prefs(prefs, known=extra)
-        self.alpha = check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
-        self.top_k = check_top_k(DEFAULT_TOP_K if top_k is None else top_k)
+        self.prefs = parse_prefs(self.config.prefs, known=extra)
+        self.alpha, self.top_k = self.config.alpha, self.config.top_k
         self._heads: dict[str, Any] = {}     # name -> PreferenceHead, loaded once
-        self._personal: dict[str, Any] = {}  # user_id -> PreferenceHead
+        self._personal: dict[str, Any] = {}  # user_id -> PreferenceHead, this process's copy
         for name in self.prefs:  # fail now, with the classifier's own message, not mid-generation
             if name != "personal":
                 self._head(name)
+
+    def state_options(self) -> dict[str, Any]:
+        return {k: getattr(self.config, k) for k in FIT_OPTIONS}
 
     def _available(self) -> list[str]:
         from prefsteer.methods.cliper.heads import available_classifiers
@@ -69,25 +102,56 @@ class Cliper(Method):
 
     # -- the personal classifier ----------------------------------------------------------------
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:
+        from safetensors.torch import save
+
         from prefsteer.methods.cliper.train import TrainConfig, pair_items, train_classifier
 
+        for op in ("hidden_states", "token_embeddings"):
+            require(self.backend, op, "cliper's personal classifier")
         if not pairs:
             raise ValueError(f"user '{user_id}': no training pairs to fit the personal classifier on")
-        cfg = TrainConfig(rank=int(self.options.get("personal_rank", 4)),
-                          steps=int(self.options.get("personal_steps", 200)),
-                          weight_decay=float(self.options.get("personal_weight_decay", 0.05)),
+        c = self.config
+        cfg = TrainConfig(rank=c.personal_rank, steps=c.personal_steps, weight_decay=c.personal_weight_decay,
                           val_fraction=0.0)
         head, _ = train_classifier(self.backend, pair_items(pairs), f"personal-{user_id}", cfg,
                                    data_description={"kind": "personal", "user_id": user_id,
                                                      "pairs": [p.pair_id for p in pairs]})
         self._personal[user_id] = head
+        weights = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+        self.save_state(user_id, {"hidden_size": head.hidden_size, "rank": head.rank, "meta": head.meta},
+                        files={HEAD_FILE: save(weights)}, n_pairs=len(pairs))
+
+    def _stored_head(self, user_id: str | None):
+        """The user's personal classifier, from this process or the memory; None when there is none."""
+        if user_id is None:
+            return None
+        if user_id not in self._personal:
+            st = self.load_state(user_id)
+            if st is None or HEAD_FILE not in st["files"]:
+                return None
+            from safetensors.torch import load_file
+
+            from prefsteer.methods.cliper.heads import PreferenceHead
+
+            s = st["state"]
+            head = PreferenceHead(int(s["hidden_size"]), int(s["rank"]), s["meta"])
+            head.load_state_dict(load_file(st["files"][HEAD_FILE]))
+            head.eval()
+            self._personal[user_id] = head
+        return self._personal[user_id]
 
     def personal_head(self, user_id: str):
-        from prefsteer.errors import UnknownUserError
+        head = self._stored_head(user_id)
+        if head is None:
+            raise NotFittedError(self.name, user_id)
+        return head
 
-        if user_id not in self._personal:
-            raise UnknownUserError(user_id, sorted(self._personal))
-        return self._personal[user_id]
+    def describe_state(self, state: dict) -> dict:
+        metrics = state["meta"].get("metrics", {}).get("final_train", {})
+        return {"prefs": self.prefs or {"personal": 1.0}, "alpha": self.alpha, "top_k": self.top_k,
+                "personal_accuracy": metrics.get("answer_accuracy"),
+                "personal_token_accuracy": metrics.get("token_accuracy"),
+                "personal_tokens": metrics.get("tokens"), "rank": state["rank"]}
 
     def margins(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[float]:
         import torch
@@ -97,6 +161,7 @@ class Cliper(Method):
         head = self.personal_head(user_id)
         if not pairs:
             return []
+        require(self.backend, "hidden_states", "cliper's margins")
         items = pair_items(pairs)
         feats = features(self.backend, items)
         with torch.no_grad():
@@ -114,10 +179,11 @@ class Cliper(Method):
         from prefsteer.methods.cliper.guidance import CliperGuide
 
         prefs = dict(self.prefs)
-        if not prefs and user_id in self._personal:
+        if not prefs and self._stored_head(user_id) is not None:
             prefs = {"personal": 1.0}
         if not prefs:
             return None, prefs
+        require(self.backend, "token_embeddings", "cliper's guidance")
         heads = [self.personal_head(user_id) if n == "personal" else self._head(n) for n in prefs]
         guide = CliperGuide(HeadBank(heads), list(prefs.values()), self.alpha, self.top_k,
                             self.backend.token_embeddings())
@@ -127,8 +193,11 @@ class Cliper(Method):
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
         guide, prefs = self.guide_for(user_id)
         if guide is None:
-            raise ValueError("cliper: no preference to guide with: pass `prefs` (e.g. "
-                             "'concise=1,humor=0.5') or fit the user's personal classifier first")
+            raise NotFittedError(self.name, user_id, hint=(
+                "cliper has no preference to guide with: pass `prefs` (e.g. 'concise=1,humor=0.5') "
+                "or fit the user's personal classifier"))
+        if self.alpha != 0:
+            require(self.backend, "guide", "cliper's guided decoding")
         start = time.perf_counter()
         gens = self.backend.generate([user_turn(p) for p in prompts], config,
                                      guide=None if self.alpha == 0 else guide)

@@ -54,31 +54,9 @@ class TrainConfig:
 
 # -- features -----------------------------------------------------------------------------------
 
-def eos_id(backend) -> int | None:
-    for attr in ("eos_id", "eos_token_id"):
-        v = getattr(backend, attr, None)
-        if isinstance(v, int):
-            return v
-    tok = getattr(backend, "tokenizer", None)
-    v = getattr(tok, "eos_token_id", None)
-    return v if isinstance(v, int) else None
-
-
 def continuation_ids(backend, req: ScoreRequest) -> list[int]:
     """The token ids of ``req.continuation`` as the backend reads it after the context."""
-    for attr in ("encode_continuation", "tokenize"):
-        fn = getattr(backend, attr, None)
-        if callable(fn):
-            return list(fn(req.continuation))
-    raise TypeError(f"backend '{getattr(backend, 'name', backend)}' exposes neither "
-                    "`encode_continuation` nor `tokenize`: CLIPer cannot read its token ids")
-
-
-def eos_text(backend) -> str | None:
-    """The end-of-sequence token as text, when the backend's tokenizer reads it back as one token."""
-    tok = getattr(backend, "tokenizer", None)
-    text = getattr(tok, "eos_token", None)
-    return text if isinstance(text, str) and text else None
+    return list(backend.encode_continuation(req.continuation))
 
 
 def features(backend, items: Sequence[LabelledText], *, batch_size: int = 16,
@@ -90,8 +68,8 @@ def features(backend, items: Sequence[LabelledText], *, batch_size: int = 16,
     backend's tokenizer has one). Returns H (N, d), E (N, d), y (N,), item (N,) (index into
     ``items``)."""
     emb = backend.token_embeddings()                                     # (V, d)
-    eos, eos_str = eos_id(backend), eos_text(backend)
-    end_ok = with_eos and eos is not None and eos_str is not None
+    eos, eos_str = backend.eos_token_ids, backend.eos_text
+    end_ok = with_eos and bool(eos) and eos_str is not None
     Hs, Es, ys, idx = [], [], [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
@@ -102,7 +80,7 @@ def features(backend, items: Sequence[LabelledText], *, batch_size: int = 16,
             ids = continuation_ids(backend, req)
             if len(ids) != h.shape[0]:
                 raise RuntimeError(f"backend gave {h.shape[0]} hidden states for {len(ids)} tokens")
-            if end_ok and it.ended and (not ids or ids[-1] != eos):  # EOS did not read back as itself
+            if end_ok and it.ended and (not ids or ids[-1] not in eos):  # EOS did not read back as itself
                 n = len(continuation_ids(backend, ScoreRequest.of(user_turn(it.prompt), it.text)))
                 ids, h = ids[:n], h[:n]
             if not ids:
@@ -209,7 +187,7 @@ def train_classifier(backend, items: Sequence[LabelledText], name: str, cfg: Tra
     head.meta = {
         "name": name,
         "fingerprint": backend.fingerprint,
-        "template_id": getattr(backend, "template_id", ""),
+        "template_id": backend.template_id,
         "hidden_size": d,
         "rank": cfg.rank,
         "train_config": cfg.__dict__,
@@ -236,7 +214,7 @@ def generate_preference_data(backend, prompts: Sequence[str], prefs: Sequence[st
     Returns ``{"plain": [...], pref: [...]}``; labels: plain 0, instructed 1."""
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
                            temperature=0.8 if do_sample else 1.0)
-    eos = eos_id(backend)
+    eos = backend.eos_token_ids
     out: dict[str, list[LabelledText]] = {}
     jobs = [("plain", None)] + [(p, PREFERENCES[p].instruction) for p in prefs]
     for key, instr in jobs:
@@ -247,7 +225,7 @@ def generate_preference_data(backend, prompts: Sequence[str], prefs: Sequence[st
             ctx = [user_turn(p if instr is None else instructed(p, instr)) for p in chunk]
             gens = backend.generate(ctx, cfg)
             for j, (p, g) in enumerate(zip(chunk, gens)):
-                ended = len(g.token_ids) < max_new_tokens or (eos is not None and eos in g.token_ids)
+                ended = len(g.token_ids) < max_new_tokens or any(t in eos for t in g.token_ids)
                 texts.append(LabelledText(p, g.text, 0 if instr is None else 1, s + j,
                                           list(g.token_ids), ended, key))
             if progress:

@@ -16,12 +16,13 @@ from typing import Sequence
 import numpy as np
 
 from prefsteer.attributes import AttributeLibrary, inject, load_library
-from prefsteer.backends.base import GenerationConfig, ScoreRequest, user_turn
+from prefsteer.backends.base import GenerationConfig, ScoreRequest, require, user_turn
 from prefsteer.retrieval import Embedder, load_embedder, nearest
 from prefsteer.methods.exact.select import SELECTORS, Selection, greedy_select, make_objective, screened_greedy_select
-from prefsteer.memory import Entry, Memory, ScoreCache, sha
+from prefsteer.errors import PrefsteerError
+from prefsteer.memory import Entry, Memory, ScoreCache, sha, with_id
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import Method, MethodOutput, register_method
+from prefsteer.methods.base import Method, MethodOutput, config_from_options, register_method
 from prefsteer.methods.plain import timed_generate
 
 log = logging.getLogger(__name__)
@@ -57,17 +58,30 @@ class ExactConfig:
             raise ValueError(f"`screen_dtype` (={self.screen_dtype!r}) has to be bfloat16, float16 or float32")
 
 
+SCOPES = ("all", "given", "replace")
+
+
 @register_method("exact")
 class Exact(Method):
+    """``scope`` says what a user's retrievable memory is built from after `fit`: ``"all"`` the
+    user's stored pairs, old and new (adding pairs adds to the memory: `prefsteer index`),
+    ``"given"`` only the pairs of this fit (an evaluation split's training pairs; the others stay
+    stored), ``"replace"`` only these, and the user's other pairs are deleted (`index --replace`)."""
+
+    config_class = ExactConfig
+
     def __init__(self, backend, memory: Memory | None = None, embedder: Embedder | str | None = None,
                  library: AttributeLibrary | str | None = None, config: ExactConfig | None = None,
-                 progress: bool = False, **options):
+                 progress: bool = False, scope: str = "all", **options):
+        cfg = config_from_options(ExactConfig, options, self.name or "exact", config)
+        if scope not in SCOPES:
+            raise ValueError(f"`scope` (={scope!r}) has to be one of {', '.join(SCOPES)}")
         super().__init__(backend, **options)
         self.memory = memory if memory is not None else Memory(":memory:")
         self._embedder = embedder
         self.library = library if isinstance(library, AttributeLibrary) else load_library(library)
-        self.config = config or ExactConfig(**{k: v for k, v in options.items()
-                                               if k in ExactConfig.__dataclass_fields__})
+        self.config = cfg
+        self.scope = scope
         self.scorer = ScoreCache(backend, self.memory)
         self._screen: ScoreCache | None = None
         self.progress = progress
@@ -83,11 +97,8 @@ class Exact(Method):
         """The scorer that ranks candidates for ``mode="screened"``: the model cast to
         ``screen_dtype`` (its own fingerprint, so its scores are cached apart)."""
         if self._screen is None:
-            cast = getattr(self.backend, "cast", None)
-            if cast is None:
-                raise ValueError(f"the '{self.backend.name}' backend cannot make a screen copy of its "
-                                 "model (no `cast`); use another mode than 'screened'")
-            self._screen = ScoreCache(cast(self.config.screen_dtype), self.memory)
+            require(self.backend, "cast", "EXACT's screened mode (use another --mode)")
+            self._screen = ScoreCache(self.backend.cast(self.config.screen_dtype), self.memory)
         return self._screen
 
     def _objectives(self, pair: PreferencePair):
@@ -137,17 +148,23 @@ class Exact(Method):
         s = found[j]
         return Selection(tuple(s["attributes"]), s["objective"], s["base_objective"], s["gains"])
 
+    def _store(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
+        """Store the fit's pairs and return what the user's memory is built from (see ``scope``)."""
+        pairs = [with_id(p) for p in pairs]
+        self.memory.add_pairs(pairs)
+        return self.memory.pairs(user_id) if self.scope == "all" else pairs
+
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:
         """Index the user's pairs. Each pair's selection is saved as soon as it is made, so an
-        interrupted run resumes where it stopped; the user's retrievable entries are replaced in
-        one transaction at the end."""
+        interrupted run resumes where it stopped; the user's retrievable entries are rebuilt (from
+        what ``scope`` says) in one transaction at the end."""
         from tqdm.auto import tqdm
 
-        self.memory.add_pairs(pairs)
+        pool = self._store(user_id, pairs)
         self.memory.set_status(user_id, "indexing")
         cid = self.config_id
         best: dict[str, Entry] = {}
-        for p in tqdm(pairs, desc=f"indexing {user_id}", unit="pair", disable=not self.progress, leave=False):
+        for p in tqdm(pool, desc=f"indexing {user_id}", unit="pair", disable=not self.progress, leave=False):
             sel = self.memory.selection(user_id, p.pair_id, cid)
             if sel is None:
                 s = self.select(p)
@@ -159,23 +176,44 @@ class Exact(Method):
         entries = list(best.values())
         self._embed(entries)
         with self.memory.transaction():
+            if self.scope == "replace":
+                self.memory.forget_pairs(user_id, keep=[p.pair_id for p in pool])
             self.memory.put_entries(user_id, entries, replace_all=True)
             self.memory.set_status(user_id, "ready")
 
     def add_feedback(self, pair: PreferencePair) -> Entry:
-        """Append one pair to the user's memory without re-indexing the others."""
-        self.memory.add_pairs([pair])
-        s = self.select(pair)
-        entry = Entry(pair.user_id, pair.prompt, pair.pair_id, list(s.attributes), s.objective,
-                      s.base_objective, s.gains, config_id=self.config_id)
+        """Add one pair to the user's memory without re-indexing the others: selected first, then
+        the pair, its selection and its entry are stored in one transaction (a failure stores
+        nothing). A pair already indexed under this configuration is not selected again."""
+        pair = with_id(pair)
+        cid = self.config_id
+        known = self.memory.users()
+        stored = pair.user_id in known and any(
+            (p.pair_id, p.prompt, p.chosen, p.rejected) == (pair.pair_id, pair.prompt, pair.chosen, pair.rejected)
+            for p in self.memory.pairs(pair.user_id))
+        sel = self.memory.selection(pair.user_id, pair.pair_id, cid) if stored else None
+        if sel is None:
+            s = self.select(pair)
+            sel = {"attributes": list(s.attributes), "objective": s.objective,
+                   "base_objective": s.base_objective, "gains": s.gains}
+        entry = Entry(pair.user_id, pair.prompt, pair.pair_id, config_id=cid, **sel)
         self._embed([entry])
         with self.memory.transaction():
-            self.memory.put_selection(pair.user_id, pair.pair_id, self.config_id, entry.attributes,
-                                      s.objective, s.base_objective, s.gains)
+            self.memory.add_pairs([pair])
+            self.memory.put_selection(pair.user_id, pair.pair_id, cid, **sel)
             self.memory.put_entries(pair.user_id, [entry])
             if self.memory.user_status(pair.user_id) == "new":
                 self.memory.set_status(pair.user_id, "ready")
         return entry
+
+    def feedback(self, user_id: str, pairs: Sequence[PreferencePair]) -> str:
+        for p in pairs:
+            self.add_feedback(p)
+        return "indexed"
+
+    def profile(self, user_id: str) -> dict:
+        entries = self.memory.entries(user_id)
+        return {"method": self.name, "fitted": bool(entries), "entries": [e.to_json() for e in entries]}
 
     def _embed(self, entries: Sequence[Entry]) -> None:
         if entries:
@@ -227,13 +265,15 @@ class Exact(Method):
 class ExactGlobal(Exact):
     """EXACT without retrieval: one attribute set per user, the best over all their training pairs
     (greedy, or screened greedy in ``mode="screened"``, on the summed objective), injected into
-    every prompt."""
+    every prompt. The set is saved with `save_state`, so another process generates without a fit."""
 
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:
-        self.memory.add_pairs(pairs)
+        pool = self._store(user_id, pairs)
+        if self.scope == "replace":
+            self.memory.forget_pairs(user_id, keep=[p.pair_id for p in pool])
         n = self.config.global_pairs
-        subset = list(pairs) if not n or n >= len(pairs) else \
-            [pairs[i] for i in np.random.default_rng(0).choice(len(pairs), n, replace=False)]
+        subset = list(pool) if not n or n >= len(pool) else \
+            [pool[i] for i in np.random.default_rng(0).choice(len(pool), n, replace=False)]
         objectives = [self._objectives(p) for p in subset]
 
         def summed(which: int):
@@ -248,9 +288,26 @@ class ExactGlobal(Exact):
                                            self.config.stop_when_no_gain)
         self.global_sets = getattr(self, "global_sets", {})
         self.global_sets[user_id] = list(self.selection.attributes)
+        self.save_state(user_id, {"attributes": list(self.selection.attributes),
+                                  "objective": float(self.selection.objective),
+                                  "base_objective": float(self.selection.base_objective),
+                                  "gains": [float(g) for g in self.selection.gains],
+                                  "pairs": [p.pair_id for p in subset]}, n_pairs=len(pool))
 
     def attributes_for(self, user_id: str, prompts: Sequence[str]) -> list[list[str]]:
         sets = getattr(self, "global_sets", {})
         if user_id not in sets:
-            raise ValueError(f"exact-global has not been fitted for user '{user_id}'")
+            st = self.load_state(user_id)
+            if st is None:
+                self.memory.require_user(user_id)
+                raise PrefsteerError(f"exact-global has not been fitted for user '{user_id}' with these "
+                                     "options: run `prefsteer index --method exact-global` first")
+            sets[user_id] = list(st["state"]["attributes"])
+            self.global_sets = sets
         return [sets[user_id]] * len(prompts)
+
+    def feedback(self, user_id: str, pairs: Sequence[PreferencePair]) -> str:
+        return Method.feedback(self, user_id, pairs)  # one set over all pairs: fit again
+
+    def profile(self, user_id: str) -> dict:
+        return Method.profile(self, user_id)

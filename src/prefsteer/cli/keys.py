@@ -1,0 +1,51 @@
+"""`prefsteer keys create|list|revoke`: API keys of the service, each bound to one tenant.
+
+    prefsteer keys create --tenant acme --json     # {"key": "ps-...", "key_id": ..., "tenant": "acme"}
+    prefsteer keys list
+    prefsteer keys revoke KEY_ID
+
+The key is printed once; the database keeps only its sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    help_ = "create, list and revoke the service's API keys (each bound to a tenant)"
+    p = subparsers.add_parser("keys", parents=parents, help=help_, description=help_)
+    p.add_argument("action", choices=["create", "list", "revoke"], help="what to do")
+    p.add_argument("key_id", nargs="?", default=None, help="revoke: the key's id (from `keys list`)")
+    p.add_argument("--tenant", default=None, help="create: the tenant the key acts for")
+    p.set_defaults(func=cmd_keys)
+
+
+def cmd_keys(args, ctx) -> int:
+    from prefsteer.errors import PrefsteerError
+    from prefsteer.service import store
+
+    mem = ctx.memory
+    if args.action == "create":
+        if not args.tenant:
+            raise PrefsteerError("keys create needs --tenant T")
+        try:
+            out = store.create_key(mem, args.tenant)
+        except ValueError as e:
+            raise PrefsteerError(str(e)) from None
+        text = (f"{out['key']}\n(key {out['key_id']} for tenant {out['tenant']}; shown once, only its hash "
+                f"is stored in {mem.path})")
+    elif args.action == "list":
+        out = {"keys": store.list_keys(mem)}
+        text = "\n".join(f"{k['key_id']}  tenant {k['tenant']}{'  (revoked)' if k['revoked'] else ''}"
+                         for k in out["keys"]) or "no keys"
+    else:
+        if not args.key_id:
+            raise PrefsteerError("keys revoke needs the key's id (see `prefsteer keys list`)")
+        if not store.revoke_key(mem, args.key_id):
+            raise PrefsteerError(f"no active key with id '{args.key_id}' (see `prefsteer keys list`)")
+        out = {"revoked": args.key_id}
+        text = f"revoked {args.key_id}"
+    print(json.dumps(out, indent=2) if args.json else text)
+    return 0

@@ -1,0 +1,121 @@
+"""The FastAPI application: `create_app(settings)`; the model is loaded once, in the lifespan.
+
+    >>> app = create_app(Settings(db="memory.db", backend="fake", embedder="hash", auth=False))
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fastapi import FastAPI
+
+from prefsteer.service.errors import ApiError, install
+
+log = logging.getLogger("prefsteer.service")
+
+
+@dataclass
+class Settings:
+    db: str = field(metadata={"help": "the user memory (SQLite) the service reads and writes"})
+    backend: str = field(default="hf", metadata={"help": "model backend: hf, fake, ..."})
+    model: str | None = field(default=None, metadata={"help": "model path or hub name (hf)"})
+    embedder: str | None = field(default=None, metadata={"help": "prompt embedder (None: all-MiniLM-L6-v2)"})
+    attributes: str | None = field(default=None, metadata={"help": "attribute library JSON"})
+    host: str = field(default="127.0.0.1", metadata={"help": "the address served (for the no-auth check)"})
+    auth: bool = field(default=True, metadata={"help": "require API keys (off only on loopback)"})
+    model_id: str | None = field(default=None, metadata={"help": "the model name /v1/models lists"})
+    exact: dict[str, Any] = field(default_factory=dict, metadata={"help": "ExactConfig options"})
+    default_max_tokens: int = field(default=200, metadata={"help": "max_tokens when a request gives none"})
+    max_tokens_limit: int = field(default=2048, metadata={"help": "the largest max_tokens accepted"})
+    max_prompt_chars: int = field(default=32_000, metadata={"help": "characters of all messages together"})
+    max_pairs_per_request: int = field(default=100, metadata={"help": "pairs in one feedback request"})
+    max_text_chars: int = field(default=16_000, metadata={"help": "characters of a pair's prompt/chosen/rejected"})
+    max_body_bytes: int = field(default=2 << 20, metadata={"help": "request body size"})
+    worker: bool = field(default=True, metadata={"help": "index feedback in a background thread"})
+    # how to build the model and embedder (the CLI passes its own; default: by the names above)
+    make_backend: Callable[[], Any] | None = None
+    make_embedder: Callable[[], Any] | None = None
+
+    def __post_init__(self):
+        from prefsteer.service.auth import is_loopback
+
+        if not self.auth and not is_loopback(self.host):
+            raise ValueError(f"--no-auth is allowed only on a loopback address (127.0.0.1, ::1, localhost), "
+                             f"not on {self.host!r}: create keys with `prefsteer keys create --tenant T`")
+        for name in ("default_max_tokens", "max_tokens_limit", "max_prompt_chars", "max_pairs_per_request",
+                     "max_text_chars", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` (={getattr(self, name)}) has to be at least 1")
+
+
+def _load(settings: Settings):
+    from prefsteer.attributes import load_library
+    from prefsteer.backends import load_backend
+    from prefsteer.retrieval import load_embedder
+
+    start = time.perf_counter()
+    backend = settings.make_backend() if settings.make_backend else \
+        load_backend(settings.backend, **({"model": settings.model} if settings.model else {}))
+    embedder = settings.make_embedder() if settings.make_embedder else load_embedder(settings.embedder)
+    log.info("loaded backend %s and embedder %s in %.1fs", backend.name, embedder.name,
+             time.perf_counter() - start)
+    return backend, embedder, load_library(settings.attributes)
+
+
+class _BodyLimit:
+    """Refuse a body larger than the limit (by its Content-Length) before reading it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.limit:
+                resp = ApiError(413, f"the request body has {int(length)} bytes, more than the limit of "
+                                     f"{self.limit} (max_body_bytes)", code="body_too_large").response()
+                return await resp(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    from prefsteer.memory import sha
+    from prefsteer.service import store
+    from prefsteer.service.engine import Engine
+    from prefsteer.service.routes import chat, meta, users, web
+    from prefsteer.service.worker import Worker
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        backend, embedder, library = _load(settings)
+        eng = Engine(settings, backend, embedder, library)
+        store.ensure_schema(eng.memory)
+        eng.model_id = settings.model_id or settings.model or backend.info().get("model") or backend.name
+        eng.system_fingerprint = "fp_" + sha(backend.fingerprint)[:12]
+        eng.started = int(time.time())
+        if settings.auth and store.count_keys(eng.memory) == 0:
+            log.warning("no API keys in %s: every request will get 401; create one with "
+                        "`prefsteer keys create --tenant T --db %s`", settings.db, settings.db)
+        eng.worker = Worker(eng) if settings.worker else None
+        if eng.worker:
+            eng.worker.start()
+        app.state.engine = eng
+        try:
+            yield
+        finally:
+            if eng.worker:
+                eng.worker.stop()  # SIGTERM: the current pair finishes, its job is checkpointed
+            eng.close()
+
+    app = FastAPI(title="prefsteer", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible chat, personalized per user from their preference feedback.")
+    install(app)
+    for r in (meta.router, chat.router, users.router, web.router):
+        app.include_router(r)
+    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    return app

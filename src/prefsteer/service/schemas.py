@@ -1,0 +1,176 @@
+"""Request and response models: OpenAI's chat completion API field for field, prefsteer's extras
+in a ``prefsteer`` object. Unknown request fields are refused (400 naming the field), so a client
+never believes an option was applied when it was not."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+METHODS = ("exact", "cliper", "drift", "base", "none")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- chat ------------------------------------------------------------------------------------
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # `name`, `tool_calls`, ... of other turns: not used
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class PrefsteerOptions(_Strict):
+    user_id: Optional[str] = Field(None, description="whose preferences steer the answer (else `user`)")
+    method: Optional[Literal["exact", "cliper", "drift", "base", "none"]] = Field(
+        None, description="personalization method (default: exact when a user is given, else none)")
+    prefs: Optional[Union[dict[str, float], str]] = Field(None, description="cliper: preference -> weight")
+    alpha: Optional[float] = Field(None, ge=0, description="cliper: guidance strength")
+
+
+class ChatCompletionRequest(_Strict):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    n: Optional[int] = Field(None, ge=1)
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # accepted at their defaults only (a non-default value is refused, naming the field)
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    metadata: Optional[dict[str, str]] = None
+    store: Optional[bool] = None
+    prefsteer: Optional[PrefsteerOptions] = None
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str]
+
+
+class Choice(BaseModel):
+    index: int
+    message: ResponseMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class PrefsteerInfo(BaseModel):
+    method: str
+    user_id: Optional[str] = None
+    attributes: list[str] = Field(default_factory=list)
+    retrieved: Optional[dict[str, Any]] = None
+    note: Optional[str] = None
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: Optional[str] = None
+    choices: list[Choice]
+    usage: Usage
+    prefsteer: PrefsteerInfo
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "prefsteer"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+# -- feedback, jobs, profiles ------------------------------------------------------------------
+
+class PairIn(_Strict):
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+class FeedbackRequest(_Strict):
+    pairs: list[PairIn] = Field(min_length=1)
+
+
+class FeedbackAccepted(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "done", "failed"]
+    user_id: str
+    pairs: int
+    new_pairs: int
+
+
+class Job(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "done", "failed"]
+    user_id: str
+    pairs: int
+    indexed: int
+    created: float
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    error: Optional[str] = None
+    result: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProfileEntry(BaseModel):
+    prompt: str
+    pair_id: str
+    attributes: list[str]
+    gains: list[float] = Field(description="the objective's rise as each attribute was added (nats)")
+    objective: float
+    base_objective: float
+
+
+class Profile(BaseModel):
+    user_id: str
+    status: str
+    pairs: int
+    entries: list[ProfileEntry]
+    methods: list[dict[str, Any]]
+    pending_jobs: list[str]
+
+
+class Deleted(BaseModel):
+    user_id: str
+    deleted: bool = True
+    rows: dict[str, int]
