@@ -1,12 +1,16 @@
 """The attribute library of EXACT and how attributes are injected into a prompt.
 
 EXACT appends the chosen attributes to the user's turn on a new line, ``Attributes: <A, B, C>``.
-Small models follow a short description better than a bare name, so ``describe=True`` renders
-``Attributes: <Concise (short and to the point, no filler), ...>`` instead.
+Small models may follow a short description better than a bare name, so ``describe=True`` (or
+``style="described"``) renders ``Attributes: <Concise (short and to the point, no filler), ...>``
+instead, and ``style="instruction"`` a sentence, ``Answer in a way that is: concise, humor.``
+`attribute_messages` places the line in the user's turn (the paper) or in the system prompt.
 
     >>> lib = load_library()
     >>> inject("Summarize this post.", ["Concise", "Humor"], lib)
     'Summarize this post.\\nAttributes: <Concise, Humor>'
+    >>> attribute_messages("Hi", ["Concise"], lib, style="instruction", placement="system")
+    [{'role': 'system', 'content': 'Answer in a way that is: concise.'}, {'role': 'user', 'content': 'Hi'}]
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from typing import Iterable, Sequence
 from prefsteer.errors import InputError
 
 DEFAULT_LIBRARY = "exact-table4"
+
+# how an attribute set is written: the paper's bare names first (EXACT's default)
+RENDER_STYLES = ("names", "described", "instruction")
+# where it goes: appended to the user's turn (the paper), or as (the end of) the system prompt
+PLACEMENTS = ("user", "system")
 
 
 @dataclass(frozen=True)
@@ -56,9 +65,17 @@ class AttributeLibrary:
         return AttributeLibrary(f"{self.name}[{len(names)}]", tuple(self.get(n) for n in names))
 
 
-def render(names: Sequence[str], library: AttributeLibrary | None = None, describe: bool = False) -> str:
-    """The attribute line appended to the user's turn."""
-    if describe:
+def render(names: Sequence[str], library: AttributeLibrary | None = None, describe: bool = False,
+           style: str | None = None) -> str:
+    """The attribute line: ``Attributes: <A, B>`` (``style="names"``, the paper's), the same with
+    each name's description (``"described"``, also ``describe=True``), or an instruction sentence,
+    ``Answer in a way that is: a, b.`` (``"instruction"``, names in lower case)."""
+    style = style or ("described" if describe else "names")
+    if style not in RENDER_STYLES:
+        raise ValueError(f"`style` (={style!r}) has to be one of {', '.join(RENDER_STYLES)}")
+    if style == "instruction":
+        return f"Answer in a way that is: {', '.join(n.lower() for n in names)}."
+    if style == "described":
         if library is None:
             raise ValueError("`describe=True` needs the attribute library for the descriptions")
         items = [f"{a.name} ({a.description})" for a in (library.get(n) for n in names)]
@@ -68,11 +85,29 @@ def render(names: Sequence[str], library: AttributeLibrary | None = None, descri
 
 
 def inject(prompt: str, names: Sequence[str], library: AttributeLibrary | None = None,
-           describe: bool = False) -> str:
+           describe: bool = False, style: str | None = None) -> str:
     """The user's turn with the attributes appended on a new line (unchanged when there are none)."""
     if not names:
         return prompt
-    return f"{prompt}\n{render(names, library, describe)}"
+    return f"{prompt}\n{render(names, library, describe, style)}"
+
+
+def attribute_messages(prompt: str, names: Sequence[str], library: AttributeLibrary | None = None, *,
+                       style: str = "names", placement: str = "user",
+                       system: str | None = None) -> list[dict[str, str]]:
+    """The chat context of ``prompt`` with the attributes rendered in ``style``, either appended to
+    the user's turn (``placement="user"``, the paper) or as the system prompt (after ``system`` on a
+    new line, when one is given). No attributes: the plain context, the same for both placements."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"`placement` (={placement!r}) has to be one of {', '.join(PLACEMENTS)}")
+    if placement == "system" and names:
+        line = render(names, library, style=style)
+        system = f"{system}\n{line}" if system else line
+    else:
+        prompt = inject(prompt, names, library, style=style)
+    msgs = [{"role": "system", "content": system}] if system else []
+    msgs.append({"role": "user", "content": prompt})
+    return msgs
 
 
 def load_library(path: str | Path | None = None) -> AttributeLibrary:

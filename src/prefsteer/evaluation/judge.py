@@ -5,19 +5,20 @@ its preference for A (> 0: A, < 0: B, 0: tie). `compare` asks in both orders so 
 cancels (see `metrics.prompt_winrate`).
 
 * `LocalJudge`: the evaluation's own backend; preference = log p("A") - log p("B") as the answer.
-* `OpenAIJudge`: any OpenAI-compatible ``/chat/completions`` endpoint; the first letter of the
-  reply decides, anything else is a tie. The HTTP call goes through ``transport`` so it can be
-  replaced (tests use a fake one; no network is needed to test the request and parsing).
+* `OpenAIJudge`: any OpenAI-compatible ``/chat/completions`` endpoint, called with the official
+  `openai` client (a `prefsteer serve`, vLLM, OpenAI itself); the first letter of the reply
+  decides, anything else is a tie. The call goes through ``transport`` so it can be replaced
+  (tests use a fake one to check the request and parsing without a server).
 
     >>> judge = LocalJudge(backend)
     >>> compare(judge, history, prompt, method_text, base_text)   # 1.0 win, 0.5 tie, 0.0 loss
+    >>> judge = OpenAIJudge("http://127.0.0.1:8000/v1", "smollm2", api_key="ps-...")
 """
 
 from __future__ import annotations
 
 import json
 import os
-import urllib.request
 from typing import Callable, Protocol, Sequence
 
 from prefsteer.backends.base import ScoreRequest
@@ -59,11 +60,40 @@ class LocalJudge:
 Transport = Callable[[str, dict, dict], dict]  # (url, json payload, headers) -> json response
 
 
-def urllib_transport(url: str, payload: dict, headers: dict, timeout: float = 120.0) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", **headers})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - the user's endpoint
-        return json.loads(resp.read().decode())
+class OpenAITransport:
+    """The default transport: the `openai` client, one per base URL and key (its connection pool
+    is reused across calls). HTTP and connection errors become a `PrefsteerError` naming the URL."""
+
+    def __init__(self, timeout: float = 120.0, max_retries: int = 2):
+        self.timeout, self.max_retries = timeout, max_retries
+        self._clients: dict[tuple[str, str], object] = {}
+
+    def client(self, base_url: str, api_key: str):
+        import openai  # imported when a judge is called: `import prefsteer.evaluation` needs no openai
+
+        key = (base_url, api_key)
+        if key not in self._clients:
+            self._clients[key] = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=self.timeout,
+                                               max_retries=self.max_retries)
+        return self._clients[key]
+
+    def __call__(self, url: str, payload: dict, headers: dict) -> dict:
+        import openai
+
+        from prefsteer.errors import PrefsteerError
+
+        base = url[: -len("/chat/completions")] if url.endswith("/chat/completions") else url
+        auth = headers.get("Authorization", "")
+        # the client insists on a key; a server without auth ignores this placeholder
+        api_key = auth[len("Bearer "):] if auth.startswith("Bearer ") else "none"
+        extra = {k: v for k, v in headers.items() if k != "Authorization"}
+        try:
+            out = self.client(base, api_key).chat.completions.create(**payload, extra_headers=extra or None)
+        except openai.APIStatusError as e:
+            raise PrefsteerError(f"the judge at {url} answered {e.status_code}: {e.message}") from None
+        except openai.APIConnectionError as e:
+            raise PrefsteerError(f"the judge at {url} could not be reached: {e}") from None
+        return out.model_dump()
 
 
 class OpenAIJudge:
@@ -77,7 +107,7 @@ class OpenAIJudge:
         self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self.model = model
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self.transport = transport or urllib_transport
+        self.transport = transport or OpenAITransport()
         self.max_pairs, self.max_chars = max_pairs, max_chars
         self.name = f"openai:{model}"
 

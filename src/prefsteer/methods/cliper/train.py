@@ -118,15 +118,12 @@ def split_groups(groups: Sequence[int], val_fraction: float, seed: int) -> tuple
 def fit_head(feats: dict[str, torch.Tensor], rows: torch.Tensor, cfg: TrainConfig,
              hidden_size: int) -> PreferenceHead:
     """Weighted logistic regression of y on (H, E) restricted to ``rows`` (bool mask (N,))."""
-    torch.manual_seed(cfg.seed)
     H, E, y, item = (feats[k][rows] for k in ("H", "E", "y", "item"))
-    threads = torch.get_num_threads()
-    if H.numel() < 2_000_000:  # small problems: thread hand-offs cost more than they save
-        torch.set_num_threads(1)
-    try:
+    # the head's initialisation is seeded without leaving the process's generator changed; torch's
+    # thread count is left alone: it is process-wide, and a server trains while it serves
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
         return _fit(H, E, y, item, cfg, hidden_size)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _fit(H, E, y, item, cfg: TrainConfig, hidden_size: int) -> PreferenceHead:

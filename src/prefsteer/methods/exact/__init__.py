@@ -15,10 +15,11 @@ from typing import Sequence
 
 import numpy as np
 
-from prefsteer.attributes import AttributeLibrary, inject, load_library
-from prefsteer.backends.base import GenerationConfig, ScoreRequest, require, user_turn
+from prefsteer.attributes import PLACEMENTS, RENDER_STYLES, AttributeLibrary, attribute_messages, load_library
+from prefsteer.backends.base import GenerationConfig, ScoreRequest, require
 from prefsteer.retrieval import Embedder, load_embedder, nearest
-from prefsteer.methods.exact.select import SELECTORS, Selection, greedy_select, make_objective, screened_greedy_select
+from prefsteer.methods.exact.select import (OBJECTIVES, SELECTORS, Selection, greedy_select, make_objective,
+                                            screened_greedy_select)
 from prefsteer.errors import PrefsteerError
 from prefsteer.memory import Entry, Memory, ScoreCache, sha, with_id
 from prefsteer.types import PreferencePair
@@ -36,9 +37,20 @@ class ExactConfig:
                 "(greedy that scores only the screen's best candidates: benchmarks/screened_greedy.py) "
                 "or exhaustive"})
     stop_when_no_gain: bool = field(default=False, metadata={
-        "help": "stop adding attributes once none raises the objective"})
+        "help": "stop adding attributes once none raises the objective (the paper's non-negativity "
+                "filter, Appendix B.1.2)"})
     describe: bool = field(default=False, metadata={
-        "help": "render attributes with their one-line descriptions, not bare names"})
+        "help": "render attributes with their one-line descriptions, not bare names (= render described)"})
+    render: str = field(default="names", metadata={
+        "help": "how the attributes are written: names ('Attributes: <Concise, Formal>', the paper), "
+                "described (each with its description) or instruction ('Answer in a way that is: "
+                "concise, formal.')"})
+    placement: str = field(default="user", metadata={
+        "help": "where the attribute line goes: user (appended to the user's turn, the paper) or system "
+                "(the system prompt)"})
+    objective: str = field(default="sum", metadata={
+        "help": "F per pair: sum (summed log-probability gap, the paper) or mean (gap of per-token means, "
+                "less weight on the responses' lengths)"})
     system: str | None = field(default=None, metadata={"help": "system prompt for scoring and generation"})
     global_pairs: int = field(default=0, metadata={
         "help": "exact-global: training pairs its global greedy search scores (0: all)"})
@@ -56,6 +68,20 @@ class ExactConfig:
             raise ValueError(f"`screen_top` (={self.screen_top}) has to be at least 1")
         if self.screen_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"`screen_dtype` (={self.screen_dtype!r}) has to be bfloat16, float16 or float32")
+        if self.render not in RENDER_STYLES:
+            raise ValueError(f"`render` (={self.render!r}) has to be one of {', '.join(RENDER_STYLES)}")
+        if self.describe and self.render == "instruction":
+            raise ValueError("`describe` renders names with descriptions; it cannot go with `render` "
+                             "(='instruction')")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"`placement` (={self.placement!r}) has to be one of {', '.join(PLACEMENTS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"`objective` (={self.objective!r}) has to be one of {', '.join(OBJECTIVES)}")
+
+    @property
+    def style(self) -> str:
+        """The rendering in effect: ``describe=True`` is ``render="described"``."""
+        return "described" if self.describe else self.render
 
 
 SCOPES = ("all", "given", "replace")
@@ -103,10 +129,11 @@ class Exact(Method):
 
     def _objectives(self, pair: PreferencePair):
         """The pair's F under the model, and under the screen (None unless ``mode="screened"``)."""
-        args = (pair.prompt, pair.chosen, pair.rejected, self.library, self.config.describe,
-                self.config.system)
-        screen = make_objective(self.screen, *args) if self.config.mode == "screened" else None
-        return make_objective(self.scorer, *args), screen
+        c = self.config
+        args = (pair.prompt, pair.chosen, pair.rejected, self.library, False, c.system)
+        kw = {"style": c.style, "placement": c.placement, "objective": c.objective}
+        screen = make_objective(self.screen, *args, **kw) if c.mode == "screened" else None
+        return make_objective(self.scorer, *args, **kw), screen
 
     @property
     def config_id(self) -> str:
@@ -118,6 +145,12 @@ class Exact(Method):
         c.pop("global_pairs")
         if c["mode"] != "screened":  # ids of the other modes stay what they were before screening
             c.pop("screen_top"), c.pop("screen_dtype")
+        # the levers added later enter the id only when set, so stored selections stay valid;
+        # render="described" is describe=True and shares its selections
+        c["describe"] = self.config.style == "described"
+        for key, paper in (("render", "names"), ("placement", "user"), ("objective", "sum")):
+            if c[key] == paper or key == "render" and c[key] == "described":
+                c.pop(key)
         c["k"] = k
         return sha(self.backend.fingerprint, self.backend.template_id, self.library.name,
                    [(a.name, a.description) for a in self.library.attributes], c)[:16]
@@ -239,9 +272,18 @@ class Exact(Method):
         return [e.attributes for e, _ in self.retrieve(user_id, prompts)]
 
     def _inject(self, prompt: str, attrs: Sequence[str]) -> list[dict]:
-        return user_turn(inject(prompt, attrs, self.library, self.config.describe), self.config.system)
+        return self.attribute_messages(prompt, attrs)
+
+    def attribute_messages(self, prompt: str, attrs: Sequence[str]) -> list[dict]:
+        """The chat context of ``prompt`` with ``attrs`` rendered and placed as this configuration
+        says (what selection scored and generation sees)."""
+        c = self.config
+        return attribute_messages(prompt, attrs, self.library, style=c.style, placement=c.placement,
+                                  system=c.system)
 
     def margins(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[float]:
+        """Summed log-probability margins under the retrieved attributes (the protocol's pairwise
+        accuracy, whatever ``objective`` selection used)."""
         attrs = self.attributes_for(user_id, [p.prompt for p in pairs])
         reqs = []
         for p, a in zip(pairs, attrs):
@@ -258,7 +300,8 @@ class Exact(Method):
         overhead = time.perf_counter() - start  # embedding + retrieval + injection
         gens, secs = timed_generate(self.backend, contexts, config)
         return [MethodOutput(g.text, list(a), {"retrieval": overhead, "generation": secs},
-                             {"prompt": c[-1]["content"]}) for g, a, c in zip(gens, attrs, contexts)]
+                             {"prompt": c[-1]["content"], **({"system": c[0]["content"]} if self.config.placement == "system" and len(c) > 1 else {})})
+                for g, a, c in zip(gens, attrs, contexts)]
 
 
 @register_method("exact-global")

@@ -4,7 +4,10 @@ The objective of an attribute set A for a pair (x, y_w, y_l) is
 
     F(A) = log p(y_w | x, A) - log p(y_l | x, A)
 
-where A is appended to the user's turn as ``Attributes: <a, b, c>``. `greedy_select` adds, k times,
+where A is appended to the user's turn as ``Attributes: <a, b, c>`` (the paper; ``style`` and
+``placement`` render it otherwise: `prefsteer.attributes.attribute_messages`), and log p is summed
+over the response's tokens (``objective="mean"``: divided by each response's token count, so the
+length of the two responses weighs less). `greedy_select` adds, k times,
 the attribute with the largest F(A ∪ {a}); `exhaustive_select` tries every k-subset. Objectives are
 evaluated in batches: one call scores every candidate set of a greedy step, so the backend can share
 the prompt's prefix across all of them.
@@ -20,8 +23,8 @@ import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-from prefsteer.attributes import AttributeLibrary, inject
-from prefsteer.backends.base import ScoreRequest, user_turn
+from prefsteer.attributes import AttributeLibrary, attribute_messages
+from prefsteer.backends.base import ScoreRequest
 
 AttrSet = tuple[str, ...]
 Objective = Callable[[Sequence[AttrSet]], list[float]]
@@ -41,28 +44,42 @@ class Selection:
         return d
 
 
+OBJECTIVES = ("sum", "mean")
+
+
 def pair_requests(prompt: str, chosen: str, rejected: str, sets: Sequence[AttrSet],
                   library: AttributeLibrary | None = None, describe: bool = False,
-                  system: str | None = None) -> list[ScoreRequest]:
+                  system: str | None = None, *, style: str | None = None,
+                  placement: str = "user") -> list[ScoreRequest]:
     """Two requests per attribute set, (chosen, rejected), in the order of ``sets``."""
+    style = style or ("described" if describe else "names")
     reqs = []
     for attrs in sets:
-        msgs = user_turn(inject(prompt, attrs, library, describe), system)
+        msgs = attribute_messages(prompt, attrs, library, style=style, placement=placement, system=system)
         reqs += [ScoreRequest.of(msgs, chosen), ScoreRequest.of(msgs, rejected)]
     return reqs
 
 
 def make_objective(scorer, prompt: str, chosen: str, rejected: str,
                    library: AttributeLibrary | None = None, describe: bool = False,
-                   system: str | None = None, progress: bool = False) -> Objective:
-    """F over a batch of attribute sets; ``scorer`` is a backend or a `ScoreCache`-wrapped one."""
+                   system: str | None = None, progress: bool = False, *, style: str | None = None,
+                   placement: str = "user", objective: str = "sum") -> Objective:
+    """F over a batch of attribute sets; ``scorer`` is a backend or a `ScoreCache`-wrapped one.
+    ``objective="sum"`` is the paper's summed log-probability gap, ``"mean"`` the gap of per-token
+    means (nats per token)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` (={objective!r}) has to be one of {', '.join(OBJECTIVES)}")
 
-    def objective(sets: Sequence[AttrSet]) -> list[float]:
-        scores = scorer.score(pair_requests(prompt, chosen, rejected, sets, library, describe, system),
-                              progress=progress)
-        return [w.logprob - l.logprob for w, l in zip(scores[0::2], scores[1::2])]
+    def value(s) -> float:
+        return s.logprob / max(s.n_tokens, 1) if objective == "mean" else s.logprob
 
-    return objective
+    def f(sets: Sequence[AttrSet]) -> list[float]:
+        reqs = pair_requests(prompt, chosen, rejected, sets, library, describe, system, style=style,
+                             placement=placement)
+        scores = scorer.score(reqs, progress=progress)
+        return [value(w) - value(l) for w, l in zip(scores[0::2], scores[1::2])]
+
+    return f
 
 
 def greedy_select(objective: Objective, candidates: Sequence[str], k: int,

