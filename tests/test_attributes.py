@@ -61,3 +61,22 @@ def test_user_library_as_a_bare_list(tmp_path):
     p.write_text(json.dumps([{"name": "Terse", "description": "very short"}]))
     lib = load_library(p)
     assert lib.names == ("Terse",) and lib.name == "mine"
+
+
+def test_render_styles_and_placements():
+    from prefsteer.attributes import attribute_messages
+
+    lib = load_library()
+    assert render(["Concise", "Formal"], lib, style="instruction") == "Answer in a way that is: concise, formal."
+    assert render(["Concise"], lib, style="described") == render(["Concise"], lib, describe=True)
+    user = attribute_messages("Q", ["Concise"], lib)
+    assert user == [{"role": "user", "content": "Q\nAttributes: <Concise>"}]
+    system = attribute_messages("Q", ["Concise"], lib, style="instruction", placement="system", system="Be kind.")
+    assert system == [{"role": "system", "content": "Be kind.\nAnswer in a way that is: concise."},
+                      {"role": "user", "content": "Q"}]
+    # no attributes: the plain context whatever the placement
+    assert attribute_messages("Q", [], lib, placement="system") == [{"role": "user", "content": "Q"}]
+    with pytest.raises(ValueError, match="placement"):
+        attribute_messages("Q", ["Concise"], lib, placement="assistant")
+    with pytest.raises(ValueError, match="style"):
+        render(["Concise"], lib, style="shouting")

@@ -48,8 +48,8 @@ def db(tmp_path_factory):
 def test_method_fitted_in_one_process_generates_in_another(db, method):
     path, data = db
     prefsteer("index", "--method", method, "--data", str(data), "--db", str(path), *OPTIONS[method])
-    gen = ["generate", "--method", method, "--user", "maya", "--db", str(path), "--max-new-tokens", "12",
-           *OPTIONS[method], "How do I make tea?"]
+    gen = ["generate", "How do I make tea?", "--method", method, "--user", "maya", "--db", str(path),
+           "--max-new-tokens", "12", *OPTIONS[method]]  # options last: some take several values
     first, again = prefsteer(*gen), prefsteer(*gen)
     assert first["text"].strip()
     if method != "reward":  # greedy decoding: a new process reads the same state and writes the same text

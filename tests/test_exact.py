@@ -289,3 +289,96 @@ def test_fit_adds_to_a_users_memory_unless_scope_says_otherwise(fake_backend, tm
         ex.fit("u", second)
         assert len(mem.entries("u")) == expected, scope
         assert len(mem.pairs("u")) == (1 if scope == "replace" else 3), scope
+
+
+def test_levers_keep_the_paper_config_id_and_change_it_only_when_set(fake_backend, tmp_path):
+    mem = Memory(tmp_path / "m.db")
+    ids = {}
+    for name, kw in {"paper": {}, "explicit": {"render": "names", "placement": "user", "objective": "sum"},
+                     "describe": {"describe": True}, "described": {"render": "described"},
+                     "instruction": {"render": "instruction"}, "system": {"placement": "system"},
+                     "mean": {"objective": "mean"}}.items():
+        ids[name] = Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=2, **kw)).config_id
+    assert ids["paper"] == ids["explicit"]
+    assert ids["describe"] == ids["described"]  # the same rendering shares its stored selections
+    assert len({ids[n] for n in ("paper", "describe", "instruction", "system", "mean")}) == 5
+    # the id of the paper's settings is the one computed before the levers existed
+    from dataclasses import asdict
+    from prefsteer.memory import sha
+
+    e = Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=2))
+    c = asdict(e.config)
+    for key in ("global_pairs", "screen_top", "screen_dtype", "render", "placement", "objective"):
+        c.pop(key)
+    assert ids["paper"] == sha(fake_backend.fingerprint, fake_backend.template_id, e.library.name,
+                               [(a.name, a.description) for a in e.library.attributes], c)[:16]
+
+
+@pytest.mark.parametrize("kw, bad", [({"render": "loud"}, "render"), ({"placement": "assistant"}, "placement"),
+                                     ({"objective": "max"}, "objective"),
+                                     ({"describe": True, "render": "instruction"}, "describe")])
+def test_lever_values_are_checked(kw, bad):
+    with pytest.raises(ValueError, match=bad):
+        ExactConfig(**kw)
+
+
+class _Recorder:
+    """A scorer that records what it is asked and scores by the context's length and a token count
+    of 1 for the chosen reply, 4 for the rejected one."""
+
+    def __init__(self):
+        self.requests = []
+
+    def score(self, requests, progress=False):
+        from prefsteer.backends.base import Score
+
+        self.requests += list(requests)
+        out = []
+        for r in requests:
+            n = 1 if r.continuation == "W" else 4
+            out.append(Score(-2.0 * n - 0.01 * len(r.messages[-1][1]), n))
+        return out
+
+
+def test_render_and_placement_change_what_is_scored():
+    from prefsteer.attributes import load_library
+    from prefsteer.methods.exact.select import make_objective
+
+    lib = load_library()
+    for kw, want in [({}, [("user", "Q\nAttributes: <Concise>")]),
+                     ({"style": "instruction"}, [("user", "Q\nAnswer in a way that is: concise.")]),
+                     ({"style": "described", "placement": "system"},
+                      [("system", "Attributes: <Concise (short and to the point, no filler)>"), ("user", "Q")])]:
+        rec = _Recorder()
+        make_objective(rec, "Q", "W", "L", lib, **kw)([(), ("Concise",)])
+        assert [r.messages for r in rec.requests] == [(("user", "Q"),)] * 2 + [tuple(want)] * 2
+        assert [r.continuation for r in rec.requests] == ["W", "L", "W", "L"]
+
+
+def test_mean_objective_divides_by_token_counts():
+    from prefsteer.methods.exact.select import make_objective
+
+    rec = _Recorder()
+    summed = make_objective(rec, "Q", "W", "L")([()])[0]
+    mean = make_objective(rec, "Q", "W", "L", objective="mean")([()])[0]
+    w, l = -2.0 - 0.01, -8.0 - 0.01
+    assert summed == pytest.approx(w - l)
+    assert mean == pytest.approx(w / 1 - l / 4)
+
+
+def test_exact_scores_and_generates_with_its_levers(fake_backend, tmp_path):
+    ex = Exact(fake_backend, memory=Memory(tmp_path / "m.db"), embedder=HashEmbedder(),
+               config=ExactConfig(k=1, render="instruction", placement="system"))
+    ex.fit("u", pairs_for("u"))
+    assert ex.attribute_messages("Q", ["Humor"]) == [
+        {"role": "system", "content": "Answer in a way that is: humor."}, {"role": "user", "content": "Q"}]
+    from prefsteer.backends.base import GenerationConfig
+
+    out = ex.generate("u", ["a joke about cats please"], GenerationConfig(max_new_tokens=3))[0]
+    assert out.extra == {"prompt": "a joke about cats please",
+                         "system": f"Answer in a way that is: {out.attributes[0].lower()}."}
+    # the non-negativity filter keeps only attributes that raise F
+    f = Exact(fake_backend, memory=Memory(tmp_path / "f.db"), embedder=HashEmbedder(),
+              config=ExactConfig(k=3, stop_when_no_gain=True))
+    s = f.select(pairs_for("u")[0])
+    assert all(g > 0 for g in s.gains)

@@ -16,6 +16,7 @@ from prefsteer.backends.base import Backend, Generation, GenerationConfig, Score
 _REGISTRY: dict[str, str] = {
     "fake": "prefsteer.backends.fake:FakeBackend",
     "hf": "prefsteer.backends.hf:TransformersBackend",
+    "vllm": "prefsteer.backends.vllm:VLLMBackend",
 }
 
 

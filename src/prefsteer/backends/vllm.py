@@ -18,9 +18,10 @@ What it does and how
   log-probabilities (``skip_reading_prefix_cache``); ``read_prefix_cache=True`` (the default here,
   see ``benchmarks/vllm_scoring.py`` for the measurement) lets the many attribute variants of one
   prompt, and a pair's two continuations, reuse the shared prefix's keys/values. A cached position
-  has no prompt log-probability; when a continuation's first tokens fall into the cached part (two
-  continuations with a common start), those requests are scored again without reading the cache,
-  so the result is always the full teacher-forced sum.
+  has no prompt log-probability (vLLM returns uninitialized values there, so ``num_cached_tokens``
+  decides, never the returned token ids); when a continuation's first tokens fall into the cached
+  part (two continuations with a common start of a whole cache block), those requests are scored
+  again without reading the cache, so the result is always the full teacher-forced sum.
 * ``generate``: greedy (temperature 0) or sampled with GenerationConfig's temperature, top_k, top_p
   and max_new_tokens; the end-of-turn tokens are stop tokens and are left out of the text and ids,
   as in the hf backend. ``seed`` seeds row i with ``seed + i`` (vLLM seeds per request; one seed for
@@ -228,6 +229,10 @@ class VLLMBackend:
             raise RuntimeError("the vLLM backend was built while a spawned process imported its parent's main "
                                "module: build it under `if __name__ == \"__main__\":` (vLLM starts its engine "
                                "in a spawned process, which imports the main module again)")
+        # vLLM logs to stdout at INFO by default (in every process it starts), which would mix into
+        # `--json` output: its warnings go to stderr unless the caller chose otherwise
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -372,7 +377,9 @@ class VLLMBackend:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+        # detokenize=False: the prompt log-probabilities of cached positions are uninitialized memory
+        # (token ids such as -1501617728), which vLLM's detokenizer would fail on
+        sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
                             skip_reading_prefix_cache=not read_cache)
         prompts = [TokensPrompt(prompt_token_ids=ctx + cont) for ctx, cont in rows]
         with self._engine_lock:
@@ -380,6 +387,12 @@ class VLLMBackend:
         sums: list[float | None] = []
         for (ctx, cont), out in zip(rows, outs):
             pl = out.prompt_logprobs or []
+            # position p's entry is computed from the logits at p - 1; those of the first
+            # ``num_cached_tokens`` positions were not computed (their entries are garbage, and one
+            # can even carry the right token id by chance): only a continuation after them counts
+            if len(ctx) < (out.num_cached_tokens or 0) + 1:
+                sums.append(None)
+                continue
             total, ok = 0.0, True
             for j, tok in enumerate(cont):
                 pos = len(ctx) + j

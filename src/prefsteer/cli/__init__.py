@@ -57,14 +57,19 @@ class Context:
         if self._backend is None:
             from prefsteer.backends import load_backend
 
-            kw: dict[str, Any] = {}
-            if self.args.backend == "hf":
-                kw = {"model": self.args.model, "threads": self.args.threads, "dtype": self.args.dtype,
-                      "matmul_precision": self.args.matmul_precision}
             start = time.perf_counter()
-            self._backend = load_backend(self.args.backend, **kw)
+            self._backend = load_backend(self.args.backend, **self.backend_kwargs())
             log.info("loaded backend %s in %.1fs", self.args.backend, time.perf_counter() - start)
         return self._backend
+
+    def backend_kwargs(self) -> dict[str, Any]:
+        """The options the command line gives the backend (also what Ray workers build theirs from)."""
+        if self.args.backend == "hf":
+            return {"model": self.args.model, "threads": self.args.threads, "dtype": self.args.dtype,
+                    "matmul_precision": self.args.matmul_precision}
+        if self.args.backend == "vllm":
+            return {"model": self.args.model, "dtype": self.args.dtype}
+        return {}
 
     @property
     def memory(self):
@@ -206,6 +211,10 @@ def cmd_index(args, ctx: Context) -> int:
     start = time.perf_counter()
     report = []
     mem = ctx.memory
+    executor = getattr(args, "executor", "serial")
+    ray_stats = None
+    if executor == "ray":
+        ray_stats = _select_on_ray(args, ctx, method, group_by_user(pairs))
     for user, ps in group_by_user(pairs).items():
         if exact_like:
             method.fit(user, ps)  # EXACT stores the pairs itself, additively unless --replace
@@ -226,6 +235,8 @@ def cmd_index(args, ctx: Context) -> int:
         report.append(row)
     secs = time.perf_counter() - start
     out = {"db": mem.path, "method": args.method, "users": report, "seconds": round(secs, 2)}
+    if ray_stats is not None:
+        out["executor"] = dict(ray_stats, name="ray")
     scorer = getattr(method, "scorer", None)
     if scorer is not None and hasattr(scorer, "hits"):
         out["score_cache"] = {"hits": scorer.hits, "misses": scorer.misses}
@@ -242,6 +253,29 @@ def cmd_index(args, ctx: Context) -> int:
 
     emit(args, out, text)
     return 0
+
+
+def _select_on_ray(args, ctx: Context, method, by_user: dict) -> dict:
+    """`index --executor ray`: EXACT's selections computed on Ray workers (each with its own backend)
+    and written by this process as they arrive; `fit` then finds them stored and builds each user's
+    memory in one transaction, as a serial run does (`prefsteer.executors`)."""
+    from prefsteer.errors import InputError
+    from prefsteer.executors import RayExecutor
+    from prefsteer.methods.exact import Exact, ExactGlobal
+
+    if not isinstance(method, Exact) or isinstance(method, ExactGlobal):
+        raise InputError(f"--executor ray indexes with EXACT (--method exact), not '{args.method}'",
+                         field="executor")
+    ex = RayExecutor(args.backend, ctx.backend_kwargs(), address=args.address, workers=args.workers)
+    try:
+        pools = {}
+        for user, ps in by_user.items():
+            pools[user] = method._store(user, ps)  # what fit selects on; fit stores them again, idempotently
+            ctx.memory.set_status(user, "indexing")
+        stats = ex.select_missing(method, pools, progress=not args.quiet)
+    finally:
+        ex.shutdown()
+    return dict(stats, workers=ex.workers, address=args.address or "local")
 
 
 def _short(text: str, n: int = 70) -> str:
@@ -391,6 +425,21 @@ def cmd_feedback(args, ctx: Context) -> int:
     return 0
 
 
+# The demo's EXACT settings, chosen on the known-answer suite (results/known-answer/): each applies
+# unless given on the command line (`prefsteer demo --render names --placement user` is the paper's).
+DEMO_SETTINGS = {"render": "instruction", "placement": "system"}
+
+
+def _demo_effect(user: str, style: str | None, text: str, plain: str) -> str | None:
+    """One line: how the user's answer differs from the plain one under the style's measure."""
+    from prefsteer.evaluation.known_answer import MEASURES, effects, effect_line
+
+    if style not in MEASURES:
+        return None
+    rec = {"kind": "generation", "variant": "demo", "user": user, "target": style, "text": text, "plain": plain}
+    return effect_line(user, effects([rec])[user])
+
+
 def cmd_demo(args, ctx: Context) -> int:
     import tempfile
     from importlib import resources
@@ -400,14 +449,20 @@ def cmd_demo(args, ctx: Context) -> int:
 
     if args.db is None:  # the demo keeps its own memory, not the user's
         args.db = os.path.join(tempfile.mkdtemp(prefix="prefsteer-demo-"), "memory.db")
+    for key, value in DEMO_SETTINGS.items():
+        if not hasattr(args, key):  # an option not given on the command line is absent
+            setattr(args, key, value)
     demo_file = resources.files("prefsteer.resources").joinpath("demo_pairs.jsonl")
     with resources.as_file(demo_file) as path:
         pairs = load_pairs(path)
+    styles = {p.user_id: (p.meta or {}).get("style") for p in pairs}
     say = (lambda *a: None) if args.json else print
     say(f"prefsteer demo: backend {args.backend}, model {ctx.backend.info().get('model', args.model or ctx.backend.name)}")
-    say(f"indexing {len(pairs)} preference pairs of 2 users (EXACT, k={getattr(args, 'k', 3)}) ...")
     args.quiet = args.quiet or args.json
     exact = ctx.exact()
+    c = exact.config
+    say(f"indexing {len(pairs)} preference pairs of {len(styles)} users (EXACT, k={c.k}, attributes rendered "
+        f"as {c.style} in the {c.placement} prompt, {c.objective} objective) ...")
     from prefsteer.data import group_by_user
 
     start = time.perf_counter()
@@ -429,9 +484,17 @@ def cmd_demo(args, ctx: Context) -> int:
         say(f"\n--- {u} (attributes: {', '.join(o.attributes)}) ---\n{o.text}\n"
             f"[retrieval + injection {1000 * o.timings['retrieval']:.1f} ms, "
             f"generation {o.timings['generation']:.2f} s]")
+    lines = {u: _demo_effect(u, styles.get(u), o.text, plain) for u, o in outs.items()}
+    if any(lines.values()):
+        say("\nmeasured on this prompt (evaluation/known_answer.py's measures):")
+        for line in lines.values():
+            if line:
+                say(f"  {line}")
     if args.json:
         emit(args, {"db": ctx.memory.path, "index_seconds": index_secs, "prompt": prompt, "plain": plain,
+                    "settings": {"k": c.k, "render": c.style, "placement": c.placement, "objective": c.objective},
                     "users": {u: {"attributes": o.attributes, "text": o.text, "timings": o.timings,
+                                  "style": styles.get(u), "effect": lines[u],
                                   "entries": [e.to_json() for e in ctx.memory.entries(u)]}
                               for u, o in outs.items()}}, "")
     return 0
@@ -525,6 +588,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="at most this many pairs per user (0: all)")
     p.add_argument("--replace", action="store_true", help="a user's memory becomes this file's pairs: their "
                    "other stored pairs are removed (default: the file's pairs are added)")
+    p.add_argument("--executor", default="serial", choices=["serial", "ray"],
+                   help="where EXACT's selections are computed: in this process, or on Ray workers that each "
+                        "hold one backend (this process writes every selection as it arrives; the memory is "
+                        "the serial run's)")
+    p.add_argument("--address", default=None, help="ray: the cluster to join (e.g. ray://head:10001 or auto; "
+                   "default: start a local Ray instance)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="ray: how many workers (default: one per CPU of the instance)")
 
     p = add("profile", cmd_profile, "show what is stored for a user: EXACT's entries (prompts, attributes, "
                                     "per-step gains) and every other method's state")

@@ -39,6 +39,8 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--judge-model", default=None, help="model name at the judge endpoint")
     p.add_argument("--max-records", type=int, default=None, help="stop after this many new records")
     p.add_argument("--report", action="store_true", help="also write the report into the run directory")
+    p.add_argument("--n-prompts", type=int, default=None,
+                   help="known-answer configurations: new prompts per style (default: the configuration's)")
     p.set_defaults(func=cmd_eval)
     actions = p.add_subparsers(dest="eval_command", metavar="report|compare", required=False,
                                help="instead of running: `report RUN_DIR` or `compare REF OTHER`")
@@ -100,7 +102,10 @@ def cmd_eval(args, ctx) -> int:
     from prefsteer.evaluation.judge import OpenAIJudge
     from prefsteer.evaluation.protocol import load_config
     from prefsteer.evaluation.runner import Runner
+    from prefsteer.evaluation import known_answer
 
+    if known_answer.is_known_answer(args.config):  # its own protocol: evaluation/known_answer.py
+        return known_answer.cmd_eval(args, ctx)
     config = load_config(args.config)
     for spec in config.methods:  # an unknown method or option stops the run before the model loads
         spec.check()

@@ -174,3 +174,34 @@ class Deleted(BaseModel):
     user_id: str
     deleted: bool = True
     rows: dict[str, int]
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = Field(None, description="the request field at fault, when there is one")
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """Every non-2xx answer: OpenAI's error object."""
+    error: ErrorDetail
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "invalid request: the field is named in `error.param` (a validation error is a 400 too)",
+    401: "missing or invalid API key",
+    404: "not found (another tenant's user is not found either)",
+    409: "the user's feedback is not indexed yet, or the method is not fitted",
+    413: "a size limit: body, prompt, pairs per request, text length, context",
+    422: "the user id does not match the user id format",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route that can answer these error codes (documented in the schema).
+    Declaring 422 also replaces FastAPI's default validation-error body, which this server never
+    sends (its validation errors are 400s in OpenAI's shape)."""
+    return {c: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[c]} for c in codes}

@@ -28,7 +28,7 @@ from prefsteer.errors import PrefsteerError
 from prefsteer.service.auth import Tenant, current_tenant, engine
 from prefsteer.service.errors import ApiError, not_found_user
 from prefsteer.service.schemas import (ChatCompletion, ChatCompletionRequest, Choice, PrefsteerInfo,
-                                       PrefsteerOptions, ResponseMessage, Usage)
+                                       PrefsteerOptions, ResponseMessage, Usage, error_responses)
 
 router = APIRouter(prefix="/v1")
 
@@ -158,9 +158,9 @@ def answer(eng, tenant: Tenant, req: ChatCompletionRequest) -> Answer:
         raise ApiError(400, f"method '{method}' needs a user: set `user` or `prefsteer.user_id`",
                        param="prefsteer.user_id")
 
+    exact = eng.exact() if method == "exact" else None  # built once per thread: not the request's retrieval
     start = time.perf_counter()
-    if method == "exact":
-        exact = eng.exact()
+    if exact is not None:
         try:
             entry, sim = exact.retrieve(uid, [msgs[-1]["content"]])[0]
         except ValueError:  # the user's feedback is stored but not indexed yet
@@ -260,7 +260,16 @@ def _events(eng, a: Answer, include_usage: bool) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
-@router.post("/chat/completions", response_model=ChatCompletion)
+# with `stream: true` the 200 is OpenAI's server-sent events (`data: {chunk}` lines, then `data: [DONE]`)
+_EVENT = {"type": "object", "required": ["data"],
+          "properties": {"event": {"type": "string"}, "id": {"type": "string"},
+                         "data": {"type": "string", "description": "a chat.completion.chunk as JSON, or [DONE]"}}}
+_STREAM = {200: {"content": {"text/event-stream": {"schema": _EVENT}},
+                 "description": "a chat.completion object, or with `stream: true` chat.completion.chunk events"}}
+
+
+@router.post("/chat/completions", response_model=ChatCompletion,
+             responses={**_STREAM, **error_responses(400, 401, 404, 409, 413, 422)})
 def chat_completions(req: ChatCompletionRequest, tenant: Tenant = Depends(current_tenant), eng=Depends(engine)):
     if req.model != eng.model_id:
         raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{eng.model_id}` "

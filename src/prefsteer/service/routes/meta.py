@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from prefsteer.service.auth import current_tenant, engine
-from prefsteer.service.schemas import Model, ModelList
+from prefsteer.service.schemas import Model, ModelList, error_responses
 
 router = APIRouter()
 
@@ -18,6 +18,6 @@ def health(eng=Depends(engine)) -> dict:
             "worker": {"alive": bool(w and w.alive()), "pending_jobs": queued}}
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
 def models(tenant=Depends(current_tenant), eng=Depends(engine)) -> ModelList:
     return ModelList(data=[Model(id=eng.model_id, created=eng.started)])

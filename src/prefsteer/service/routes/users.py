@@ -12,7 +12,8 @@ from prefsteer.memory import with_id
 from prefsteer.service import store
 from prefsteer.service.auth import Tenant, current_tenant, engine, known_user
 from prefsteer.service.errors import ApiError
-from prefsteer.service.schemas import Deleted, FeedbackAccepted, FeedbackRequest, Job, Profile, ProfileEntry
+from prefsteer.service.schemas import (Deleted, FeedbackAccepted, FeedbackRequest, Job, Profile, ProfileEntry,
+                                       error_responses)
 from prefsteer.types import PreferencePair
 
 router = APIRouter(prefix="/v1")
@@ -37,7 +38,8 @@ def _check_pairs(body: FeedbackRequest, limits) -> None:
                            param=f"pairs[{i}].chosen", code="same_text")
 
 
-@router.post("/users/{user_id}/feedback", status_code=202, response_model=FeedbackAccepted)
+@router.post("/users/{user_id}/feedback", status_code=202, response_model=FeedbackAccepted,
+             responses=error_responses(400, 401, 413, 422))
 def feedback(user_id: str, body: FeedbackRequest, tenant: Tenant = Depends(current_tenant),
              eng=Depends(engine)):
     uid = tenant.user(user_id)
@@ -53,7 +55,7 @@ def feedback(user_id: str, body: FeedbackRequest, tenant: Tenant = Depends(curre
     return FeedbackAccepted(job_id=job_id, status="queued", user_id=user_id, pairs=len(pairs), new_pairs=counts["added"])
 
 
-@router.get("/jobs/{job_id}", response_model=Job)
+@router.get("/jobs/{job_id}", response_model=Job, responses=error_responses(401, 404))
 def job(job_id: str, tenant: Tenant = Depends(current_tenant), eng=Depends(engine)):
     j = store.get_job(eng.memory, job_id)
     if j is None or j["tenant"] != tenant.name:
@@ -64,7 +66,7 @@ def job(job_id: str, tenant: Tenant = Depends(current_tenant), eng=Depends(engin
                error=j["error"], result=j["result"])
 
 
-@router.get("/users/{user_id}/profile", response_model=Profile)
+@router.get("/users/{user_id}/profile", response_model=Profile, responses=error_responses(401, 404, 422))
 def profile(user_id: str, tenant: Tenant = Depends(current_tenant), eng=Depends(engine)):
     uid = known_user(eng, tenant, user_id)
     mem = eng.memory
@@ -76,7 +78,7 @@ def profile(user_id: str, tenant: Tenant = Depends(current_tenant), eng=Depends(
                    methods=methods, pending_jobs=store.pending_jobs(mem, uid))
 
 
-@router.delete("/users/{user_id}", response_model=Deleted)
+@router.delete("/users/{user_id}", response_model=Deleted, responses=error_responses(401, 404, 422))
 def delete(user_id: str, tenant: Tenant = Depends(current_tenant), eng=Depends(engine)):
     uid = known_user(eng, tenant, user_id)
     with eng.user_lock(uid):  # the worker cannot be half way through one of this user's pairs

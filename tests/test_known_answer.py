@@ -1,0 +1,116 @@
+"""The known-answer suite: loader, metrics on hand-made records, the fake-backend run, and (marker
+`model`) a small real-model check that EXACT recovers the target style above chance."""
+
+import json
+
+import pytest
+
+from prefsteer.errors import InputError
+from prefsteer.evaluation import known_answer as ka
+
+
+def test_the_shipped_suite_has_six_styles_of_eight_pairs_and_twenty_prompts():
+    suite = ka.load_suite()
+    assert len(suite.targets) >= 6
+    assert set(suite.targets.values()) <= set(ka.MEASURES)
+    for user in suite.users():
+        ps = [p for p in suite.pairs if p.user_id == user]
+        assert len(ps) == 8 and len({p.prompt for p in ps}) == 8
+        if suite.targets[user] != "Concise":  # only Concise may differ in length
+            for p in ps:
+                assert 0.4 < len(p.chosen) / len(p.rejected) < 2.5, p
+    assert len(suite.prompts) == 20
+    small = ka.subset(suite, users=2, pairs_per_user=2, prompts=3)
+    assert len(small.pairs) == 4 and len(small.targets) == 2 and len(small.prompts) == 3
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"user_id": "u", "prompt": "p", "chosen": "a", "rejected": "b"}, "style"),
+    ({"user_id": "u", "style": "Grumpy", "prompt": "p", "chosen": "a", "rejected": "b"}, "attributes"),
+    ({"user_id": "u", "style": "Vivid", "prompt": "p", "chosen": "a", "rejected": "b"}, "style"),
+])
+def test_bad_suite_rows_name_the_field(tmp_path, row, field):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(InputError) as e:
+        ka.load_suite(path)
+    assert e.value.field == field
+
+
+def test_measures_move_the_way_their_style_says():
+    assert ka.MEASURES["Concise"].fn("one two three") == 3 and ka.MEASURES["Concise"].direction == -1
+    assert ka.formal_measure("Kindly ensure the report is sent.") > ka.formal_measure("hey, just send it, ok!")
+    assert ka.exclamatory_measure("Great! Go!") > ka.exclamatory_measure("Great. Go.") == 0
+    assert ka.humor_measure("That joke was funny, haha") > ka.humor_measure("That was a report") == 0
+    assert ka.empathy_measure("I'm sorry, that feels tough") > ka.empathy_measure("Book a test") == 0
+    assert ka.code_measure("Run:\n```bash\nls\n```") == 1 and ka.code_measure("Use `ls`.") == 1
+    assert ka.code_measure("List the files.") == 0
+
+
+def hand_made_records():
+    sel = [("ava", "Concise", ["Concise", "Base", "Vivid"]), ("ava", "Concise", ["Formal", "Vivid", "Base"]),
+           ("zoe", "Exclamatory", ["Exclamatory"]), ("zoe", "Exclamatory", ["Humor", "Exclamatory"])]
+    recs = [{"kind": "selection", "variant": "v", "user": u, "target": t, "pair_id": f"{u}:{i}", "attributes": a}
+            for i, (u, t, a) in enumerate(sel)]
+    gens = [("ava", "Concise", "one two three four", "one two"), ("ava", "Concise", "a b", "a b c"),
+            ("zoe", "Exclamatory", "Go now.", "Go now!"), ("zoe", "Exclamatory", "Yes.", "Yes!")]
+    recs += [{"kind": "generation", "variant": "v", "user": u, "target": t, "prompt": f"p{i}", "plain": plain,
+              "text": text, "attributes": []} for i, (u, t, plain, text) in enumerate(gens)]
+    return recs
+
+
+def test_recovery_and_effects_on_hand_made_records():
+    recs = hand_made_records()
+    assert ka.recovery(recs) == {"ava": 0.5, "zoe": 1.0, "all": 0.75}
+    assert ka.recovery(recs, "other") == {}
+    eff = ka.effects(recs, "v")
+    # ava: words 4 -> 2 and 2 -> 3: mean 3 -> 2.5 (17% shorter), one of two prompts moved
+    assert eff["ava"]["plain"] == 3 and eff["ava"]["personalized"] == 2.5
+    assert eff["ava"]["change"] == pytest.approx(-1 / 6) and eff["ava"]["moved"] == 0.5 and eff["ava"]["intended"]
+    assert eff["zoe"]["moved"] == 1.0 and eff["zoe"]["plain"] == 0
+    assert ka.effect_line("ava", eff["ava"]).startswith("ava (Concise): 17% shorter than plain")
+    assert ka.effect_line("zoe", eff["zoe"]).startswith("zoe (Exclamatory): more exclamatory than plain")
+    md = ka.table(recs, {"config": {"k": 3}, "library": ["a"] * 12, "n_prompts": 2})
+    assert "| v | ava | Concise | 50% |" in md and "**75%**" in md and "chance of holding the target: 25%" in md
+
+
+def test_known_answer_configs_are_recognised():
+    assert ka.is_known_answer("known-answer") and ka.is_known_answer("known-answer-cpu")
+    assert not ka.is_known_answer("quick") and not ka.is_known_answer("no-such-config")
+    cfg = ka.load_ka_config("known-answer")
+    assert cfg["k"] == 3 and cfg["n_prompts"] == 20 and cfg["variants"][0] == {"label": "paper", "kwargs": {}}
+
+
+def test_run_on_the_fake_backend_writes_records_and_the_table(fake_backend, tmp_path):
+    from prefsteer.retrieval import HashEmbedder
+
+    cfg = {"name": "t", "k": 1, "attributes": ["Base", "Concise", "Exclamatory", "Humor", "Formal", "Code",
+                                               "Empathetic"],
+           "users": 2, "pairs_per_user": 2, "max_new_tokens": 4,
+           "variants": [{"label": "paper", "kwargs": {}},
+                        {"label": "instr", "kwargs": {"render": "instruction", "placement": "system"}}]}
+    s = ka.run(fake_backend, cfg, tmp_path, embedder=HashEmbedder(), n_prompts=2)
+    recs = [json.loads(line) for line in (tmp_path / ka.RECORDS).read_text().splitlines()]
+    assert sum(r["kind"] == "selection" for r in recs) == 2 * 4
+    assert sum(r["kind"] == "generation" for r in recs) == 2 * 2 * 2
+    assert set(s["recovery"]) == {"paper", "instr"} and set(s["effects"]["paper"]) == {"ava", "felix"}
+    assert "| paper | ava | Concise |" in (tmp_path / ka.TABLE).read_text()
+
+
+@pytest.mark.model
+def test_real_model_recovers_the_target_above_chance(hf_backend, tmp_path):
+    """2 users x 2 pairs (Formal, Empathetic), 6 attributes, k=1 and 2, in the measured best rendering
+    (an instruction in the system prompt: 58% recovery at k=1 over 8 attributes, against 25% for the
+    paper's): the selection holds the target in more pairs than chance (k/6) at each k."""
+    from prefsteer.retrieval import HashEmbedder
+
+    rows = [json.loads(line) for line in
+            (ka.resources.files("prefsteer.resources") / ka.SUITE).read_text("utf-8").splitlines()]
+    path = tmp_path / "suite.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["style"] in ("Formal", "Empathetic")))
+    lib = ["Base", "Formal", "Concise", "Vivid", "Empathetic", "Humor"]
+    for k in (1, 2):  # k=2 continues k=1's stored greedy steps
+        cfg = {"name": "t", "k": k, "attributes": lib, "pairs_per_user": 2, "suite": str(path),
+               "variants": [{"label": "best", "kwargs": {"render": "instruction", "placement": "system"}}]}
+        s = ka.run(hf_backend, cfg, tmp_path / "run", embedder=HashEmbedder(), generate=False)
+        assert s["recovery"]["best"]["all"] > k / len(lib), (k, s["recovery"])

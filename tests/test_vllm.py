@@ -1,0 +1,144 @@
+"""The vLLM backend against the transformers backend on the embedded SmolLM2-135M-Instruct.
+
+Runs in the vLLM environment (``bash scripts/bootstrap_vllm.sh``, then
+``.venv-vllm/bin/python -m pytest -q tests/test_vllm.py``) and is skipped where vllm cannot be
+imported. One engine serves the whole module (its start-up takes about 85 s on two CPU cores); the
+references come from the hf backend loaded in the same process (transformers' own numbers, no
+recorded constants).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vllm is not installed (its tests run in .venv-vllm: scripts/bootstrap_vllm.sh)",
+                allow_module_level=True)
+
+pytestmark = pytest.mark.model
+
+from prefsteer.attributes import load_library  # noqa: E402
+from prefsteer.backends.base import GenerationConfig, ScoreRequest, UnsupportedOperation, user_turn  # noqa: E402
+from prefsteer.methods.exact.select import greedy_select, make_objective, pair_requests  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TLDR = REPO.parent / "shared" / "data" / "fixtures" / "tldr_batch13_3users.jsonl"
+SETS = [(), ("Concise",), ("Humor", "Casual"), ("Formal", "Detailed", "Polite")]
+PROMPTS = ["How do I boil an egg?", "Write a haiku about the sea.", "What is the capital of France?",
+           "Give me three tips for a job interview.", "Explain recursion to a child.",
+           "Summarize: the meeting moved to Friday because the room was booked."]
+
+
+@pytest.fixture(scope="module")
+def hf(hf_backend):
+    return hf_backend
+
+
+@pytest.fixture(scope="module")
+def vb():
+    from prefsteer.backends.vllm import VLLMBackend
+
+    return VLLMBackend(dtype="float32")
+
+
+def _tldr_pairs(n: int = 2):
+    from prefsteer.data import load_pairs
+
+    if TLDR.is_file():
+        return load_pairs(str(TLDR))[:n]
+    return load_pairs(str(REPO / "tests" / "fixtures" / "tldr_small.json"))[:n]
+
+
+def test_identity_and_tokenization_match_hf(hf, vb):
+    assert vb.fingerprint == hf.fingerprint  # score caches and classifier heads are shared
+    assert vb.template_id == hf.template_id
+    assert vb.eos_token_ids == hf.eos_token_ids and vb.eos_text == hf.eos_text
+    for p in PROMPTS[:3]:
+        msgs = user_turn(p, "Be brief.")
+        assert vb.encode_context(msgs) == hf.encode_context(msgs)
+        assert vb.encode_continuation(" " + p) == hf.encode_continuation(" " + p)
+    assert vb.max_context == hf.max_context and vb.hidden_size == hf.hidden_size
+    assert (vb.token_embeddings() == hf.token_embeddings()).all()
+
+
+def test_score_matches_hf_on_tldr_pairs_under_attribute_variants(hf, vb):
+    lib = load_library()
+    reqs = [r for p in _tldr_pairs() for r in pair_requests(p.prompt, p.chosen, p.rejected, SETS, lib)]
+    ref = hf.score(reqs)
+    for read in (True, False):  # reading vLLM's prefix cache, and vLLM's default of not reading it
+        got = vb.score(reqs, read_prefix_cache=read)
+        assert [s.n_tokens for s in got] == [s.n_tokens for s in ref]
+        worst = max(abs(a.logprob - b.logprob) for a, b in zip(got, ref))
+        assert worst < 1e-3, (read, worst)
+
+
+def test_score_continuations_with_a_common_start_and_empty_ones(hf, vb):
+    # the second continuation's start can be served from the prefix cache: it must still be scored
+    msgs = user_turn("Name a colour.")
+    reqs = [ScoreRequest.of(msgs, c) for c in
+            ("Teal is a colour between blue and green.", "Teal is a colour between blue and green, yes.",
+             "", "Teal is a colour between blue and green.")]
+    got, ref = vb.score(reqs), hf.score(reqs)
+    assert got[2].logprob == 0.0 and got[2].n_tokens == 0
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got, ref)) < 1e-3
+    assert got[0] == got[3]
+
+
+def test_greedy_generate_identical_to_hf(hf, vb):
+    cfg = GenerationConfig(max_new_tokens=40)
+    ctxs = [user_turn(p) for p in PROMPTS]
+    ours, ref = vb.generate(ctxs, cfg), hf.generate(ctxs, cfg)
+    assert [g.text for g in ours] == [g.text for g in ref]
+    assert [g.token_ids for g in ours] == [g.token_ids for g in ref]
+
+
+def test_sampled_generate_honours_the_config(vb):
+    ctxs = [user_turn(PROMPTS[0])] * 2 + [user_turn(PROMPTS[1])]
+    cfg = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=50, top_p=0.9, seed=3)
+    a, b = vb.generate(ctxs, cfg), vb.generate(ctxs, cfg)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]  # seeded: reproducible
+    assert all(1 <= len(g.token_ids) <= 12 for g in a)
+    assert a[0].token_ids != a[1].token_ids  # rows of one prompt get their own samples
+    one = GenerationConfig(max_new_tokens=12, do_sample=True, top_k=1, seed=0)  # top-1 sampling is greedy
+    assert vb.generate(ctxs[:1], one)[0].token_ids == vb.generate(ctxs[:1], GenerationConfig(max_new_tokens=12))[0].token_ids
+
+
+def test_exact_selections_identical_to_hf_on_the_ci_fixture(hf, vb):
+    from prefsteer.data import load_pairs
+
+    lib = load_library()
+    cands = ["Concise", "Humor", "Formal", "Detailed", "Casual"]
+    for p in load_pairs(str(REPO / "tests" / "fixtures" / "pairs_small.jsonl")):
+        sel = [greedy_select(make_objective(b, p.prompt, p.chosen, p.rejected, lib), cands, 2) for b in (hf, vb)]
+        assert sel[0].attributes == sel[1].attributes
+        assert abs(sel[0].objective - sel[1].objective) < 1e-3
+
+
+def test_what_vllm_cannot_do_is_refused_by_name(vb):
+    from prefsteer.backends.base import require
+
+    assert {"score", "generate"} <= vb.capabilities
+    for op in ("guide", "start_decoding", "hidden_states", "adapter", "cast"):
+        assert op not in vb.capabilities
+        with pytest.raises(UnsupportedOperation, match=op):
+            require(vb, op)
+    with pytest.raises(UnsupportedOperation, match="guide"):
+        vb.generate([user_turn("hi")], guide=lambda h, l, i: l)
+    with pytest.raises(UnsupportedOperation):
+        vb.hidden_states([ScoreRequest.of(user_turn("hi"), "yo")])
+    with pytest.raises(UnsupportedOperation):
+        vb.start_decoding([user_turn("hi")])
+    assert vb.cast("float32") is vb
+
+
+def test_vllm_safe_dir_adds_the_tied_embedding(vb, tmp_path):
+    from safetensors import safe_open
+
+    d = Path(vb.source["engine_path"])
+    assert d.name.endswith("-vllm")
+    with safe_open(str(d / "prefsteer-embed-tokens.safetensors"), framework="pt") as st:
+        assert list(st.keys()) == ["model.embed_tokens.weight"]
