@@ -323,7 +323,7 @@ def run(backend, cfg: dict, out_dir: str | Path, *, embedder=None, n_prompts: in
                     records.append({"kind": "generation", "variant": spec["label"], "user": user,
                                     "target": target, "prompt": p, "attributes": o.attributes, "text": o.text,
                                     "plain": plain[p]})
-    info = {"config": cfg, "model": backend.info() if hasattr(backend, "info") else {},
+    info = {"config": cfg, "model": backend.info(),
             "fingerprint": getattr(backend, "fingerprint", ""), "library": list(library.names),
             "n_prompts": len(suite.prompts), "users": suite.targets, "seconds": time.perf_counter() - start,
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
