@@ -32,13 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PROMPTS = [
-    "Give me some advice for my first job interview.",
-    "How do I make my houseplants grow faster?",
-    "What should I pack for a weekend hiking trip?",
-    "How can I stop procrastinating on my thesis?",
-    "Explain how a credit score works.",
-]
+# the library's own overhead benchmark times the same prompts: the two figures compare directly
+from online import PROMPTS  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def make_parser() -> argparse.ArgumentParser:
