@@ -1,5 +1,5 @@
-"""The service's overhead at batch 1 on the real model: personalized chat (EXACT) vs `method: none`
-through `prefsteer serve`, and the service vs calling the library directly.
+"""The service's overhead on the real model, at batch 1 and under load: personalized chat (EXACT)
+vs `method: none` through `prefsteer serve`, and the service vs calling the library directly.
 
 One model is loaded (default: the embedded SmolLM2, `--backend hf`) and shared by the library calls
 and by the service (uvicorn in a thread of this process, 127.0.0.1, a free port, stopped at the end),
@@ -9,6 +9,9 @@ repetition, one request at a time (greedy, max_tokens --tokens):
 * `exact` through the service: the server's own timings split retrieval + injection from generation;
 * `none` through the service;
 * `none` by the library: `backend.generate` on the same messages, in process.
+
+Then the same three paths under load: `--clients` threads at once (each its own HTTP connection,
+or its own library call), `--reps` rounds over the prompts, so requests queue for the two cores.
 
 Latencies are compared per completion token (an injected prompt changes what greedy decoding
 writes, so the two methods' answers differ in length). Writes results/service/overhead.md and
@@ -43,6 +46,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=200, help="max_tokens of each completion (default: 200)")
     p.add_argument("--prompts", type=int, default=3, help=f"prompts (at most {len(PROMPTS)})")
     p.add_argument("--reps", type=int, default=2, help="repetitions per prompt and path")
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients in the under-load phase (0: skip it)")
     p.add_argument("--user", default="maya", help="the demo user whose preferences steer the answers")
     p.add_argument("--out", default=str(REPO / "results" / "service"), help="where overhead.md/json go")
     return p
@@ -79,11 +83,11 @@ def main(args: argparse.Namespace) -> None:
     with thread_server(settings, timeout=300) as base, httpx.Client(base_url=base, timeout=600) as http:
         model = http.get("/v1/models").json()["data"][0]["id"]
 
-        def served(prompt: str, method: str) -> dict:
+        def served(prompt: str, method: str, client: httpx.Client = http) -> dict:
             body = {"model": model, "max_tokens": args.tokens, "messages": [{"role": "user", "content": prompt}],
                     "prefsteer": {"user_id": args.user, "method": method}}
             start = time.perf_counter()
-            r = http.post("/v1/chat/completions", json=body)
+            r = client.post("/v1/chat/completions", json=body)
             wall = time.perf_counter() - start
             r.raise_for_status()
             out = r.json()
@@ -107,6 +111,31 @@ def main(args: argparse.Namespace) -> None:
                     rows.append(row)
                     print(f"{path:<14} {row['tokens']:>4} tokens {row['wall']:7.2f}s  {prompt[:40]}", file=sys.stderr)
 
+        if args.clients > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def one_client(i: int) -> list[dict]:
+                out = []
+                with httpx.Client(base_url=base, timeout=1200) as own:
+                    for rep in range(args.reps):
+                        for j, prompt in enumerate(PROMPTS[: args.prompts]):
+                            # clients start on different methods, so both run at every moment
+                            for method in (("exact", "none") if (i + j) % 2 == 0 else ("none", "exact")):
+                                out.append({"path": f"service {method} (load)", "prompt": prompt, "rep": rep,
+                                            "client": i, **served(prompt, method, own)})
+                return out
+
+            def one_library_client(i: int) -> list[dict]:
+                return [{"path": "library none (load)", "prompt": prompt, "rep": rep, "client": i, **library(prompt)}
+                        for rep in range(args.reps) for prompt in PROMPTS[: args.prompts]]
+
+            for fn in (one_client, one_library_client):
+                start = time.perf_counter()
+                with ThreadPoolExecutor(args.clients) as pool:
+                    for got in pool.map(fn, range(args.clients)):
+                        rows.extend(got)
+                print(f"{fn.__name__}: {args.clients} clients in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+
     def summary(path: str) -> dict:
         rs = [r for r in rows if r["path"] == path]
         out = {"n": len(rs), "mean_wall_s": statistics.mean(r["wall"] for r in rs),
@@ -117,7 +146,10 @@ def main(args: argparse.Namespace) -> None:
             out["mean_generation_s"] = statistics.mean(r["generation"] for r in rs)
         return out
 
-    s = {p: summary(p) for p in ("service exact", "service none", "library none")}
+    paths = ["service exact", "service none", "library none"]
+    if args.clients > 0:
+        paths += [f"{p} (load)" for p in paths]
+    s = {p: summary(p) for p in paths}
     ex, no, lib = s["service exact"], s["service none"], s["library none"]
     # retrieval + injection against the generation of the same request (the library's own measure)
     retrieval_pct = 100 * ex["mean_retrieval_ms"] / 1000 / ex["mean_generation_s"]
@@ -126,26 +158,37 @@ def main(args: argparse.Namespace) -> None:
              for b in rows if b["path"] == "library none" and (b["prompt"], b["rep"]) == (a["prompt"], a["rep"])]
     service_pct = 100 * (sum(a["wall"] for a, _ in pairs) / sum(b["wall"] for _, b in pairs) - 1)
     personal_pct = 100 * (ex["ms_per_token"] / no["ms_per_token"] - 1)
+    load = {}
+    if args.clients > 0:
+        exl, nol, libl = s["service exact (load)"], s["service none (load)"], s["library none (load)"]
+        load = {"clients": args.clients,
+                "retrieval_pct_of_generation": 100 * exl["mean_retrieval_ms"] / 1000 / exl["mean_generation_s"],
+                "exact_vs_none_per_token_pct": 100 * (exl["ms_per_token"] / nol["ms_per_token"] - 1),
+                # the same requests by the same number of concurrent callers: per token, since under load
+                # the answers are the same but the order of arrival is not
+                "service_vs_library_per_token_pct": 100 * (nol["ms_per_token"] / libl["ms_per_token"] - 1)}
     info = backend.info()
     result = {"conditions": {"backend": args.backend, "model": info.get("model") or backend.name,
                              "max_tokens": args.tokens, "prompts": args.prompts, "reps": args.reps, "batch": 1,
                              "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                              "threads": info.get("threads")},
               "paths": s, "retrieval_pct_of_generation": retrieval_pct, "service_vs_library_pct": service_pct,
-              "exact_vs_none_per_token_pct": personal_pct, "rows": rows}
+              "exact_vs_none_per_token_pct": personal_pct, "under_load": load, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     c = result["conditions"]
-    lines = ["# prefsteer serve: overhead at batch 1", "",
+    lines = ["# prefsteer serve: overhead at batch 1 and under load", "",
              f"Conditions: `--backend {c['backend']}` ({c['model']}), greedy, max_tokens {c['max_tokens']}, batch 1 (one "
              f"request at a time), {c['prompts']} prompt(s) x {c['reps']} repetition(s) per path after three warm-up "
              f"requests; the service is uvicorn in a thread of the benchmark process sharing the same loaded model; "
-             f"{c['cpus']} CPU cores shared with other work ({c['platform']}, Python {c['python']}).", "",
+             f"{c['cpus']} CPU cores ({c['platform']}, Python {c['python']}); under load, {args.clients} concurrent "
+             f"clients each send the same requests (service: alternating exact and none; library: "
+             f"`backend.generate` from {args.clients} threads).", "",
              "| path | requests | mean tokens | mean latency (s) | ms / token | retrieval + injection (ms) |",
              "|---|---:|---:|---:|---:|---:|"]
     for p, v in s.items():
-        r = f"{v['mean_retrieval_ms']:.1f}" if p == "service exact" else ""
+        r = f"{v['mean_retrieval_ms']:.1f}" if p.startswith("service exact") else ""
         lines.append(f"| {p} | {v['n']} | {v['mean_tokens']:.0f} | {v['mean_wall_s']:.2f} | {v['ms_per_token']:.1f} | {r} |")
     lines += ["",
               f"- EXACT's retrieval + injection inside the service: **{retrieval_pct:.2f}%** of the same request's "
@@ -153,10 +196,13 @@ def main(args: argparse.Namespace) -> None:
               f"- personalized (exact) vs `method: none` through the service, per completion token: "
               f"**{personal_pct:+.1f}%** (the injected prompt is longer, and greedy answers differ in length)",
               f"- the service (HTTP, JSON, the OpenAI shapes) vs calling `backend.generate` directly, same answer: "
-              f"**{service_pct:+.2f}%**", "",
-              f"Reproduce: `.venv/bin/python benchmarks/service_overhead.py --prompts {c['prompts']} --reps {c['reps']}`. "
-              "Not measured here: the overhead under concurrent load (see load.md for the service under load, "
-              "on the fake model)."]
+              f"**{service_pct:+.2f}%**"]
+    if load:
+        lines += [f"- under load ({load['clients']} clients): retrieval + injection **{load['retrieval_pct_of_generation']:.2f}%** "
+                  f"of the request's generation; exact vs none per token **{load['exact_vs_none_per_token_pct']:+.1f}%**; "
+                  f"the service vs the library from as many threads, per token, **{load['service_vs_library_per_token_pct']:+.1f}%**"]
+    lines += ["", f"Reproduce: `.venv/bin/python benchmarks/service_overhead.py --prompts {c['prompts']} --reps {c['reps']} "
+              f"--clients {args.clients}`. The service under load on the fake model, many endpoints: load.md."]
     (out / "overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
