@@ -33,6 +33,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="hf")
     p.add_argument("--embedder", default=None)
+    p.add_argument("--threads", type=int, default=None, help="hf: CPU threads for the model")
+    p.add_argument("--matmul-precision", default=None, choices=["highest", "high", "medium"],
+                   help="hf: float32 matrix-product precision (see prefsteer --help)")
     p.add_argument("--out", default="results/known-answer/levers")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--suite-config", default="known-answer-cpu",
@@ -52,7 +55,8 @@ def main(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    backend = load_backend(args.backend)
+    backend = load_backend(args.backend, **({"threads": args.threads, "matmul_precision": args.matmul_precision}
+                                            if args.backend == "hf" else {}))
     embedder = load_embedder(args.embedder)
     rows: dict[str, dict] = {v: {} for v in args.variants}
 

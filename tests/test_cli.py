@@ -46,7 +46,8 @@ def test_index_profile_generate_feedback_round_trip(tmp_path, capsys):
                        "--max-new-tokens", "5", "a joke about cats please")
     gen = json.loads(out)
     assert code == 0 and gen["attributes"] == ["Humor"] and gen["text"]
-    assert gen["prompt"].endswith("\nAttributes: <Humor>")
+    # the command line's default is EXACT's product preset: an instruction in the system prompt
+    assert gen["system"] == "Answer in a way that is: humor." and gen["prompt"] == "a joke about cats please"
     assert set(gen["timings"]) >= {"retrieval", "generation", "overhead_pct"}
 
     code, out, _ = run(capsys, "feedback", "--user", "u", "--db", db, "--k", "1", "--json",

@@ -98,15 +98,34 @@ def attribute_messages(prompt: str, names: Sequence[str], library: AttributeLibr
     """The chat context of ``prompt`` with the attributes rendered in ``style``, either appended to
     the user's turn (``placement="user"``, the paper) or as the system prompt (after ``system`` on a
     new line, when one is given). No attributes: the plain context, the same for both placements."""
+    return attribute_conversation([{"role": "user", "content": prompt}], names, library, style=style,
+                                  placement=placement, system=system)
+
+
+def attribute_conversation(messages: Sequence[dict[str, str]], names: Sequence[str],
+                           library: AttributeLibrary | None = None, *, style: str = "names",
+                           placement: str = "user", system: str | None = None) -> list[dict[str, str]]:
+    """`attribute_messages` for a whole conversation (the service's chat): the attributes go into
+    its last user turn (``placement="user"``) or at the end of its system prompt (``"system"``).
+    ``system`` is the system prompt used when the conversation has none of its own."""
     if placement not in PLACEMENTS:
         raise ValueError(f"`placement` (={placement!r}) has to be one of {', '.join(PLACEMENTS)}")
-    if placement == "system" and names:
+    msgs = [dict(m) for m in messages]
+    if not msgs or msgs[-1].get("role") != "user":
+        raise ValueError("the conversation has to end with a user turn")
+    if system and msgs[0].get("role") != "system":
+        msgs.insert(0, {"role": "system", "content": system})
+    if not names:
+        return msgs
+    if placement == "system":
         line = render(names, library, style=style)
-        system = f"{system}\n{line}" if system else line
+        if msgs[0].get("role") == "system":
+            head = msgs[0]["content"]
+            msgs[0]["content"] = f"{head}\n{line}" if head else line
+        else:
+            msgs.insert(0, {"role": "system", "content": line})
     else:
-        prompt = inject(prompt, names, library, style=style)
-    msgs = [{"role": "system", "content": system}] if system else []
-    msgs.append({"role": "user", "content": prompt})
+        msgs[-1]["content"] = inject(msgs[-1]["content"], names, library, style=style)
     return msgs
 
 

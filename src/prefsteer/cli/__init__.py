@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import asdict
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from prefsteer.backends.base import MATMUL_PRECISIONS
 from prefsteer.errors import PrefsteerError
@@ -98,6 +98,7 @@ class Context:
         constructor takes."""
         from prefsteer.methods import get_method_class
         from prefsteer.methods.base import config_from_options
+        from prefsteer.methods.exact import PRODUCT_PRESET, ExactConfig
 
         cls = get_method_class(name)
         params = inspect.signature(cls.__init__).parameters
@@ -106,6 +107,8 @@ class Context:
         if cfg_cls is not None:
             values = _config_values(cfg_cls, self.args, option_prefix(name, cfg_cls))
             values.update(_legacy_options(name, self.args, cfg_cls))
+            if cfg_cls is ExactConfig:  # the command line's default is the product's, not the paper's
+                values.setdefault("preset", PRODUCT_PRESET)
             kw["config"] = config_from_options(cfg_cls, values, name)
         else:
             kw.update(_legacy_options(name, self.args, None))
@@ -175,17 +178,19 @@ def cmd_attributes(args, ctx: Context) -> int:
     return 0
 
 
-def check_lengths(ctx: Context, pairs, k: int, describe: bool) -> None:
-    """Refuse, before anything is written, a pair that cannot fit the model's context."""
+def check_lengths(ctx: Context, pairs, k: int, exact=None) -> None:
+    """Refuse, before anything is written, a pair that cannot fit the model's context: the pair's
+    prompt with the k attributes whose rendering is longest, injected by ``exact`` (EXACT as
+    configured: its rendering and placement; default: the command line's EXACT options)."""
     from prefsteer.attributes import render
-    from prefsteer.backends.base import user_turn
     from prefsteer.errors import InputError
 
-    lib = ctx.library()
-    longest = sorted(lib.names, key=lambda n: len(render([n], lib, describe)), reverse=True)[:k]
+    exact = exact if exact is not None else ctx.exact()
+    lib = exact.library
+    longest = sorted(lib.names, key=lambda n: len(render([n], lib, style=exact.config.style)), reverse=True)[:k]
     limit = ctx.backend.max_context
     for p in pairs:
-        msgs = user_turn(p.prompt + "\n" + render(longest, lib, describe))
+        msgs = exact.attribute_messages(p.prompt, longest)
         n = ctx.backend.count_tokens(msgs, max(p.chosen, p.rejected, key=len)) + _TEMPLATE_MARGIN
         if n > limit:
             file, line = p.source or (None, None)
@@ -207,7 +212,7 @@ def cmd_index(args, ctx: Context) -> int:
     exact_like = args.method in EXACT_METHODS
     method = ctx.method(args.method, **({"scope": "replace" if args.replace else "all"} if exact_like else {}))
     cfg = getattr(method, "config", None)
-    check_lengths(ctx, pairs, getattr(cfg, "k", 3) if exact_like else 3, getattr(cfg, "describe", False))
+    check_lengths(ctx, pairs, cfg.k if exact_like else 3, method if exact_like else None)
     start = time.perf_counter()
     report = []
     mem = ctx.memory
@@ -337,17 +342,16 @@ def generation_config(args):
 
 
 def run_generate(args, ctx: Context, prompt: str) -> dict:
-    from prefsteer.attributes import inject
-    from prefsteer.backends.base import user_turn
-
     config = generation_config(args)
     if args.attributes_given:
-        lib = ctx.library()
-        attrs = list(lib.canonical(a for a in args.attributes_given.split(",") if a.strip()))
+        exact = ctx.exact()  # rendered and placed as EXACT's options say (--render, --placement, ...)
+        attrs = list(exact.library.canonical(a for a in args.attributes_given.split(",") if a.strip()))
+        msgs = exact.attribute_messages(prompt, attrs)
         start = time.perf_counter()
-        g = ctx.backend.generate([user_turn(inject(prompt, attrs, lib, getattr(args, 'describe', False)))], config)[0]
+        g = ctx.backend.generate([msgs], config)[0]
         return {"method": "attributes", "user_id": args.user, "attributes": attrs, "text": g.text,
-                "timings": {"retrieval": 0.0, "generation": time.perf_counter() - start}}
+                "timings": {"retrieval": 0.0, "generation": time.perf_counter() - start},
+                **exact.context_info(msgs)}
     if args.method != "none":
         if not args.user:
             raise PrefsteerError(f"--method {args.method} needs --user")
@@ -398,7 +402,8 @@ def cmd_feedback(args, ctx: Context) -> int:
         pairs = [PreferencePair(args.user, args.prompt, args.chosen, args.rejected, args.pair_id or "")]
     pairs = [with_id(p) for p in pairs]  # the id is the content unless one was given
     mem = ctx.memory
-    check_lengths(ctx, pairs, getattr(args, "k", 3), getattr(args, "describe", False))
+    exact = ctx.exact()
+    check_lengths(ctx, pairs, exact.config.k, exact)
     report: list[dict] = []
     added: list[dict] = []
     # all or nothing: the pairs, EXACT's selections and every method's update commit together
@@ -425,28 +430,39 @@ def cmd_feedback(args, ctx: Context) -> int:
     return 0
 
 
-# The demo's EXACT settings, chosen on the known-answer suite (results/known-answer/): each applies
-# unless given on the command line (`prefsteer demo --render names --placement user` is the paper's).
-DEMO_SETTINGS = {"render": "instruction", "placement": "system"}
+# The demo's EXACT settings: the product preset (an instruction sentence in the system prompt, chosen
+# on the known-answer suite: results/known-answer/README.md) over a 10-attribute library a person
+# recognises, k=2, so a 2-core CPU indexes the 10 demo pairs in about a minute. Each applies unless
+# given on the command line (`prefsteer demo --preset paper` is the paper's rendering,
+# `--attributes-file` another library).
+DEMO_SETTINGS = {"preset": "product", "k": 2}
+DEMO_ATTRIBUTES = ("Base", "Formal", "Concise", "Vivid", "Humor", "Energy", "Code", "Direct", "Empathetic",
+                   "Exclamatory")
 
 
-def _demo_effect(user: str, style: str | None, text: str, plain: str) -> str | None:
-    """One line: how the user's answer differs from the plain one under the style's measure."""
+def _demo_effect(user: str, style: str | None, texts: Sequence[str], plains: Sequence[str]) -> str | None:
+    """One line: how the user's answers differ from the plain ones under the style's measure (the
+    known-answer suite's), over the prompts given; it says so when the direction is the wrong one."""
     from prefsteer.evaluation.known_answer import MEASURES, effects, effect_line
 
     if style not in MEASURES:
         return None
-    rec = {"kind": "generation", "variant": "demo", "user": user, "target": style, "text": text, "plain": plain}
-    return effect_line(user, effects([rec])[user])
+    recs = [{"kind": "generation", "variant": "demo", "user": user, "target": style, "text": t, "plain": p}
+            for t, p in zip(texts, plains)]
+    return effect_line(user, effects(recs)[user])
 
 
 def cmd_demo(args, ctx: Context) -> int:
     import tempfile
     from importlib import resources
 
-    from prefsteer.backends.base import GenerationConfig
-    from prefsteer.data import load_pairs
+    from prefsteer.backends.base import GenerationConfig, user_turn
+    from prefsteer.data import group_by_user, load_pairs
+    from prefsteer.evaluation.known_answer import load_suite
 
+    start_all = time.perf_counter()
+    if args.measure_prompts < 1:
+        raise PrefsteerError(f"--measure-prompts (={args.measure_prompts}) has to be at least 1")
     if args.db is None:  # the demo keeps its own memory, not the user's
         args.db = os.path.join(tempfile.mkdtemp(prefix="prefsteer-demo-"), "memory.db")
     for key, value in DEMO_SETTINGS.items():
@@ -459,12 +475,12 @@ def cmd_demo(args, ctx: Context) -> int:
     say = (lambda *a: None) if args.json else print
     say(f"prefsteer demo: backend {args.backend}, model {ctx.backend.info().get('model', args.model or ctx.backend.name)}")
     args.quiet = args.quiet or args.json
-    exact = ctx.exact()
+    library = None if args.attributes else ctx.library().subset(DEMO_ATTRIBUTES)
+    exact = ctx.exact(**({"library": library} if library is not None else {}))
     c = exact.config
-    say(f"indexing {len(pairs)} preference pairs of {len(styles)} users (EXACT, k={c.k}, attributes rendered "
-        f"as {c.style} in the {c.placement} prompt, {c.objective} objective) ...")
-    from prefsteer.data import group_by_user
-
+    say(f"indexing {len(pairs)} preference pairs of {len(styles)} users (EXACT, preset {c.preset}: k={c.k} of "
+        f"{len(exact.library)} attributes, rendered as {c.style} in the {c.placement} prompt, {c.objective} "
+        "objective) ...")
     start = time.perf_counter()
     for user, ps in group_by_user(pairs).items():
         exact.fit(user, ps)
@@ -473,30 +489,41 @@ def cmd_demo(args, ctx: Context) -> int:
     for u in users:
         say("\n" + profile_text(u, ctx.memory.entries(u)))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens or 80)
-    from prefsteer.backends.base import user_turn
-
-    prompt = args.prompt
+    # the effect is measured on the demo's prompt and the known-answer suite's first new prompts
+    extra = [q for q in load_suite(library=ctx.library()).prompts if q != args.prompt][:max(args.measure_prompts - 1, 0)]
+    prompts = [args.prompt, *extra]
     exact.embedder.encode(["warm-up"])
-    plain = ctx.backend.generate([user_turn(prompt)], config)[0].text
-    outs = {u: exact.generate(u, [prompt], config)[0] for u in users}
-    say(f"\nnew prompt: {prompt}\n\n--- plain (no personalization) ---\n{plain}")
-    for u, o in outs.items():
+    t0 = time.perf_counter()
+    plains = [g.text for g in ctx.backend.generate([user_turn(q) for q in prompts], config)]
+    outs = {u: exact.generate(u, prompts, config) for u in users}
+    gen_secs = time.perf_counter() - t0
+    say(f"\nnew prompt: {args.prompt}\n\n--- plain (no personalization) ---\n{plains[0]}")
+    for u, os_ in outs.items():
+        o = os_[0]
         say(f"\n--- {u} (attributes: {', '.join(o.attributes)}) ---\n{o.text}\n"
             f"[retrieval + injection {1000 * o.timings['retrieval']:.1f} ms, "
             f"generation {o.timings['generation']:.2f} s]")
-    lines = {u: _demo_effect(u, styles.get(u), o.text, plain) for u, o in outs.items()}
+    lines = {u: _demo_effect(u, styles.get(u), [o.text for o in os_], plains) for u, os_ in outs.items()}
     if any(lines.values()):
-        say("\nmeasured on this prompt (evaluation/known_answer.py's measures):")
+        say(f"\nmeasured against plain on {len(prompts)} prompt{'s' if len(prompts) > 1 else ''} (this one"
+            f"{' and ' + str(len(extra)) + ' of the known-answer suite' if extra else ''}; "
+            "evaluation/known_answer.py's measures):")
         for line in lines.values():
             if line:
                 say(f"  {line}")
+    total = time.perf_counter() - start_all
+    say(f"\n[indexing {index_secs:.0f} s, generating {gen_secs:.0f} s, {total:.0f} s in all]")
     if args.json:
-        emit(args, {"db": ctx.memory.path, "index_seconds": index_secs, "prompt": prompt, "plain": plain,
-                    "settings": {"k": c.k, "render": c.style, "placement": c.placement, "objective": c.objective},
-                    "users": {u: {"attributes": o.attributes, "text": o.text, "timings": o.timings,
+        emit(args, {"db": ctx.memory.path, "index_seconds": index_secs, "generation_seconds": gen_secs,
+                    "seconds": total, "prompt": args.prompt, "prompts": prompts, "plain": plains[0],
+                    "plains": plains,
+                    "settings": {"preset": c.preset, "k": c.k, "render": c.style, "placement": c.placement,
+                                 "objective": c.objective, "library": list(exact.library.names)},
+                    "users": {u: {"attributes": os_[0].attributes, "text": os_[0].text,
+                                  "texts": [o.text for o in os_], "timings": os_[0].timings,
                                   "style": styles.get(u), "effect": lines[u],
                                   "entries": [e.to_json() for e in ctx.memory.entries(u)]}
-                              for u, o in outs.items()}}, "")
+                              for u, os_ in outs.items()}}, "")
     return 0
 
 
@@ -625,6 +652,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="Give me some advice for my first job interview.",
                    help="the new prompt answered for each demo user")
     p.add_argument("--max-new-tokens", type=int, default=80, help="tokens generated per answer")
+    p.add_argument("--measure-prompts", type=int, default=3,
+                   help="prompts the effect on each user is measured on: the demo's and the known-answer "
+                        "suite's first new ones (default 3)")
 
     for module in COMMAND_MODULES:
         if importlib.util.find_spec(module) is None:  # not written yet: no command

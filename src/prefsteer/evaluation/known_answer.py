@@ -235,6 +235,8 @@ def effect_line(user: str, e: dict[str, Any]) -> str:
             head = "no different from plain"
         else:
             head = f"{'more' if e['personalized'] > e['plain'] else 'less'} {e['style'].lower()} than plain"
+    if not e["intended"]:
+        head += " (NOT the intended direction)" if e["personalized"] != e["plain"] else " (no effect)"
     return (f"{user} ({e['style']}): {head} ({e['measure']} {e['plain']:.2f} -> {e['personalized']:.2f}; "
             f"moved the intended way on {n_moved} of {e['n']} prompts)")
 

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from prefsteer.attributes import PLACEMENTS, RENDER_STYLES, AttributeLibrary, attribute_messages, load_library
+from prefsteer.attributes import (PLACEMENTS, RENDER_STYLES, AttributeLibrary, attribute_conversation,
+                                  load_library)
 from prefsteer.backends.base import GenerationConfig, ScoreRequest, require
 from prefsteer.retrieval import Embedder, load_embedder, nearest
 from prefsteer.methods.exact.select import (OBJECTIVES, SELECTORS, Selection, greedy_select, make_objective,
@@ -29,6 +30,17 @@ from prefsteer.methods.plain import timed_generate
 log = logging.getLogger(__name__)
 
 
+# Named settings of the levers below. "paper" is the paper's (bare names appended to the user's turn,
+# the summed objective, no filter): ExactConfig()'s defaults, and what every evaluation configuration
+# (quick, paper*, table*) runs. "product" is what the `prefsteer` command line, `prefsteer serve` and
+# the demo use unless told otherwise, chosen by measurement (results/known-answer/README.md).
+EXACT_PRESETS: dict[str, dict] = {
+    "paper": {"render": "names", "placement": "user", "objective": "sum"},
+    "product": {"render": "instruction", "placement": "system", "objective": "sum"},
+}
+PAPER_PRESET, PRODUCT_PRESET = "paper", "product"
+
+
 @dataclass
 class ExactConfig:
     k: int = field(default=3, metadata={"help": "attributes selected per preference pair"})
@@ -39,18 +51,22 @@ class ExactConfig:
     stop_when_no_gain: bool = field(default=False, metadata={
         "help": "stop adding attributes once none raises the objective (the paper's non-negativity "
                 "filter, Appendix B.1.2)"})
+    preset: str = field(default=PAPER_PRESET, metadata={
+        "help": "named settings of render, placement and objective, each overridden by its own option: "
+                "paper (bare names in the user's turn, summed objective: the paper's) or product (an "
+                "instruction sentence in the system prompt: the measured best; the command line's default)"})
     describe: bool = field(default=False, metadata={
         "help": "render attributes with their one-line descriptions, not bare names (= render described)"})
-    render: str = field(default="names", metadata={
+    render: str | None = field(default=None, metadata={
         "help": "how the attributes are written: names ('Attributes: <Concise, Formal>', the paper), "
                 "described (each with its description) or instruction ('Answer in a way that is: "
-                "concise, formal.')"})
-    placement: str = field(default="user", metadata={
+                "concise, formal.'); unset: the preset's"})
+    placement: str | None = field(default=None, metadata={
         "help": "where the attribute line goes: user (appended to the user's turn, the paper) or system "
-                "(the system prompt)"})
-    objective: str = field(default="sum", metadata={
+                "(the system prompt); unset: the preset's"})
+    objective: str | None = field(default=None, metadata={
         "help": "F per pair: sum (summed log-probability gap, the paper) or mean (gap of per-token means, "
-                "less weight on the responses' lengths)"})
+                "less weight on the responses' lengths); unset: the preset's"})
     system: str | None = field(default=None, metadata={"help": "system prompt for scoring and generation"})
     global_pairs: int = field(default=0, metadata={
         "help": "exact-global: training pairs its global greedy search scores (0: all)"})
@@ -60,6 +76,13 @@ class ExactConfig:
         "help": "screened: the precision of the model copy that ranks every candidate"})
 
     def __post_init__(self):
+        if self.preset not in EXACT_PRESETS:
+            raise ValueError(f"`preset` (={self.preset!r}) has to be one of {', '.join(EXACT_PRESETS)}")
+        if self.describe and self.render is None:  # `describe` asks for the described rendering
+            self.render = "described"
+        for key, value in EXACT_PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         if self.k < 1:
             raise ValueError(f"`k` (={self.k}) has to be at least 1")
         if self.mode not in SELECTORS:
@@ -77,6 +100,11 @@ class ExactConfig:
             raise ValueError(f"`placement` (={self.placement!r}) has to be one of {', '.join(PLACEMENTS)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"`objective` (={self.objective!r}) has to be one of {', '.join(OBJECTIVES)}")
+
+    @classmethod
+    def of_preset(cls, name: str, **overrides) -> "ExactConfig":
+        """``ExactConfig.of_preset("paper")`` (= ``ExactConfig()``), ``of_preset("product", k=2)``."""
+        return cls(preset=name, **overrides)
 
     @property
     def style(self) -> str:
@@ -142,7 +170,7 @@ class Exact(Method):
 
     def _config_id(self, k: int) -> str:
         c = asdict(self.config)
-        c.pop("global_pairs")
+        c.pop("global_pairs"), c.pop("preset")  # the preset is only a name for the values below
         if c["mode"] != "screened":  # ids of the other modes stay what they were before screening
             c.pop("screen_top"), c.pop("screen_dtype")
         # the levers added later enter the id only when set, so stored selections stay valid;
@@ -274,12 +302,22 @@ class Exact(Method):
     def _inject(self, prompt: str, attrs: Sequence[str]) -> list[dict]:
         return self.attribute_messages(prompt, attrs)
 
-    def attribute_messages(self, prompt: str, attrs: Sequence[str]) -> list[dict]:
-        """The chat context of ``prompt`` with ``attrs`` rendered and placed as this configuration
-        says (what selection scored and generation sees)."""
+    def attribute_messages(self, prompt: str | Sequence[dict], attrs: Sequence[str]) -> list[dict]:
+        """The chat context of ``prompt`` (or of a conversation, a list of messages ending with the
+        user's turn) with ``attrs`` rendered and placed as this configuration says: what selection
+        scored is what generation sees. Every path that injects attributes (generation, the CLI's
+        ``--attributes``, the service's chat, the length check) builds its context here."""
         c = self.config
-        return attribute_messages(prompt, attrs, self.library, style=c.style, placement=c.placement,
-                                  system=c.system)
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return attribute_conversation(msgs, attrs, self.library, style=c.style, placement=c.placement,
+                                      system=c.system)
+
+    @staticmethod
+    def context_info(msgs: Sequence[dict]) -> dict:
+        """What a generation's output reports of its context: the user's turn, and the system prompt
+        when there is one."""
+        return {"prompt": msgs[-1]["content"],
+                **({"system": msgs[0]["content"]} if len(msgs) > 1 and msgs[0]["role"] == "system" else {})}
 
     def margins(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[float]:
         """Summed log-probability margins under the retrieved attributes (the protocol's pairwise
@@ -299,8 +337,7 @@ class Exact(Method):
         contexts = [self._inject(p, a) for p, a in zip(prompts, attrs)]
         overhead = time.perf_counter() - start  # embedding + retrieval + injection
         gens, secs = timed_generate(self.backend, contexts, config)
-        return [MethodOutput(g.text, list(a), {"retrieval": overhead, "generation": secs},
-                             {"prompt": c[-1]["content"], **({"system": c[0]["content"]} if self.config.placement == "system" and len(c) > 1 else {})})
+        return [MethodOutput(g.text, list(a), {"retrieval": overhead, "generation": secs}, self.context_info(c))
                 for g, a, c in zip(gens, attrs, contexts)]
 
 

@@ -2,9 +2,9 @@
 
 The user is ``prefsteer.user_id`` or else OpenAI's own ``user`` field; the method is
 ``prefsteer.method``, by default EXACT when there is a user (retrieve the user's most similar past
-prompt, inject its attributes into the last user turn) and none otherwise. A user with no indexed
-feedback yet gets the plain model, and ``prefsteer.note`` says why; asking for a method explicitly
-makes that an error instead.
+prompt, inject its attributes as EXACT's configuration renders and places them: the last user turn
+or the system prompt) and none otherwise. A user with no indexed feedback yet gets the plain model,
+and ``prefsteer.note`` says why; asking for a method explicitly makes that an error instead.
 
 Generation is blocking and runs in the server's thread pool (a ``def`` route). With ``stream``
 the answer is generated first and then sent as OpenAI's ``chat.completion.chunk`` events, ending
@@ -132,8 +132,6 @@ def _user_exists(eng, uid: str) -> bool:
 
 
 def answer(eng, tenant: Tenant, req: ChatCompletionRequest) -> Answer:
-    from prefsteer.attributes import inject
-
     s = eng.settings
     _refuse_unsupported(req)
     stops = _stops(req)
@@ -170,10 +168,7 @@ def answer(eng, tenant: Tenant, req: ChatCompletionRequest) -> Answer:
             method = info.method = "none"
             info.note = "this user's feedback is not indexed yet: the plain model answered"
         else:
-            injected = inject(msgs[-1]["content"], entry.attributes, eng.library, exact.config.describe)
-            msgs = msgs[:-1] + [{"role": "user", "content": injected}]
-            if exact.config.system and msgs[0]["role"] != "system":
-                msgs.insert(0, {"role": "system", "content": exact.config.system})
+            msgs = exact.attribute_messages(msgs, entry.attributes)  # rendered and placed as selected
             info.attributes = list(entry.attributes)
             info.retrieved = {"prompt": entry.prompt, "similarity": round(float(sim), 4)}
     info.timings["retrieval"] = round(time.perf_counter() - start, 6)
