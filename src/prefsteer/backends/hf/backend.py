@@ -35,6 +35,7 @@ from prefsteer.backends.base import (MATMUL_PRECISIONS, OPERATIONS, AdapterSpec,
 from prefsteer.backends.hf import attention, decode, planner, scoring
 from prefsteer.backends.hf.lock import ModelLock
 from prefsteer.backends.sampling import seeded_generator
+from prefsteer.backends.tokenization import ChatTokenization
 from prefsteer.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ _ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "intermediate_size
                 "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
                 "max_position_embeddings", "rope_theta", "rope_parameters", "rope_scaling",
                 "rms_norm_eps", "tie_word_embeddings", "hidden_act", "sliding_window")
-_CTX_CACHE_SIZE = 4096
 
 _PROCESS_LOCK = threading.Lock()
 _PROCESS_PRECISION: list[str] = []  # the matmul precision this process's backends fixed at load
@@ -68,7 +68,7 @@ def fix_matmul_precision(precision: str) -> None:
             torch.set_float32_matmul_precision(precision)
 
 
-class TransformersBackend:
+class TransformersBackend(ChatTokenization):
     name = "hf"
     capabilities = frozenset(OPERATIONS)
 
@@ -115,8 +115,7 @@ class TransformersBackend:
     def _init_state(self) -> None:
         """The per-backend mutable state, each part with its lock (a cast copy gets its own)."""
         self._lock = ModelLock()
-        self._ctx_cache: dict[tuple, list[int]] = {}
-        self._ctx_lock = threading.Lock()
+        self._init_tokenization()
         self._prefix_memo = scoring.PrefixMemo()
         self._casts: dict[torch.dtype, TransformersBackend] = {}  # see `cast`
         self._casts_lock = threading.Lock()
@@ -223,66 +222,8 @@ class TransformersBackend:
                 "matmul_precision": self.matmul_precision,
                 "load_seconds": round(self.load_seconds, 2)}
 
-    # -- tokenization -----------------------------------------------------------------------
-    def encode_context(self, messages: Messages) -> list[int]:
-        """Token ids of the chat-templated context, ending with the assistant's turn header."""
-        key = tuple((m["role"], m["content"]) for m in messages)
-        with self._ctx_lock:
-            ids = self._ctx_cache.get(key)
-        if ids is None:
-            text = self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
-                                                      add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            with self._ctx_lock:
-                if len(self._ctx_cache) > _CTX_CACHE_SIZE:
-                    self._ctx_cache.clear()
-                self._ctx_cache[key] = ids
-        return list(ids)
-
-    def encode_continuation(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
-    def decode_tokens(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return frozenset(self.eos_ids)
-
-    @property
-    def eos_text(self) -> str | None:
-        """The tokenizer's end-of-sequence token as text, when it ends the turn and reads back as itself."""
-        text = getattr(self.tokenizer, "eos_token", None)
-        if isinstance(text, str) and text and self.encode_continuation(text) == [self.tokenizer.eos_token_id] \
-                and self.tokenizer.eos_token_id in self.eos_ids:
-            return text
-        return None
-
-    def count_tokens(self, messages: Messages, continuation: str = "") -> int:
-        return len(self.encode_context(messages)) + len(self.encode_continuation(continuation))
-
-    def _encode_requests(self, requests: Sequence[ScoreRequest]) -> list[tuple[list[int], list[int]]]:
-        rows = []
-        for i, req in enumerate(requests):
-            ctx, cont = self.encode_context(req.chat()), self.encode_continuation(req.continuation)
-            if len(ctx) + len(cont) > self.max_context:
-                raise InputError(f"request {i} is {len(ctx) + len(cont)} tokens long (context {len(ctx)} + "
-                                 f"continuation {len(cont)}), more than the model's limit of "
-                                 f"{self.max_context} tokens", field="prompt")
-            rows.append((ctx, cont))
-        return rows
-
-    def _encode_contexts(self, contexts: Sequence[Messages]) -> list[list[int]]:
-        encoded = []
-        for i, msgs in enumerate(contexts):
-            ids = self.encode_context(msgs)
-            if len(ids) >= self.max_context:
-                raise InputError(f"context {i} is {len(ids)} tokens long, more than the model's limit of "
-                                 f"{self.max_context} tokens (leaving room for at least one new token)",
-                                 field="prompt")
-            encoded.append(ids)
-        return encoded
-
+    # -- tokenization: `ChatTokenization` (encode_context, encode_continuation, decode_tokens,
+    # eos_token_ids, eos_text, count_tokens), shared with the vLLM backend -----------------------
     # -- the model's parts, for the package's engine modules --------------------------------------
     def extend(self, cache, **inputs):
         """The decoder (no output layer) on ``inputs``, reading and extending the KV ``cache``."""

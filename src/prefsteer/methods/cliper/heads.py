@@ -80,6 +80,8 @@ class HeadBank:
         r = max(h.rank for h in heads)
         self.names = [h.name for h in heads]
         self.n_heads = len(heads)
+        # the models the heads were trained for (their sidecars' fingerprints; "" where none is recorded)
+        self.fingerprints = sorted({str(h.meta.get("fingerprint") or "") for h in heads})
 
         def pad(m: torch.Tensor) -> torch.Tensor:  # (d, r_i) -> (d, r): zero columns change nothing
             return torch.nn.functional.pad(m, (0, r - m.shape[1]))
@@ -97,6 +99,27 @@ class HeadBank:
         self.Wh = torch.cat([self.U.T, self.A.permute(1, 0, 2).reshape(self.U.shape[1], -1)], 1)
         self.We = torch.cat([self.Vw.T, self.B.permute(1, 0, 2).reshape(self.U.shape[1], -1)], 1)
         self.r = r                                    # Wh, We: (d, P + P*r)
+
+    _TENSORS = ("Wh", "We", "a0", "b0", "c")
+
+    def state(self) -> dict[str, Any]:
+        """What `from_state` rebuilds the bank from: the folded tensors, names and fingerprints."""
+        return {"tensors": {k: getattr(self, k).detach().contiguous() for k in self._TENSORS},
+                "names": list(self.names), "fingerprints": list(self.fingerprints), "rank": self.r}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "HeadBank":
+        """The bank `state` describes (the same `logits`, without the heads it was folded from)."""
+        bank = cls.__new__(cls)
+        t = state["tensors"]
+        for k in cls._TENSORS:
+            setattr(bank, k, t[k])
+        bank.names, bank.fingerprints = list(state["names"]), list(state["fingerprints"])
+        bank.n_heads, bank.r = int(t["c"].shape[0]), int(state["rank"])
+        if bank.Wh.shape[1] != bank.n_heads * (1 + bank.r):
+            raise ValueError(f"a head bank of {bank.n_heads} heads of rank {bank.r} needs "
+                             f"{bank.n_heads * (1 + bank.r)} columns, the state has {bank.Wh.shape[1]}")
+        return bank
 
     def logits(self, hidden: torch.Tensor, cand_emb: torch.Tensor) -> torch.Tensor:
         """hidden (B, d), cand_emb (B, k, d) -> log-odds (B, P, k)."""

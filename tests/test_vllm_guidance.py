@@ -1,0 +1,145 @@
+"""Guided decoding for vLLM without vLLM: the guide as data, and the side model's rows.
+
+`CliperGuide.describe` / `from_description` and `VLLMBackend.guide_description` are checked on
+random heads; `GuidedRequests` (what vLLM's logits processor runs) is driven here by an engine
+loop made of the hf backend's own decoding sessions, with requests arriving late, skipping steps
+and reading several tokens at once, and must reproduce CLIPer on the hf backend token for token.
+The same thing inside vLLM's engine is tests/test_vllm.py (in .venv-vllm).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from prefsteer.backends.base import GenerationConfig, UnsupportedOperation, user_turn
+from prefsteer.errors import InputError
+from prefsteer.methods.cliper.guidance import CliperGuide, check_description
+from prefsteer.methods.cliper.heads import HeadBank, PreferenceHead
+
+
+def _bank(fp="hf:abc", d=16, ranks=(2, 3), seed=0):
+    torch.manual_seed(seed)
+    heads = []
+    for i, r in enumerate(ranks):
+        h = PreferenceHead(d, r, {"name": f"h{i}", "fingerprint": fp})
+        with torch.no_grad():
+            for p in h.parameters():
+                p.normal_()
+            h.set_standardisation(torch.randn(50, d), torch.randn(50, d))
+        heads.append(h)
+    return HeadBank(heads)
+
+
+def test_a_described_guide_rebuilds_the_same_guidance():
+    V, d = 40, 16
+    emb = torch.randn(V, d)
+    g = CliperGuide(_bank(d=d), [1.0, -0.5], alpha=1.5, top_k=7, embeddings=emb)
+    desc = g.describe()
+    assert isinstance(desc["heads"], bytes) and desc["fingerprint"] == "hf:abc"
+    assert desc["weights"] == [1.0, -0.5] and desc["alpha"] == 1.5 and desc["top_k"] == 7
+    back = CliperGuide.from_description(desc, emb)
+    hidden, logits = torch.randn(3, d), torch.randn(3, V)
+    a, b = g(hidden, logits, None), back(hidden, logits, None)
+    assert torch.equal(torch.isinf(a), torch.isinf(b)) and (torch.isinf(a).sum(1) == V - 7).all()
+    assert torch.allclose(a[~torch.isinf(a)], b[~torch.isinf(b)], atol=1e-5)
+    assert not torch.equal(a[~torch.isinf(a)], logits.log_softmax(-1)[~torch.isinf(a)])  # it did guide
+    # the key changes with anything that changes the guidance, not otherwise
+    assert CliperGuide(_bank(d=d), [1.0, -0.5], 1.5, 7, emb).describe()["key"] == desc["key"]
+    assert CliperGuide(_bank(d=d), [1.0, -0.5], 1.0, 7, emb).describe()["key"] != desc["key"]
+    assert CliperGuide(_bank(d=d, seed=1), [1.0, -0.5], 1.5, 7, emb).describe()["key"] != desc["key"]
+
+
+def test_descriptions_are_checked():
+    emb = torch.randn(40, 16)
+    with pytest.raises(ValueError, match="fingerprint"):
+        CliperGuide(_bank(fp=""), [1.0, 1.0], 1.0, 5, emb).describe()
+    mixed = HeadBank([PreferenceHead(16, 2, {"name": "a", "fingerprint": "hf:a"}),
+                      PreferenceHead(16, 2, {"name": "b", "fingerprint": "hf:b"})])
+    with pytest.raises(ValueError, match="fingerprint"):
+        CliperGuide(mixed, [1.0, 1.0], 1.0, 5, emb).describe()
+    assert CliperGuide(mixed, [1.0, 1.0], 1.0, 5, emb, fingerprint="hf:a").describe()["fingerprint"] == "hf:a"
+    desc = CliperGuide(_bank(), [1.0, 1.0], 1.0, 5, emb).describe()
+    check_description(desc)
+    for bad in ({**desc, "format": "x"}, {k: v for k, v in desc.items() if k != "heads"},
+                {**desc, "alpha": -1.0}, {**desc, "top_k": 0}, {**desc, "weights": [1.0]}, "not a dict"):
+        with pytest.raises(ValueError):
+            check_description(bad)
+    with pytest.raises(ValueError, match="hidden size"):
+        CliperGuide.from_description(desc, torch.randn(40, 8))
+
+
+def test_the_vllm_backend_sends_only_guides_that_describe_themselves():
+    from prefsteer.backends.vllm.backend import VLLMBackend
+
+    emb = torch.randn(40, 16)
+    fake = SimpleNamespace(name="vllm", capabilities=frozenset({"generate", "guide"}), side_fingerprint="hf:abc",
+                           side_spec={"model": None, "dtype": "float32", "cache_dir": None},
+                           source={"model": "smollm2-135m"})
+    with pytest.raises(UnsupportedOperation, match="guide"):
+        VLLMBackend.guide_description(fake, lambda h, l, i: l)
+    desc = VLLMBackend.guide_description(fake, CliperGuide(_bank(), [1.0, 1.0], 1.0, 5, emb))
+    assert desc["side"] == {"model": None, "dtype": "float32", "cache_dir": None} and desc["fingerprint"] == "hf:abc"
+    with pytest.raises(InputError, match="trained for the model hf:other"):
+        VLLMBackend.guide_description(fake, CliperGuide(_bank(fp="hf:other"), [1.0, 1.0], 1.0, 5, emb))
+    off = SimpleNamespace(**{**vars(fake), "capabilities": frozenset({"generate"})})
+    with pytest.raises(UnsupportedOperation, match="guidance off"):
+        VLLMBackend.guide_description(off, CliperGuide(_bank(), [1.0, 1.0], 1.0, 5, emb))
+
+
+# -- the side model's rows against CLIPer on the hf backend --------------------------------------
+PROMPTS = ["How do I boil an egg?", "Write a haiku about the sea.", "Explain recursion to a child.",
+           "Give me three tips for a job interview."]
+
+
+@pytest.mark.model
+def test_side_rows_reproduce_cliper_on_hf_under_vllm_like_scheduling(hf_backend):
+    from prefsteer.backends.vllm.side import GuidedRequests
+    from prefsteer.methods.cliper import Cliper
+
+    hf = hf_backend
+    n = 24
+    m = Cliper(hf, prefs="concise=1,humor=0.5", alpha=2.0, top_k=20)
+    guide, _ = m.guide_for(None)
+    cfg = GenerationConfig(max_new_tokens=n)
+    ref = [g.token_ids for g in hf.generate([user_turn(p) for p in PROMPTS], cfg, guide=guide)]
+    plain = [g.token_ids for g in hf.generate([user_turn(p) for p in PROMPTS], cfg)]
+    assert ref != plain  # the guidance changes the text: the comparison below means something
+    desc = dict(guide.describe(), side={"model": None, "dtype": "float32"})
+    loads = []
+    core = GuidedRequests(lambda spec: loads.append(spec) or hf)
+    arrive = {0: 0, 1: 0, 2: 3, 3: 0}      # request 2 enters at step 3, a group of its own
+    forced = {3: (1, 2)}                   # request 3 skips guidance at steps 1, 2 (reads 3 tokens at 3)
+    state, outs = {}, {r: [] for r in arrive}
+    eos = hf.eos_token_ids
+    for step in range(60):
+        for r, t in arrive.items():
+            if t == step:
+                core.add(r, desc)
+                ctx = user_turn(PROMPTS[r])
+                state[r] = {"rows": hf.start_decoding([ctx]), "seq": hf.encode_context(ctx)}
+        live = [r for r in sorted(state) if state[r] is not None]
+        if not live and step > max(arrive.values()):
+            break
+        batch = [r for r in live if step not in forced.get(r, ())]
+        if batch:
+            logits = torch.cat([state[r]["rows"].logits() for r in batch])
+            guided = core.apply(logits.clone(), [(i, r, list(state[r]["seq"])) for i, r in enumerate(batch)])
+        for r in live:
+            s = state[r]
+            tok = int(guided[batch.index(r)].argmax()) if r in batch else ref[r][len(outs[r])]
+            if tok in eos:
+                state[r] = None
+                continue
+            outs[r].append(tok)
+            s["seq"].append(tok)
+            if len(outs[r]) == n:
+                state[r] = None
+                continue
+            s["rows"].append([tok])
+        core.retain(r for r in state if state[r] is not None)
+    assert len(loads) == 1  # the side model is loaded once
+    assert [outs[r] for r in sorted(outs)] == ref
+    assert not core.requests and not core.groups  # every row released with its request
