@@ -121,11 +121,12 @@ def test_exact_selections_identical_to_hf_on_the_ci_fixture(hf, vb):
 def test_what_vllm_cannot_do_is_refused_by_name(vb):
     from prefsteer.backends.base import require
 
-    assert {"score", "generate"} <= vb.capabilities
-    for op in ("guide", "start_decoding", "hidden_states", "adapter", "cast"):
+    assert {"score", "generate", "guide"} <= vb.capabilities
+    for op in ("start_decoding", "hidden_states", "adapter", "cast"):
         assert op not in vb.capabilities
         with pytest.raises(UnsupportedOperation, match=op):
             require(vb, op)
+    # a guide that is a Python callable cannot reach vLLM's engine process
     with pytest.raises(UnsupportedOperation, match="guide"):
         vb.generate([user_turn("hi")], guide=lambda h, l, i: l)
     with pytest.raises(UnsupportedOperation):
@@ -133,6 +134,51 @@ def test_what_vllm_cannot_do_is_refused_by_name(vb):
     with pytest.raises(UnsupportedOperation):
         vb.start_decoding([user_turn("hi")])
     assert vb.cast("float32") is vb
+
+
+GUIDED = ["How do I boil an egg?", "Write a haiku about the sea.", "Explain recursion to a child.",
+          "Give me three tips for a job interview."]
+
+
+def test_cliper_with_alpha_zero_is_plain_vllm_decoding(vb):
+    from prefsteer.methods.cliper import Cliper
+
+    cfg = GenerationConfig(max_new_tokens=24)
+    plain = [g.token_ids for g in vb.generate([user_turn(p) for p in GUIDED], cfg)]
+    m = Cliper(vb, prefs="concise=1,humor=0.5", alpha=0.0)
+    assert [o.text for o in m.generate("u", GUIDED, cfg)] == [vb.decode_tokens(t) for t in plain]
+    guide = Cliper(vb, prefs="concise=1,humor=0.5", alpha=2.0).guide_for(None)[0]
+    guide.alpha = 0.0  # through the engine's processor, not short-cut by the method
+    assert [g.token_ids for g in vb.generate([user_turn(p) for p in GUIDED], cfg, guide=guide)] == plain
+
+
+def test_cliper_on_vllm_gives_the_hf_backends_greedy_tokens(hf, vb):
+    from prefsteer.methods.cliper import Cliper
+
+    cfg = GenerationConfig(max_new_tokens=24)
+    ctxs = [user_turn(p) for p in GUIDED]
+    plain = [g.token_ids for g in vb.generate(ctxs, cfg)]
+    for prefs, alpha in (("concise=1,humor=0.5", 2.0), ("formal=1", 1.0)):
+        ours = Cliper(vb, prefs=prefs, alpha=alpha).guide_for(None)[0]
+        ref = Cliper(hf, prefs=prefs, alpha=alpha).guide_for(None)[0]
+        got = [g.token_ids for g in vb.generate(ctxs, cfg, guide=ours)]
+        want = [g.token_ids for g in hf.generate(ctxs, cfg, guide=ref)]
+        assert got == want, prefs
+        assert sum(a != b for a, b in zip(got, plain)) >= 2, prefs  # the guidance changed the answers
+    # the method itself, unchanged, on vLLM
+    m = [Cliper(b, prefs="concise=1,humor=0.5", alpha=2.0).generate("u", GUIDED[:2], cfg) for b in (vb, hf)]
+    assert [o.text for o in m[0]] == [o.text for o in m[1]]
+
+
+def test_a_guide_for_another_model_is_refused_before_the_engine(vb):
+    from prefsteer.errors import InputError
+    from prefsteer.methods.cliper import Cliper
+
+    guide = Cliper(vb, prefs="concise=1", alpha=1.0).guide_for(None)[0]
+    guide.fingerprint = "hf:0123456789abcdef"
+    with pytest.raises(InputError, match="trained for the model hf:0123456789abcdef"):
+        vb.generate([user_turn("hi")], guide=guide)
+    assert vb.generate([user_turn("hi")], GenerationConfig(max_new_tokens=2))  # the engine still serves
 
 
 def test_vllm_safe_dir_adds_the_tied_embedding(vb, tmp_path):
