@@ -5,7 +5,9 @@
   on vLLM reading its prefix cache, with the maximum objective difference over every attribute set;
   and ``--step-sets`` sets of EXACT's first step on vLLM with and without reading the prefix cache.
 * generation: tokens/s at batch 1, 8 and 32, vLLM plain vs vLLM with EXACT's injection (the
-  prompts carry ``Attributes: <...>``, as `Exact.generate` renders them), greedy, ``--new-tokens``.
+  prompts carry ``Attributes: <...>``, as `Exact.generate` renders them) vs CLIPer's guided decoding
+  (``--cliper-prefs``, alpha ``--cliper-alpha``, top-20: vLLM's logits processor with the side
+  model, here the same checkpoint as vLLM's), greedy, ``--new-tokens``.
 
 Writes Markdown tables into ``--out`` (default results/vllm/): scoring.md, generation.md, and the
 raw numbers as bench.json. Run it in the vLLM environment:
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -43,6 +46,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="attribute sets of EXACT's first step timed with and without the prefix cache (default 12)")
     p.add_argument("--batches", default="1,8,32", help="generation batch sizes (default 1,8,32)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default 64)")
+    p.add_argument("--cliper-prefs", default="concise=1,humor=0.5", help="CLIPer's classifiers and weights")
+    p.add_argument("--cliper-alpha", type=float, default=2.0, help="CLIPer's guidance strength (default 2.0)")
     p.add_argument("--dtype", default=None, help="both engines' dtype (default float32 on a CPU, bfloat16 on a GPU)")
     p.add_argument("--machine", default=None, help="how the tables name the machine (default: platform)")
     p.add_argument("--out", default=str(REPO / "results" / "vllm"), help="where the tables go")
@@ -109,30 +114,44 @@ def generation(args, vb, out: dict) -> list[str]:
     from prefsteer.attributes import attribute_messages, load_library
     from prefsteer.backends.base import GenerationConfig, user_turn
 
+    from prefsteer.methods.cliper import Cliper
+
     lib = load_library()
     cfg = GenerationConfig(max_new_tokens=args.new_tokens)
+    guide = Cliper(vb, prefs=args.cliper_prefs, alpha=args.cliper_alpha).guide_for(None)[0]
     vb.generate([user_turn("hi")], GenerationConfig(max_new_tokens=4))  # warm-up
+    vb.generate([user_turn("hi")], GenerationConfig(max_new_tokens=4), guide=guide)  # loads the side model
     rows, lines = [], []
     for b in [int(x) for x in args.batches.split(",")]:
         prompts = [PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" (variant {i})") for i in range(b)]
         res = {}
-        for name, ctxs in (("plain", [user_turn(p) for p in prompts]),
-                           ("exact", [attribute_messages(p, ATTRS, lib) for p in prompts])):
+        for name, ctxs, g in (("plain", [user_turn(p) for p in prompts], None),
+                              ("exact", [attribute_messages(p, ATTRS, lib) for p in prompts], None),
+                              ("cliper", [user_turn(p) for p in prompts], guide)):
             start = time.perf_counter()
-            gens = vb.generate(ctxs, cfg)
+            gens = vb.generate(ctxs, cfg, guide=g)
             secs = time.perf_counter() - start
             toks = sum(len(g.token_ids) for g in gens)
             res[name] = {"seconds": secs, "tokens": toks, "tok_s": toks / secs}
         rows.append({"batch": b, **res})
-        print(f"batch {b}: plain {res['plain']['tok_s']:.1f} tok/s, exact {res['exact']['tok_s']:.1f} tok/s", flush=True)
+        print(f"batch {b}: plain {res['plain']['tok_s']:.1f} tok/s, exact {res['exact']['tok_s']:.1f} tok/s, "
+              f"cliper {res['cliper']['tok_s']:.1f} tok/s", flush=True)
     out["generation"] = rows
+    out["cliper"] = {"prefs": args.cliper_prefs, "alpha": args.cliper_alpha, "top_k": guide.top_k,
+                     "side_model": vb.side_spec["model"] or "the embedded default (vLLM's own checkpoint)"}
     lines += [f"## Generation throughput (vLLM, greedy, up to {args.new_tokens} new tokens per row)", "",
-              "| batch | plain tok/s | EXACT injection tok/s | EXACT / plain (per token) | CLIPer |", "|---|---|---|---|---|"]
+              f"CLIPer: prefs {args.cliper_prefs}, alpha {args.cliper_alpha}, top-{guide.top_k}, side model = "
+              "vLLM's own checkpoint (the hf backend in vLLM's engine process).", "",
+              "| batch | plain tok/s | EXACT injection tok/s | EXACT / plain | CLIPer tok/s | plain / CLIPer (slowdown) |",
+              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['plain']['tok_s']:.1f} | {r['exact']['tok_s']:.1f} | "
-                     f"{r['exact']['tok_s'] / r['plain']['tok_s']:.3f} | not on vLLM yet |")
-    lines += ["", "Rows stop at the end-of-turn token, so the two columns may generate different numbers of "
-              "tokens; tokens/s counts what was generated.", ""]
+                     f"{r['exact']['tok_s'] / r['plain']['tok_s']:.3f} | {r['cliper']['tok_s']:.1f} | "
+                     f"{r['plain']['tok_s'] / r['cliper']['tok_s']:.2f}x |")
+    out["load_average_end"] = os.getloadavg()[0]
+    lines += ["", "Rows stop at the end-of-turn token, so the columns may generate different numbers of "
+              "tokens; tokens/s counts what was generated. 1-min load average at the end of the section: "
+              f"{out['load_average_end']:.1f}.", ""]
     return lines
 
 
@@ -146,8 +165,9 @@ def main(args: argparse.Namespace) -> int:
 
     machine = args.machine or f"{platform.processor() or platform.machine()}, {vb.source['device']}"
     out: dict = {"machine": machine, "vllm": vllm.__version__, "dtype": vb.dtype, "startup_s": startup}
+    out["load_average_start"] = os.getloadavg()[0]
     head = [f"# vLLM vs transformers ({time.strftime('%Y-%m-%d')}, {machine}, {vb.dtype}, vllm {vllm.__version__}, "
-            f"engine start-up {startup:.0f} s)", ""]
+            f"engine start-up {startup:.0f} s, 1-min load average {out['load_average_start']:.1f} at the start)", ""]
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "scoring"):

