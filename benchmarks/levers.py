@@ -23,6 +23,8 @@ VARIANTS = {
     "instruction": {"render": "instruction"},
     "instruction-system": {"render": "instruction", "placement": "system"},
     "names-system": {"placement": "system"},
+    "instruction-described": {"render": "instruction-described"},
+    "instruction-described-system": {"render": "instruction-described", "placement": "system"},
     "mean": {"objective": "mean"},
     "filter": {"stop_when_no_gain": True},
     "instruction-system-mean": {"render": "instruction", "placement": "system", "objective": "mean"},

@@ -184,3 +184,15 @@ def test_demo_uses_the_product_preset_and_prints_one_measured_line_per_user(seen
     assert seen["generate"][-1][-1]["content"].split("\n")[-1].startswith("Attributes: <")
     code = main(["demo", "--measure-prompts", "0"] + FAST)
     assert code == 2 and "--measure-prompts" in capsys.readouterr().err
+
+
+def test_instruction_described_renders_the_descriptions_as_one_sentence():
+    from prefsteer.attributes import render
+
+    lib = load_library()
+    assert render(["Concise", "Humor"], lib, style="instruction-described") == \
+        "Answer in a way that is short and to the point, no filler; funny, playful, with jokes or wit."
+    with pytest.raises(ValueError, match="library"):
+        render(["Concise"], None, style="instruction-described")
+    with pytest.raises(ValueError, match="instruction-described"):
+        ExactConfig(describe=True, render="instruction-described")

@@ -3,7 +3,8 @@
 EXACT appends the chosen attributes to the user's turn on a new line, ``Attributes: <A, B, C>``.
 Small models may follow a short description better than a bare name, so ``describe=True`` (or
 ``style="described"``) renders ``Attributes: <Concise (short and to the point, no filler), ...>``
-instead, and ``style="instruction"`` a sentence, ``Answer in a way that is: concise, humor.``
+instead, ``style="instruction"`` a sentence, ``Answer in a way that is: concise, humor.``, and
+``style="instruction-described"`` the sentence with the descriptions.
 `attribute_messages` places the line in the user's turn (the paper) or in the system prompt.
 
     >>> lib = load_library()
@@ -26,7 +27,7 @@ from prefsteer.errors import InputError
 DEFAULT_LIBRARY = "exact-table4"
 
 # how an attribute set is written: the paper's bare names first (EXACT's default)
-RENDER_STYLES = ("names", "described", "instruction")
+RENDER_STYLES = ("names", "described", "instruction", "instruction-described")
 # where it goes: appended to the user's turn (the paper), or as (the end of) the system prompt
 PLACEMENTS = ("user", "system")
 
@@ -69,12 +70,18 @@ def render(names: Sequence[str], library: AttributeLibrary | None = None, descri
            style: str | None = None) -> str:
     """The attribute line: ``Attributes: <A, B>`` (``style="names"``, the paper's), the same with
     each name's description (``"described"``, also ``describe=True``), or an instruction sentence,
-    ``Answer in a way that is: a, b.`` (``"instruction"``, names in lower case)."""
+    ``Answer in a way that is: a, b.`` (``"instruction"``, names in lower case), or that sentence
+    with the descriptions instead of the names, ``Answer in a way that is short and to the point, no
+    filler; funny, playful, with jokes or wit.`` (``"instruction-described"``)."""
     style = style or ("described" if describe else "names")
     if style not in RENDER_STYLES:
         raise ValueError(f"`style` (={style!r}) has to be one of {', '.join(RENDER_STYLES)}")
     if style == "instruction":
         return f"Answer in a way that is: {', '.join(n.lower() for n in names)}."
+    if style == "instruction-described":
+        if library is None:
+            raise ValueError("`style='instruction-described'` needs the attribute library for the descriptions")
+        return f"Answer in a way that is {'; '.join(library.get(n).description for n in names)}."
     if style == "described":
         if library is None:
             raise ValueError("`describe=True` needs the attribute library for the descriptions")

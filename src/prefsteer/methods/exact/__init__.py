@@ -60,7 +60,8 @@ class ExactConfig:
     render: str | None = field(default=None, metadata={
         "help": "how the attributes are written: names ('Attributes: <Concise, Formal>', the paper), "
                 "described (each with its description) or instruction ('Answer in a way that is: "
-                "concise, formal.'); unset: the preset's"})
+                "concise, formal.') or instruction-described (the sentence with the descriptions: 'Answer in a "
+                "way that is short and to the point, no filler.'); unset: the preset's"})
     placement: str | None = field(default=None, metadata={
         "help": "where the attribute line goes: user (appended to the user's turn, the paper) or system "
                 "(the system prompt); unset: the preset's"})
@@ -93,9 +94,9 @@ class ExactConfig:
             raise ValueError(f"`screen_dtype` (={self.screen_dtype!r}) has to be bfloat16, float16 or float32")
         if self.render not in RENDER_STYLES:
             raise ValueError(f"`render` (={self.render!r}) has to be one of {', '.join(RENDER_STYLES)}")
-        if self.describe and self.render == "instruction":
+        if self.describe and self.render in ("instruction", "instruction-described"):
             raise ValueError("`describe` renders names with descriptions; it cannot go with `render` "
-                             "(='instruction')")
+                             f"(={self.render!r})")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"`placement` (={self.placement!r}) has to be one of {', '.join(PLACEMENTS)}")
         if self.objective not in OBJECTIVES:
