@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("PREFSTEER_REQUIRE_VLLM") == "1":  # .ci/run: a broken .venv-vllm must fail, not skip
+        raise ImportError("PREFSTEER_REQUIRE_VLLM=1 but vllm cannot be found in this environment")
     pytest.skip("vllm is not installed (its tests run in .venv-vllm: scripts/bootstrap_vllm.sh)",
                 allow_module_level=True)
 
@@ -188,3 +190,44 @@ def test_vllm_safe_dir_adds_the_tied_embedding(vb, tmp_path):
     assert d.name.endswith("-vllm")
     with safe_open(str(d / "prefsteer-embed-tokens.safetensors"), framework="pt") as st:
         assert list(st.keys()) == ["model.embed_tokens.weight"]
+
+
+def test_the_service_on_vllm(vb, tmp_path):
+    """`prefsteer serve --backend vllm`: the service on the vLLM engine, through the openai client:
+    feedback indexed on vLLM, a personalized answer carrying the user's attributes, and a plain one
+    identical to the engine's own greedy answer (streamed and not)."""
+    from openai import OpenAI
+
+    from prefsteer.backends import GenerationConfig
+    from prefsteer.retrieval import load_embedder
+    from prefsteer.service import Settings
+    from tests.test_service_helpers import thread_server, wait_job
+
+    embedder = load_embedder("hash")
+    settings = Settings(db=str(tmp_path / "memory.db"), backend="vllm", auth=False, default_max_tokens=24,
+                        exact={"k": 1}, make_backend=lambda: vb, make_embedder=lambda: embedder)
+    prompt = "How do I boil an egg?"
+    with thread_server(settings, timeout=120) as base:
+        import httpx
+
+        with httpx.Client(base_url=base, timeout=600) as http:
+            r = http.post("/v1/users/maya/feedback", json={"pairs": [
+                {"prompt": prompt, "chosen": "Boil it 9 minutes.", "rejected": "Eggs are a magical adventure!!"}]})
+            assert r.status_code == 202, r.text
+            assert wait_job(http, r.json()["job_id"], timeout=600)["status"] == "done"
+            attrs = http.get("/v1/users/maya/profile").json()
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        msgs = [{"role": "user", "content": prompt}]
+        personal = client.chat.completions.create(model=model, user="maya", max_tokens=24, messages=msgs)
+        extra = personal.model_extra["prefsteer"]
+        assert extra["method"] == "exact" and len(extra["attributes"]) == 1
+        assert extra["attributes"][0] in str(attrs)
+        plain = client.chat.completions.create(model=model, max_tokens=24, messages=msgs,
+                                               extra_body={"prefsteer": {"method": "none"}})
+        own = vb.generate([msgs], GenerationConfig(max_new_tokens=24))[0].text
+        assert plain.choices[0].message.content == own
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=model, max_tokens=24, messages=msgs, stream=True, extra_body={"prefsteer": {"method": "none"}})
+            if c.choices)
+        assert streamed == own
