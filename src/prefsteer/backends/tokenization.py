@@ -9,6 +9,8 @@ it again to get its own cache and lock).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from typing import Any, Sequence
 
@@ -21,6 +23,14 @@ CTX_CACHE_SIZE = 4096  # contexts kept; the cache is emptied when it grows past 
 class ChatTokenization:
     tokenizer: Any
     eos_ids: set[int]
+
+    @property
+    def template_id(self) -> str:
+        """A short hash of the chat template: part of every score cache key."""
+        tmpl = self.tokenizer.chat_template
+        if not isinstance(tmpl, str):
+            tmpl = json.dumps(tmpl, sort_keys=True)
+        return hashlib.sha256(tmpl.encode()).hexdigest()[:16]
 
     def _init_tokenization(self) -> None:
         self._ctx_cache: dict[tuple, list[int]] = {}

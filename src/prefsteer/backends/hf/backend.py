@@ -197,13 +197,6 @@ class TransformersBackend(ChatTokenization):
         return self._fingerprint
 
     @property
-    def template_id(self) -> str:
-        tmpl = self.tokenizer.chat_template
-        if not isinstance(tmpl, str):
-            tmpl = json.dumps(tmpl, sort_keys=True)
-        return hashlib.sha256(tmpl.encode()).hexdigest()[:16]
-
-    @property
     def max_context(self) -> int:
         n = getattr(self.config, "max_position_embeddings", None)
         return int(n) if n else int(getattr(self.tokenizer, "model_max_length", 2048))

@@ -285,13 +285,6 @@ class VLLMBackend(ChatTokenization):
         return self._fingerprint
 
     @property
-    def template_id(self) -> str:
-        tmpl = self.tokenizer.chat_template
-        if not isinstance(tmpl, str):
-            tmpl = json.dumps(tmpl, sort_keys=True)
-        return hashlib.sha256(tmpl.encode()).hexdigest()[:16]
-
-    @property
     def max_context(self) -> int:
         return int(self.llm.llm_engine.model_config.max_model_len)
 
