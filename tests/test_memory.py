@@ -62,7 +62,8 @@ def test_an_edited_line_is_selected_again_not_served_from_the_old_pair(tmp_path,
     assert ids == [pair_key("u", JOKE["prompt"], JOKE["chosen"], JOKE["rejected"]),
                    pair_key("u", LETTER["prompt"], LETTER["chosen"], LETTER["rejected"]),
                    pair_key("u", flipped["prompt"], flipped["chosen"], flipped["rejected"])]
-    cid = Exact(load_fake(), memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=1)).config_id
+    cid = Exact(load_fake(), memory=mem, embedder=HashEmbedder(),  # the command line's preset
+                config=ExactConfig.of_preset("product", k=1)).config_id
     assert mem.selection("u", ids[2], cid)["attributes"] == ["Formal"]
     fresh = str(tmp_path / "fresh.db")
     write_jsonl(tmp_path / "only.jsonl", [flipped])

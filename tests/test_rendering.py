@@ -196,3 +196,15 @@ def test_instruction_described_renders_the_descriptions_as_one_sentence():
         render(["Concise"], None, style="instruction-described")
     with pytest.raises(ValueError, match="instruction-described"):
         ExactConfig(describe=True, render="instruction-described")
+
+
+def test_serve_defaults_to_the_product_preset_and_takes_preset_paper(tmp_path):
+    pytest.importorskip("fastapi")
+    from prefsteer.cli import Context, make_parser
+    from prefsteer.cli.serve import settings_from_args
+
+    for extra, preset in (([], "product"), (["--preset", "paper"], "paper")):
+        args = make_parser().parse_args(["serve", "--db", str(tmp_path / "m.db"), *FAST, *extra])
+        s = settings_from_args(args, Context(args))
+        cfg = ExactConfig(**s.exact)
+        assert cfg.preset == preset and cfg == ExactConfig.of_preset(preset)

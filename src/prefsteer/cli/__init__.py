@@ -432,7 +432,8 @@ def cmd_feedback(args, ctx: Context) -> int:
 
 # The demo's EXACT settings: the product preset (an instruction sentence in the system prompt, chosen
 # on the known-answer suite: results/known-answer/README.md) over a 10-attribute library a person
-# recognises, k=2, so a 2-core CPU indexes the 10 demo pairs in about a minute. Each applies unless
+# recognises, k=2, so a shared 2-core CPU runs the demo in about 4 minutes (indexing the 10 pairs
+# took 119 s, generating 82 s: results/known-answer/demo.txt). Each applies unless
 # given on the command line (`prefsteer demo --preset paper` is the paper's rendering,
 # `--attributes-file` another library).
 DEMO_SETTINGS = {"preset": "product", "k": 2}

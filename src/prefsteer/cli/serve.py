@@ -50,7 +50,11 @@ def settings_from_args(args, ctx):
     from prefsteer.methods.exact import ExactConfig
     from prefsteer.service.app import Settings
 
-    exact = dataclasses.asdict(dataclass_from_args(ExactConfig, args))
+    from prefsteer.methods.exact import PRODUCT_PRESET
+
+    # the command line's default is EXACT's product preset (--preset paper: the paper's rendering)
+    preset = {} if hasattr(args, "preset") else {"preset": PRODUCT_PRESET}
+    exact = dataclasses.asdict(dataclass_from_args(ExactConfig, args, **preset))
     return Settings(
         db=ctx.memory.path, backend=args.backend, model=getattr(args, "model", None),
         embedder=getattr(args, "embedder", None), attributes=getattr(args, "attributes", None),
