@@ -18,6 +18,22 @@ from prefsteer.backends.base import Messages, ScoreRequest
 from prefsteer.errors import InputError
 
 CTX_CACHE_SIZE = 4096  # contexts kept; the cache is emptied when it grows past this
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
+
+
+def end_of_turn_ids(tokenizer: Any, generation_eos: Any = None) -> set[int]:
+    """The token ids that end an assistant's turn: the tokenizer's end-of-sequence token, the model's
+    generation config's (``generation_eos``: an id, a list of ids or None), and the usual chat
+    templates' end-of-turn tokens where the vocabulary has them; never the unknown token."""
+    vocab = tokenizer.get_vocab()
+    cands: list[Any] = [tokenizer.eos_token_id, generation_eos]
+    cands += [tokenizer.convert_tokens_to_ids(tok) for tok in END_OF_TURN_TOKENS if tok in vocab]
+    ids: set[int] = set()
+    for c in cands:
+        for i in (c if isinstance(c, (list, tuple)) else [c]):
+            if i is not None and i != tokenizer.unk_token_id:
+                ids.add(int(i))
+    return ids
 
 
 class ChatTokenization:

@@ -35,7 +35,7 @@ from prefsteer.backends.base import (MATMUL_PRECISIONS, OPERATIONS, AdapterSpec,
 from prefsteer.backends.hf import attention, decode, planner, scoring
 from prefsteer.backends.hf.lock import ModelLock
 from prefsteer.backends.sampling import seeded_generator
-from prefsteer.backends.tokenization import ChatTokenization
+from prefsteer.backends.tokenization import ChatTokenization, end_of_turn_ids
 from prefsteer.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ class TransformersBackend(ChatTokenization):
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-        self.eos_ids = self._eos_ids()
+        gc = getattr(self.model, "generation_config", None)
+        self.eos_ids = end_of_turn_ids(self.tokenizer, gc.eos_token_id if gc is not None else None)
         self._init_state()
 
     def _bind_model(self) -> None:
@@ -158,20 +159,6 @@ class TransformersBackend(ChatTokenization):
             other._init_state()
             self._casts[dtype] = other
             return other
-
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        cands: list[Any] = [self.tokenizer.eos_token_id]
-        gc = getattr(self.model, "generation_config", None)
-        if gc is not None:
-            cands.append(gc.eos_token_id)
-        for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
-            cands.append(self.tokenizer.convert_tokens_to_ids(tok) if tok in self.tokenizer.get_vocab() else None)
-        for c in cands:
-            for i in (c if isinstance(c, (list, tuple)) else [c]):
-                if i is not None and i != self.tokenizer.unk_token_id:
-                    ids.add(int(i))
-        return ids
 
     # -- identity ---------------------------------------------------------------------------
     @property

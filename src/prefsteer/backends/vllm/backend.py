@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from prefsteer.backends.base import (Generation, GenerationConfig, Guide, Messages, Score, ScoreRequest,
                                      UnsupportedOperation)
-from prefsteer.backends.tokenization import ChatTokenization
+from prefsteer.backends.tokenization import ChatTokenization, end_of_turn_ids
 from prefsteer.backends.vllm.side import GUIDE_KEY
 from prefsteer.errors import InputError
 
@@ -235,7 +235,7 @@ class VLLMBackend(ChatTokenization):
         self.config = self.llm.llm_engine.model_config.hf_config
         self.source.update(engine_path=engine_path, dtype=self.dtype,
                            device="cpu" if on_cpu else str(current_platform.device_name))
-        self.eos_ids = self._eos_ids(engine_path)
+        self.eos_ids = end_of_turn_ids(self.tokenizer, self._generation_eos(engine_path))
         self.guidance = "logits_processors" in kw and _has_guidance(kw["logits_processors"])
         if self.guidance:
             self.capabilities = frozenset(type(self).capabilities | {"guide"})
@@ -251,23 +251,13 @@ class VLLMBackend(ChatTokenization):
         self.last_stats: dict[str, Any] = {}
         log.info("vLLM engine for %s (%s) started in %.1f s", engine_path, self.dtype, self.load_seconds)
 
-    def _eos_ids(self, path: str) -> set[int]:
-        ids: set[int] = set()
-        cands: list[Any] = [self.tokenizer.eos_token_id]
+    def _generation_eos(self, path: str) -> Any:
         try:
             from transformers import GenerationConfig as HFGenerationConfig
 
-            cands.append(HFGenerationConfig.from_pretrained(path).eos_token_id)
+            return HFGenerationConfig.from_pretrained(path).eos_token_id
         except Exception:  # no generation_config.json: the tokenizer's tokens decide
-            pass
-        vocab = self.tokenizer.get_vocab()
-        for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
-            cands.append(self.tokenizer.convert_tokens_to_ids(tok) if tok in vocab else None)
-        for c in cands:
-            for i in (c if isinstance(c, (list, tuple)) else [c]):
-                if i is not None and i != self.tokenizer.unk_token_id:
-                    ids.add(int(i))
-        return ids
+            return None
 
     # -- identity ---------------------------------------------------------------------------
     @property
