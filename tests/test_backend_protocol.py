@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 from prefsteer.backends.base import (OPERATIONS, AdapterSpec, Backend, GenerationConfig,  # noqa: E402
                                      ScoreRequest, UnsupportedOperation, require, user_turn)
+from prefsteer.methods.drift import DriftGuide  # noqa: E402
 
 PROMPTS = ["Give me a short tip for staying focused.", "Tell me about the dog and the cat."]
 REPLY = "the dog and the cat is very happy"  # words the fake backend knows by name
@@ -26,6 +27,8 @@ def _calls(b):
     req = [ScoreRequest.of(user_turn(PROMPTS[0]), REPLY)]
     return {"score": lambda: b.score(req), "generate": lambda: b.generate([user_turn(PROMPTS[0])]),
             "guide": lambda: b.generate([user_turn(PROMPTS[0])], guide=lambda h, lg, ids: lg),
+            "guide_branches": lambda: b.generate([user_turn(PROMPTS[0])], guide=DriftGuide(
+                [1.0], 1.0, b.fingerprint, [{"branch_ids": [b.encode_context(user_turn(PROMPTS[1]))]}])),
             "start_decoding": lambda: b.start_decoding([user_turn(PROMPTS[0])]),
             "hidden_states": lambda: b.hidden_states(req), "token_embeddings": lambda: b.token_embeddings(),
             "adapter": lambda: b.adapter(AdapterSpec()).__enter__(), "cast": lambda: b.cast("bfloat16")}

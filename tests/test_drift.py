@@ -155,7 +155,8 @@ def test_weights_steer_generation(fake_backend):
 
 
 def test_decoding_uses_only_the_protocol(fake_backend):
-    """A backend without `start_decoding` makes generation fail naming backend and operation."""
+    """A backend with neither `start_decoding` nor `guide_branches` makes generation fail naming
+    the backend and both operations."""
     from prefsteer.backends.base import UnsupportedOperation
     from prefsteer.backends.fake import FakeBackend
 
@@ -164,7 +165,8 @@ def test_decoding_uses_only_the_protocol(fake_backend):
 
     d = Drift(NoSteps(), attributes=ATTRS)
     d.weights["u1"] = {n: 1.0 for n in ATTRS}
-    with pytest.raises(UnsupportedOperation, match="'fake' backend does not support `start_decoding`"):
+    with pytest.raises(UnsupportedOperation, match="'fake' backend does not support `start_decoding`.*"
+                                                   "`guide_branches`"):
         d.generate("u1", ["hi"])
 
 

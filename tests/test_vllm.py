@@ -123,7 +123,7 @@ def test_exact_selections_identical_to_hf_on_the_ci_fixture(hf, vb):
 def test_what_vllm_cannot_do_is_refused_by_name(vb):
     from prefsteer.backends.base import require
 
-    assert {"score", "generate", "guide"} <= vb.capabilities
+    assert {"score", "generate", "guide", "guide_branches"} <= vb.capabilities
     for op in ("start_decoding", "hidden_states", "adapter", "cast"):
         assert op not in vb.capabilities
         with pytest.raises(UnsupportedOperation, match=op):
@@ -170,6 +170,25 @@ def test_cliper_on_vllm_gives_the_hf_backends_greedy_tokens(hf, vb):
     # the method itself, unchanged, on vLLM
     m = [Cliper(b, prefs="concise=1,humor=0.5", alpha=2.0).generate("u", GUIDED[:2], cfg) for b in (vb, hf)]
     assert [o.text for o in m[0]] == [o.text for o in m[1]]
+
+
+@pytest.mark.parametrize("options", [{}, {"plain_system": "You are a helpful assistant."}],
+                         ids=["plain-is-the-request", "plain-branch-of-its-own"])
+def test_drift_on_vllm_gives_the_hf_backends_greedy_tokens(hf, vb, options):
+    """Drift's branches as side rows in vLLM's engine (`guide_branches`): the same greedy text as
+    Drift's lock-step decoding on the hf backend, for every prompt of one batch."""
+    from prefsteer.methods.drift import Drift
+
+    weights = {"Concise": 1.5, "Humor": -0.7, "Formal": 0.0}  # Formal inactive: no branch
+    cfg = GenerationConfig(max_new_tokens=24)
+    outs = []
+    for b in (vb, hf):
+        d = Drift(b, attributes=list(weights), **options)
+        d.weights["u"] = weights
+        outs.append([o.text for o in d.generate("u", GUIDED, cfg)])
+    assert outs[0] == outs[1]
+    plain = [g.text for g in vb.generate([user_turn(p) for p in GUIDED], cfg)]
+    assert sum(a != b for a, b in zip(outs[0], plain)) >= 2  # the mixture changed the answers
 
 
 def test_a_guide_for_another_model_is_refused_before_the_engine(vb):

@@ -143,3 +143,137 @@ def test_side_rows_reproduce_cliper_on_hf_under_vllm_like_scheduling(hf_backend)
     assert len(loads) == 1  # the side model is loaded once
     assert [outs[r] for r in sorted(outs)] == ref
     assert not core.requests and not core.groups  # every row released with its request
+
+
+# -- Drift as data: its guide, and its branches as side rows --------------------------------------
+def test_a_drift_description_carries_the_mixture_and_each_prompts_branches():
+    from prefsteer.backends.vllm.side import check_description as check_any
+    from prefsteer.methods.drift import DriftGuide, check_drift_description, combine_logits
+
+    rows = [{"plain_ids": None, "branch_ids": [[1, 2, 3], [1, 4]]}, {"plain_ids": [7, 8], "branch_ids": [[5], [6]]}]
+    g = DriftGuide([1.5, -0.5], 2.0, "hf:abc", rows)
+    desc = g.describe()
+    assert desc["kind"] == "drift" and desc["rows"] == rows and desc["weights"] == [1.5, -0.5]
+    one = {k: v for k, v in desc.items() if k != "rows"} | rows[1]  # what request 1 receives
+    check_drift_description(one)
+    check_any(one)
+    back = DriftGuide.from_description(one)
+    V = 11
+    own, plain, branches = torch.randn(3, V), torch.randn(3, V), torch.randn(3, 2, V)
+    want = combine_logits(own, plain, branches, torch.tensor([1.5, -0.5]), 2.0)
+    assert torch.allclose(back.combine(own, plain, branches), want)
+    assert not torch.allclose(want, own.log_softmax(-1))  # the branches do move it
+    # the key names the mixture, not the prompts
+    assert DriftGuide([1.5, -0.5], 2.0, "hf:abc", rows[:1]).describe()["key"] == desc["key"]
+    assert DriftGuide([1.5, -0.4], 2.0, "hf:abc").describe()["key"] != desc["key"]
+    assert DriftGuide([1.5, -0.5], 1.0, "hf:abc").describe()["key"] != desc["key"]
+    for bad in ({**one, "format": "x"}, {k: v for k, v in one.items() if k != "branch_ids"},
+                {**one, "branch_ids": [[5]]}, {**one, "branch_ids": [[5], []]}, {**one, "beta": 0.0},
+                {**one, "plain_ids": []}):
+        with pytest.raises(ValueError):
+            check_drift_description(bad)
+    with pytest.raises(ValueError, match="2 branches for 1 weights"):
+        DriftGuide([1.0], 1.0, "hf:abc", rows[:1])
+
+
+def test_the_vllm_backend_gives_each_request_its_own_branches():
+    from prefsteer.backends.vllm.backend import VLLMBackend
+    from prefsteer.backends.vllm.side import GUIDE_KEY
+    from prefsteer.methods.drift import DriftGuide
+
+    fake = SimpleNamespace(name="vllm", capabilities=frozenset({"generate", "guide", "guide_branches"}),
+                           side_fingerprint="hf:abc", side_spec={"model": None, "dtype": "float32", "cache_dir": None},
+                           source={"model": "smollm2-135m"})
+    fake.guide_description = lambda g: VLLMBackend.guide_description(fake, g)
+    rows = [{"plain_ids": None, "branch_ids": [[1, 2]]}, {"plain_ids": None, "branch_ids": [[3]]}]
+    args = VLLMBackend._guide_args(fake, DriftGuide([1.0], 1.0, "hf:abc", rows), 2)
+    assert [a[GUIDE_KEY]["branch_ids"] for a in args] == [[[1, 2]], [[3]]]
+    assert all("rows" not in a[GUIDE_KEY] and a[GUIDE_KEY]["side"]["dtype"] == "float32" for a in args)
+    with pytest.raises(ValueError, match="2 rows for 3 contexts"):
+        VLLMBackend._guide_args(fake, DriftGuide([1.0], 1.0, "hf:abc", rows), 3)
+    with pytest.raises(InputError, match="Drift's branches are decoded by the model hf:other"):
+        VLLMBackend._guide_args(fake, DriftGuide([1.0], 1.0, "hf:other", rows), 2)
+
+
+class SimulatedEngine:
+    """An engine with vLLM's shape, made of the hf backend: requests decode on their own rows, a
+    `GuidedRequests` rewrites the logits of the guided ones at each step, exactly as vLLM's logits
+    processor does, and the backend offers only ``generate`` with guides given as data."""
+
+    name = "simulated"
+    capabilities = frozenset({"score", "generate", "guide", "guide_branches"})
+
+    def __init__(self, hf, late: dict[int, int] | None = None):
+        self.hf, self.late = hf, late or {}  # late: request -> the step it enters at
+        from prefsteer.backends.vllm.side import GuidedRequests
+
+        self.core = GuidedRequests(lambda spec: hf)
+        self.fingerprint, self.max_context = hf.fingerprint, hf.max_context
+        self.encode_context, self.decode_tokens = hf.encode_context, hf.decode_tokens
+
+    def generate(self, contexts, config=None, *, guide=None):
+        from prefsteer.backends.base import Generation
+        from prefsteer.backends.vllm.backend import VLLMBackend
+
+        config = config or GenerationConfig()
+        me = SimpleNamespace(name=self.name, capabilities=self.capabilities, side_fingerprint=self.fingerprint,
+                             side_spec={"model": None, "dtype": "float32"}, source={"model": "x"})
+        me.guide_description = lambda g: VLLMBackend.guide_description(me, g)
+        extras = VLLMBackend._guide_args(me, guide, len(contexts))
+        state, outs, eos = {}, {r: [] for r in range(len(contexts))}, self.hf.eos_token_ids
+        for step in range(10 * config.max_new_tokens):
+            for r, ctx in enumerate(contexts):
+                if self.late.get(r, 0) == step:
+                    seq = self.hf.encode_context(ctx)
+                    if extras[r] is not None:
+                        self.core.add(r, extras[r]["prefsteer_guide"], len(seq))
+                    state[r] = {"rows": self.hf.start_decoding([ctx]), "seq": seq}
+            live = [r for r in sorted(state) if state[r] is not None]
+            if not live and step >= max(self.late.values(), default=0):
+                break
+            if not live:
+                continue
+            logits = torch.cat([state[r]["rows"].logits() for r in live])
+            guided = [(i, r, list(state[r]["seq"])) for i, r in enumerate(live) if extras[r] is not None]
+            logits = self.core.apply(logits.clone(), guided)
+            for i, r in enumerate(live):
+                tok = int(logits[i].argmax())
+                if tok in eos:
+                    state[r] = None
+                    continue
+                outs[r].append(tok)
+                if len(outs[r]) == config.max_new_tokens:
+                    state[r] = None
+                    continue
+                state[r]["seq"].append(tok)
+                state[r]["rows"].append([tok])
+            self.core.retain(r for r in state if state[r] is not None)
+        return [Generation(self.hf.decode_tokens(outs[r]), outs[r]) for r in range(len(contexts))]
+
+
+DRIFT_PROMPTS = ["Write one sentence about cats.", "How do I boil an egg?", "Describe the sea in a few words."]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("options", [{}, {"plain_system": "You are a helpful assistant."}],
+                         ids=["plain-is-the-request", "plain-branch-of-its-own"])
+def test_drift_through_an_engine_that_takes_guides_as_data_matches_drift_on_hf(hf_backend, options):
+    """`Drift.generate` on a backend with ``guide_branches`` only (no ``start_decoding``) sends
+    `DriftGuide`s; the side rows then reproduce Drift's lock-step decoding on the hf backend token for
+    token, with a request entering late (its branches a group of their own)."""
+    from prefsteer.methods.drift import Drift
+
+    weights = {"Concise": 1.5, "Humor": -0.7, "Formal": 0.0}  # Formal inactive: no branch
+    cfg = GenerationConfig(max_new_tokens=16)
+    ref = Drift(hf_backend, attributes=list(weights), **options)
+    ref.weights["u"] = weights
+    want = [o.text for o in ref.generate("u", DRIFT_PROMPTS, cfg)]
+    plain = [g.text for g in hf_backend.generate([user_turn(p) for p in DRIFT_PROMPTS], cfg)]
+    assert sum(a != b for a, b in zip(want, plain)) >= 2  # the mixture changes the answers
+    engine = SimulatedEngine(hf_backend, late={2: 3})
+    d = Drift(engine, attributes=list(weights), **options)
+    d.weights["u"] = weights
+    outs = d.generate("u", DRIFT_PROMPTS, cfg)
+    assert [o.text for o in outs] == want
+    assert outs[0].attributes == ["Concise", "Humor"]
+    assert not engine.core.requests and not engine.core.groups  # every row released with its request

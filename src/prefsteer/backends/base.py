@@ -12,6 +12,10 @@ them imports an engine or reaches into a backend's model object.
   next-token logits, and decodes from what it returns (CLIPer).
 * ``start_decoding``: several contexts decoded in lock step, the caller choosing every next token
   from all rows' logits (Drift mixes one plain and n attribute branches this way).
+* ``guide_branches``: for an engine whose logits live in another process (vLLM), where a guide has
+  to describe itself as data (``guide.describe()``): ``generate(..., guide=g)`` also takes a guide
+  whose description carries, per context, branch contexts the engine decodes beside the request
+  (Drift's `DriftGuide`), instead of ``start_decoding``.
 * ``hidden_states`` and ``token_embeddings``: what CLIPer's classifier heads are trained on.
 * ``encode_context`` / ``encode_continuation`` / ``decode_tokens`` / ``eos_token_ids`` /
   ``eos_text``: the backend's tokenization, for methods that work on token ids.
@@ -104,8 +108,8 @@ Guide = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor
 
 
 # the optional operations a backend may lack; the rest of the protocol is required
-OPERATIONS = ("score", "generate", "guide", "start_decoding", "hidden_states", "token_embeddings",
-              "adapter", "cast")
+OPERATIONS = ("score", "generate", "guide", "guide_branches", "start_decoding", "hidden_states",
+              "token_embeddings", "adapter", "cast")
 
 
 class UnsupportedOperation(PrefsteerError):
@@ -122,6 +126,14 @@ def require(backend: "Backend", operation: str, needed_by: str | None = None) ->
     """Raise `UnsupportedOperation` unless ``backend`` lists ``operation`` among its capabilities."""
     if operation not in backend.capabilities:
         raise UnsupportedOperation(backend.name, operation, needed_by)
+
+
+def local_guide(backend: "Backend", guide: Any) -> "Guide | None":
+    """The guide of a backend that decodes in this process, which calls it at every step: a guide
+    that is only data (Drift's `DriftGuide`, for an engine with ``guide_branches``) is refused."""
+    if guide is not None and not callable(guide):
+        raise UnsupportedOperation(backend.name, "guide_branches", "a guide given as data")
+    return guide
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from prefsteer.backends.base import (OPERATIONS, AdapterSpec, Generation, GenerationConfig, Guide, Messages,
-                                     Score, ScoreRequest)
+                                     Score, ScoreRequest, local_guide)
 
 _WORD = re.compile(r"[a-z0-9]+")
 _WORDS = ("the a and to of in is it that was i you my he she we they for on with this but not so "
@@ -40,7 +40,7 @@ _WORDS = ("the a and to of in is it that was i you my he she we they for on with
 
 class FakeBackend:
     name = "fake"
-    capabilities: frozenset[str] = frozenset(OPERATIONS)
+    capabilities: frozenset[str] = frozenset(OPERATIONS) - {"guide_branches"}
 
     def __init__(self, vocab_size: int = 2048, hidden_size: int = 16, context_bonus: float = 2.0,
                  seed: int = 0, max_context: int = 4096, dtype: Any = None, **_: Any):
@@ -166,6 +166,7 @@ class FakeBackend:
                  guide: Guide | None = None) -> list[Generation]:
         from prefsteer.backends.sampling import sample_next, seeded_generator  # shared with the real backends
 
+        guide = local_guide(self, guide)
         config = config or GenerationConfig()
         gen = seeded_generator(config)
         start = time.perf_counter()

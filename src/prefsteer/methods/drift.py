@@ -23,18 +23,29 @@ row is a full forward; ``placement="user"`` appends the instruction to the user'
 which lets the transformers backend compute the prompt once per pair (several times faster on CPU).
 Given a ``memory``, scores are cached across users and seeds (the features do not depend on the user),
 and each user's weights are stored there: a new process generates from them. ``feedback`` refits.
+
+Generation runs on either of two backend operations:
+* ``start_decoding`` (the transformers and fake backends): the branches are rows of a lock-step
+  session in this process, and `decode_branches` picks every token from their logits.
+* ``guide_branches`` (vLLM, whose logits live in its engine process): `DriftGuide` describes the
+  mixture as data (the weights, beta, and each prompt's branch contexts as token ids); the engine
+  decodes the branches beside each request on a side model and applies the same `combine_logits`
+  (`prefsteer.backends.vllm`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
 
 from prefsteer.attributes import Attribute, AttributeLibrary, load_library
-from prefsteer.backends.base import GenerationConfig, Messages, ScoreRequest, require, user_turn
+from prefsteer.backends.base import (GenerationConfig, Messages, ScoreRequest, UnsupportedOperation, require,
+                                     user_turn)
 from prefsteer.types import PreferencePair
 from prefsteer.methods.base import Method, MethodOutput, OptionError, config_from_options, register_method
 
@@ -134,6 +145,70 @@ def active_branches(weights: Sequence[float], threshold: float = 1e-6, top_m: in
     idx = [i for i, w in enumerate(weights) if abs(w) > threshold]
     idx.sort(key=lambda i: -abs(weights[i]))
     return sorted(idx[:top_m] if top_m else idx)
+
+
+DRIFT_GUIDE_FORMAT = "prefsteer-drift-guide-v1"
+
+
+class DriftGuide:
+    """Drift's decoding step as data, for an engine that decodes in another process.
+
+    ``rows`` holds one entry per context given to ``Backend.generate``: ``branch_ids``, the token ids
+    of each attribute branch's context, and ``plain_ids``, those of the plain branch, or None when the
+    plain branch is the request itself (its logits are the engine's own). The engine keeps a row of
+    the model ``fingerprint`` names for each branch, fed the tokens the request accepts, and replaces
+    the request's logits by `combine`'s: ``combine_logits(engine's, plain, branches, weights, beta)``.
+    """
+
+    def __init__(self, weights: Sequence[float], beta: float, fingerprint: str, rows: Sequence[dict] = ()):
+        self.weights = [float(w) for w in weights]
+        self.beta = float(beta)
+        if not self.beta > 0:
+            raise ValueError(f"`beta` (={self.beta}) has to be a strictly positive float")
+        self.fingerprint = fingerprint
+        self.rows = [{"plain_ids": None if r.get("plain_ids") is None else [int(t) for t in r["plain_ids"]],
+                      "branch_ids": [[int(t) for t in b] for b in r["branch_ids"]]} for r in rows]
+        for i, r in enumerate(self.rows):
+            if len(r["branch_ids"]) != len(self.weights):
+                raise ValueError(f"row {i} has {len(r['branch_ids'])} branches for {len(self.weights)} weights")
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data: the mixture (with a ``key`` identifying it) and, under ``rows``, each context's
+        branches; the engine gives request i the mixture plus ``rows[i]``."""
+        desc = {"format": DRIFT_GUIDE_FORMAT, "kind": "drift", "weights": self.weights, "beta": self.beta,
+                "fingerprint": self.fingerprint}
+        desc["key"] = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
+        return {**desc, "rows": [dict(r) for r in self.rows]}
+
+    @classmethod
+    def from_description(cls, desc: dict[str, Any]) -> "DriftGuide":
+        """The mixture of one request's description (`check_drift_description` first)."""
+        check_drift_description(desc)
+        return cls(desc["weights"], desc["beta"], desc["fingerprint"])
+
+    def combine(self, logits: "torch.Tensor", plain: "torch.Tensor", branches: "torch.Tensor") -> "torch.Tensor":
+        """logits (B, V) of the requests, plain (B, V), branches (B, n, V) -> the Drift step (B, V)."""
+        import torch
+
+        return combine_logits(logits, plain, branches, torch.tensor(self.weights), self.beta)
+
+
+def check_drift_description(desc: Any) -> None:
+    """Raise ValueError unless ``desc`` is one request's Drift description: `DriftGuide.describe`'s
+    mixture plus one of its ``rows``."""
+    if not isinstance(desc, dict) or desc.get("format") != DRIFT_GUIDE_FORMAT:
+        raise ValueError(f"not a prefsteer Drift description (format {DRIFT_GUIDE_FORMAT!r} expected)")
+    missing = [k for k in ("weights", "beta", "fingerprint", "key", "branch_ids") if k not in desc]
+    if missing:
+        raise ValueError(f"the Drift description lacks {', '.join(missing)}")
+    if not float(desc["beta"]) > 0:
+        raise ValueError(f"`beta` (={desc['beta']}) has to be a strictly positive float")
+    branches = desc["branch_ids"]
+    if len(branches) != len(desc["weights"]) or not all(len(b) for b in branches):
+        raise ValueError(f"the Drift description has {len(branches)} branches (each non-empty) for "
+                         f"{len(desc['weights'])} weights")
+    if desc.get("plain_ids") is not None and not len(desc["plain_ids"]):
+        raise ValueError("the Drift description's plain branch is empty")
 
 
 # options that only shape decoding or margins, not what `fit` learns: a fitted user serves under any
@@ -253,22 +328,60 @@ class Drift(Method):
 
         config = config or GenerationConfig()
         w = self._weights(user_id)
-        for b in {id(self.backend): self.backend, id(self.drift_backend): self.drift_backend}.values():
-            require(b, "start_decoding", "drift generation")
+        backends = {id(self.backend): self.backend, id(self.drift_backend): self.drift_backend}.values()
+        lock_step = all("start_decoding" in b.capabilities for b in backends)
+        if not lock_step and "guide_branches" not in self.backend.capabilities:
+            lacking = next(b for b in backends if "start_decoding" not in b.capabilities)
+            raise UnsupportedOperation(lacking.name, "start_decoding", "drift generation (or, on an engine "
+                                       "in another process, `guide_branches`)")
         active = active_branches(w.tolist(), self.config.threshold, self.config.top_m)
         attrs = [self.library.attributes[i] for i in active]
         weights = [float(w[i]) for i in active]
         start = time.perf_counter()
-        texts = []
-        gen = seeded_generator(config)  # on the CPU: the combined logits are moved there to sample
-        for prompt in prompts:  # one prompt at a time: its 1 + n branches are the batch
-            base = user_turn(prompt)
-            branches = [self.context(prompt)] + [self.context(prompt, a) for a in attrs]
-            texts.append(decode_branches(self.backend, self.drift_backend, base, branches, weights,
-                                         self.config.beta, config, gen))
+        if lock_step:
+            texts = []
+            gen = seeded_generator(config)  # on the CPU: the combined logits are moved there to sample
+            for prompt in prompts:  # one prompt at a time: its 1 + n branches are the batch
+                base = user_turn(prompt)
+                branches = [self.context(prompt)] + [self.context(prompt, a) for a in attrs]
+                texts.append(decode_branches(self.backend, self.drift_backend, base, branches, weights,
+                                             self.config.beta, config, gen))
+        else:
+            texts = self._generate_guided(prompts, attrs, weights, config)
         secs = time.perf_counter() - start
         return [MethodOutput(t, [a.name for a in attrs], {"generation": secs},
                              {"weights": dict(zip([a.name for a in attrs], weights))}) for t in texts]
+
+
+    def _generate_guided(self, prompts: Sequence[str], attrs: list[Attribute], weights: list[float],
+                         config: GenerationConfig) -> list[str]:
+        """All prompts in one `generate` call on an engine that runs the mixture itself
+        (``guide_branches``), with the same contexts and step limit as `decode_branches`."""
+        b, small = self.backend, self.drift_backend
+        if not attrs:  # nothing to mix: the plain base distribution
+            return [g.text for g in b.generate([user_turn(p) for p in prompts], config)]
+        rows, steps = [], []
+        for prompt in prompts:
+            base_ids = b.encode_context(user_turn(prompt))
+            if small is not b and small.encode_context(user_turn(prompt)) != base_ids:
+                raise OptionError("`drift_backend` has to share the backend's tokenizer for generation")
+            plain_ids = small.encode_context(self.context(prompt))
+            branch_ids = [small.encode_context(self.context(prompt, a)) for a in attrs]
+            shared = small is b and plain_ids == base_ids
+            rows.append({"plain_ids": None if shared else plain_ids, "branch_ids": branch_ids})
+            steps.append(min(config.max_new_tokens,
+                             b.max_context - max(len(c) for c in [base_ids, plain_ids] + branch_ids)))
+        texts: list[str | None] = [None] * len(prompts)
+        for n in sorted(set(steps)):  # one call per step limit (normally one call)
+            idx = [i for i, s in enumerate(steps) if s == n]
+            if n < 1:
+                raise OptionError(f"prompt {idx[0]} leaves no room to generate in the model's "
+                                  f"{b.max_context} tokens")
+            guide = DriftGuide(weights, self.config.beta, small.fingerprint, [rows[i] for i in idx])
+            gens = b.generate([user_turn(prompts[i]) for i in idx], replace(config, max_new_tokens=n), guide=guide)
+            for i, g in zip(idx, gens):
+                texts[i] = g.text
+        return texts
 
 
 def decode_branches(backend, small, base: Messages, branches: list[Messages], weights: list[float],

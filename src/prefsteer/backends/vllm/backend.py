@@ -238,7 +238,7 @@ class VLLMBackend(ChatTokenization):
         self.eos_ids = end_of_turn_ids(self.tokenizer, self._generation_eos(engine_path))
         self.guidance = "logits_processors" in kw and _has_guidance(kw["logits_processors"])
         if self.guidance:
-            self.capabilities = frozenset(type(self).capabilities | {"guide"})
+            self.capabilities = frozenset(type(self).capabilities | {"guide", "guide_branches"})
         # the side model guidance runs beside vLLM's: by default vLLM's own checkpoint
         self._model_arg = model
         self.side_spec = {"model": side_model if side_model is not None else model, "dtype": self.dtype,
@@ -362,17 +362,17 @@ class VLLMBackend(ChatTokenization):
                  guide: Guide | None = None) -> list[Generation]:
         """Decode each context (greedy unless ``config.do_sample``) in one engine batch. A row stops
         at an end-of-turn token, which is not part of the returned text or ids."""
-        extra = None if guide is None else {GUIDE_KEY: self.guide_description(guide)}
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         config = config or GenerationConfig()
+        extras = self._guide_args(guide, len(contexts))
         encoded = self._encode_contexts(contexts)
         max_tokens = [min(config.max_new_tokens, self.max_context - len(ids)) for ids in encoded]
         params = []
         for i, mt in enumerate(max_tokens):
             common = dict(max_tokens=mt, stop_token_ids=sorted(self.eos_ids), skip_special_tokens=True,
-                          detokenize=False, extra_args=extra)
+                          detokenize=False, extra_args=extras[i])
             if config.do_sample:
                 params.append(SamplingParams(temperature=config.temperature, top_k=config.top_k,
                                              top_p=config.top_p,
@@ -393,6 +393,19 @@ class VLLMBackend(ChatTokenization):
         return gens
 
     # -- guided decoding ---------------------------------------------------------------------
+    def _guide_args(self, guide: Any, n: int) -> list[dict | None]:
+        """Each request's ``extra_args``: the guide's description, with its own entry of ``rows``
+        for a guide that describes one per context (Drift's branches)."""
+        if guide is None:
+            return [None] * n
+        desc = self.guide_description(guide)
+        rows = desc.pop("rows", None)
+        if rows is None:
+            return [{GUIDE_KEY: desc}] * n
+        if len(rows) != n:
+            raise ValueError(f"the guide describes {len(rows)} rows for {n} contexts")
+        return [{GUIDE_KEY: {**desc, **row}} for row in rows]
+
     @property
     def side_fingerprint(self) -> str:
         """The fingerprint of the side model guidance runs on (the hf backend's, from its files),
@@ -426,11 +439,13 @@ class VLLMBackend(ChatTokenization):
                                        "guided generation")
         desc = dict(describe())
         if desc.get("fingerprint") != self.side_fingerprint:
+            side = f"the side model that guides vLLM here ('{self.side_spec['model'] or self.source['model']}')"
+            if desc.get("kind") == "drift":
+                raise InputError(f"Drift's branches are decoded by the model {desc.get('fingerprint')}, but {side} "
+                                 f"is {self.side_fingerprint}: pass that model as `side_model`", field="guide")
             raise InputError(f"the guide's classifier heads were trained for the model {desc.get('fingerprint')}, "
-                             f"but the side model that guides vLLM here "
-                             f"('{self.side_spec['model'] or self.source['model']}') is {self.side_fingerprint}: "
-                             "train heads for it (`prefsteer cliper train`) or pass the model they were "
-                             "trained for as `side_model`", field="guide")
+                             f"but {side} is {self.side_fingerprint}: train heads for it (`prefsteer cliper "
+                             "train`) or pass the model they were trained for as `side_model`", field="guide")
         desc["side"] = dict(self.side_spec)
         return desc
 

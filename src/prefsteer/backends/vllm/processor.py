@@ -3,8 +3,8 @@
 vLLM builds one instance per engine, in its engine process, from the name
 ``prefsteer.backends.vllm.processor:GuidanceLogitsProcessor`` given to ``LLM(logits_processors=...)``.
 A request is guided when its ``SamplingParams.extra_args["prefsteer_guide"]`` holds a guide
-description (`CliperGuide.describe` plus the side model's ``{"model", "dtype"}``); the others pass
-through untouched. The work is `side.GuidedRequests`'; this class only follows vLLM's persistent
+description (`CliperGuide.describe`, or one row of `DriftGuide.describe`, plus the side model's
+``{"model", "dtype"}``); the others pass through untouched. The work is `side.GuidedRequests`'; this class only follows vLLM's persistent
 batch (requests added, removed and moved between rows; each added request comes with its prompt ids
 and a live reference to its output ids) and loads the side model, once, the first time a guided
 request arrives.
@@ -25,7 +25,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from prefsteer.backends.vllm.side import GUIDE_KEY, GuidedRequests
+from prefsteer.backends.vllm.side import GUIDE_KEY, GuidedRequests, check_description
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,6 @@ class GuidanceLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        from prefsteer.methods.cliper.guidance import check_description
-
         desc = (sampling_params.extra_args or {}).get(GUIDE_KEY)
         if desc is not None:
             check_description(desc)
@@ -72,12 +70,12 @@ class GuidanceLogitsProcessor(LogitsProcessor):
 
     def _new(self, params, prompt_ids: list[int] | None, output_ids: list[int]) -> _Request | None:
         desc = (params.extra_args or {}).get(GUIDE_KEY)
-        if desc is None or float(desc["alpha"]) == 0.0:  # alpha 0: exactly plain decoding, and free
+        if desc is None or float(desc.get("alpha", 1.0)) == 0.0:  # CLIPer's alpha 0: plain decoding, free
             return None
         if prompt_ids is None:
             raise ValueError("prefsteer guidance needs the request's prompt token ids")
         req = _Request(prompt_ids, output_ids)
-        self.core.add(req.key, desc)
+        self.core.add(req.key, desc, len(req.prompt))
         return req
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:

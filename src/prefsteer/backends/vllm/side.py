@@ -5,7 +5,10 @@ last hidden state the next token is predicted from. `GuidedRequests` keeps, for 
 request, a row of the side model (the hf backend, `prefsteer.backends.hf`) that has read the same
 tokens as the request, and turns vLLM's logits into guided ones with the guide the request's
 description rebuilds (`CliperGuide.from_description`), i.e. the same top-k, heads and
-`guided_logits` as CLIPer on the hf backend.
+`guided_logits` as CLIPer on the hf backend. Drift's branches (each attribute's context, and the
+plain one when it is not the request's) are rows of the same kind, each reading its own context and
+then the request's tokens; their next-token log-probabilities mix into the engine's as in Drift on
+the hf backend (`DriftGuide.combine`, i.e. `combine_logits`).
 
 Rows that arrive in the same engine step are prefilled together, left-padded, as one `SideRows`
 group on one key/value cache. At each step every row of a group may read any number of new tokens,
@@ -84,15 +87,45 @@ class SideRows:
 
 
 @dataclass
-class _Row:
-    side: str                 # the side model's key
-    group: SideRows | None    # None until prefilled
+class _Slot:
+    """One side-model row of a request: it reads ``prefix`` (None: the request's own prompt) and
+    then every token the request has accepted."""
+    prefix: list[int] | None
+    group: SideRows | None = None  # None until prefilled
     row: int = -1
-    desc_key: str = ""
+
+
+@dataclass
+class _Request:
+    side: str                 # the side model's key
+    desc_key: str             # the guide's key
+    kind: str                 # "cliper" or "drift"
+    prompt_len: int | None    # tokens of the request's prompt (what a branch's prefix replaces)
+    slots: list[_Slot]
+    plain: bool = False       # drift: the first slot is the plain branch (else the request is)
+
+
+def check_description(desc: Any) -> None:
+    """Raise ValueError unless ``desc`` is a guide description this module runs (CLIPer's or Drift's)."""
+    from prefsteer.methods.cliper.guidance import check_description as check_cliper
+    from prefsteer.methods.drift import check_drift_description
+
+    kind = desc.get("kind", "cliper") if isinstance(desc, dict) else None
+    if kind == "drift":
+        check_drift_description(desc)
+    else:
+        check_cliper(desc)
 
 
 class GuidedRequests:
-    """The guided requests of one engine, each with its side-model row and its guide.
+    """The guided requests of one engine, each with its side-model rows and its guide.
+
+    Two kinds of guide (the description's ``kind``):
+    * ``cliper``: one row per request, reading the request's own tokens; `CliperGuide` turns its last
+      hidden state and the engine's logits into guided logits.
+    * ``drift``: one row per attribute branch (and one for the plain branch when it is not the
+      request's own context), each reading its branch context and then the request's accepted tokens;
+      `DriftGuide.combine` mixes their next-token log-probabilities into the engine's.
 
     ``load_side(spec) -> TransformersBackend`` loads a side model (``spec`` is a description's
     ``side`` entry); loaded models, guides and groups are kept here. Not shared between threads:
@@ -102,7 +135,7 @@ class GuidedRequests:
         self._load_side = load_side
         self.sides: dict[str, Any] = {}
         self.guides: dict[str, Any] = {}
-        self.requests: dict[Any, _Row] = {}
+        self.requests: dict[Any, _Request] = {}
         self.groups: list[SideRows] = []
         self.steps = 0
         self._lock = threading.Lock()
@@ -121,68 +154,95 @@ class GuidedRequests:
         return self.sides[key]
 
     def guide_key(self, desc: dict) -> str:
-        return f"{self.side_key(desc['side'])}#{desc['key']}"
+        return f"{self.side_key(desc['side'])}#{desc.get('kind', 'cliper')}#{desc['key']}"
 
     def guide(self, desc: dict):
         from prefsteer.methods.cliper.guidance import CliperGuide
+        from prefsteer.methods.drift import DriftGuide
 
         key = self.guide_key(desc)
         if key not in self.guides:
             side = self.side(desc["side"])
             if side.fingerprint != desc["fingerprint"]:
-                raise ValueError(f"the guide's heads were trained for the model {desc['fingerprint']}; the "
+                raise ValueError(f"the guide was made for the model {desc['fingerprint']}; the "
                                  f"side model {desc['side'].get('model') or 'default'} is {side.fingerprint}")
-            self.guides[key] = CliperGuide.from_description(desc, side.token_embeddings())
+            if desc.get("kind") == "drift":
+                self.guides[key] = DriftGuide.from_description(desc)
+            else:
+                self.guides[key] = CliperGuide.from_description(desc, side.token_embeddings())
         return self.guides[key]
 
     # -- requests ----------------------------------------------------------------------------
-    def add(self, key: Any, desc: dict) -> None:
-        """A request enters (its row is prefilled at its first `apply`)."""
+    def add(self, key: Any, desc: dict, prompt_len: int | None = None) -> None:
+        """A request enters (its rows are prefilled at its first `apply`). A Drift request needs
+        ``prompt_len``, the length of its prompt, which its branches' contexts stand in for."""
         self.guide(desc)  # loads the side model and checks the fingerprint now
-        self.requests[key] = _Row(self.side_key(desc["side"]), None, desc_key=self.guide_key(desc))
+        kind = desc.get("kind", "cliper")
+        if kind == "drift":
+            if prompt_len is None:
+                raise ValueError("a Drift request needs its prompt's length")
+            plain = desc.get("plain_ids") is not None
+            prefixes = ([list(desc["plain_ids"])] if plain else []) + [list(b) for b in desc["branch_ids"]]
+        else:
+            plain, prefixes = False, [None]
+        self.requests[key] = _Request(self.side_key(desc["side"]), self.guide_key(desc), kind, prompt_len,
+                                      [_Slot(p) for p in prefixes], plain)
 
     def retain(self, keys) -> None:
-        """Forget every request not in ``keys``; a group goes with its last request."""
+        """Forget every request not in ``keys``; a group goes with its last row's request."""
         keys = set(keys)
         for k in [k for k in self.requests if k not in keys]:
             del self.requests[k]
-        live = {id(r.group) for r in self.requests.values() if r.group is not None}
+        live = {id(s.group) for r in self.requests.values() for s in r.slots if s.group is not None}
         self.groups = [g for g in self.groups if id(g) in live]
 
     def _sync(self, batch: list[tuple[Any, Sequence[int]]]) -> None:
-        """Bring every request's row to its token sequence: new rows prefilled as one group per
+        """Bring every request's rows to their token sequences: new rows prefilled as one group per
         side model, the others advanced by the tokens they have not read."""
-        fresh: dict[str, list[tuple[_Row, Sequence[int]]]] = {}
+        fresh: dict[str, list[tuple[_Slot, list[int]]]] = {}
         steps: dict[int, tuple[SideRows, dict[int, Sequence[int]]]] = {}
-        for key, seq in batch:
+        for key, tokens in batch:
             r = self.requests[key]
-            if r.group is not None and r.group.read[r.row] > len(seq):  # tokens taken back: start over
-                r.group = None
-            if r.group is None:
-                fresh.setdefault(r.side, []).append((r, seq))
-            else:
-                steps.setdefault(id(r.group), (r.group, {}))[1][r.row] = seq[r.group.read[r.row]:]
+            for s in r.slots:
+                seq = list(tokens) if s.prefix is None else s.prefix + list(tokens[r.prompt_len:])
+                if s.group is not None and s.group.read[s.row] > len(seq):  # tokens taken back: start over
+                    s.group = None
+                if s.group is None:
+                    fresh.setdefault(r.side, []).append((s, seq))
+                else:
+                    steps.setdefault(id(s.group), (s.group, {}))[1][s.row] = seq[s.group.read[s.row]:]
         for g, new in steps.values():
             g.advance(new)
-        for side, rows in fresh.items():
-            g = SideRows(self.sides[side], [list(seq) for _, seq in rows])
+        for side, slots in fresh.items():
+            g = SideRows(self.sides[side], [seq for _, seq in slots])
             self.groups.append(g)
-            for i, (r, _) in enumerate(rows):
-                r.group, r.row = g, i
+            for i, (s, _) in enumerate(slots):
+                s.group, s.row = g, i
 
     def apply(self, logits: torch.Tensor, batch: list[tuple[int, Any, Sequence[int]]]) -> torch.Tensor:
-        """Guide the rows ``batch`` names: ``(row of logits, request key, its tokens so far)``.
-        Writes the guided rows into ``logits`` (B, V) and returns it."""
+        """Guide the rows ``batch`` names: ``(row of logits, request key, its tokens so far: prompt
+        and accepted output)``. Writes the guided rows into ``logits`` (B, V) and returns it."""
         if not batch:
             return logits
         self.steps += 1
         self._sync([(k, seq) for _, k, seq in batch])
-        by_guide: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        by_guide: dict[tuple[str, bool], list[tuple[int, _Request]]] = {}
         for i, key, _ in batch:
             r = self.requests[key]
-            by_guide.setdefault(r.desc_key, []).append((i, r.group.hidden[r.row]))
-        for dk, rows in by_guide.items():
+            by_guide.setdefault((r.desc_key, r.plain), []).append((i, r))
+        for (dk, plain), rows in by_guide.items():
             idx = torch.tensor([i for i, _ in rows], device=logits.device)
-            hidden = torch.stack([h for _, h in rows]).to(logits.device)
-            logits[idx] = self.guides[dk](hidden, logits[idx].float(), None).to(logits.dtype)
+            hidden = torch.stack([torch.stack([s.group.hidden[s.row] for s in r.slots]) for _, r in rows])  # (B, S, d)
+            guide, kind = self.guides[dk], rows[0][1].kind
+            if kind == "drift":
+                side = self.sides[rows[0][1].side]
+                with torch.inference_mode():
+                    branch = side.lm_head(hidden.to(side.lm_head.weight.dtype)).float().to(logits.device)  # (B, S, V)
+                if branch.shape[-1] != logits.shape[-1]:
+                    raise ValueError(f"the side model has {branch.shape[-1]} logits, the engine {logits.shape[-1]}")
+                own = logits[idx].float()
+                mixed = guide.combine(own, branch[:, 0] if plain else own, branch[:, 1:] if plain else branch)
+            else:
+                mixed = guide(hidden[:, 0].to(logits.device), logits[idx].float(), None)
+            logits[idx] = mixed.to(logits.dtype)
         return logits
