@@ -25,9 +25,7 @@ import os
 import platform
 import random
 import re
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,9 @@ USERS = ("alice", "bob", "chen", "dara")  # the same ids in both tenants
 TOPICS = ["boil an egg", "sleep better", "learn Spanish", "fix a flat tyre", "save money", "start running",
           "write a cover letter", "grow tomatoes", "clean a cast-iron pan", "prepare for an interview"]
 MARK = re.compile(r"\[ref ([AB])-")
+
+sys.path.insert(0, str(REPO))
+from tests.test_service_helpers import free_port, start_process, stop_process, wait_http  # noqa: E402
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -54,12 +55,6 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(REPO / "results" / "service"), help="where load.md and load.json go")
     p.add_argument("--drain-seconds", type=float, default=300.0, help="longest wait for the queued feedback")
     return p
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -227,29 +222,18 @@ def main(args: argparse.Namespace) -> int:
     mem.close()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    log = (tmp / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "prefsteer.cli", "serve", "--backend", args.backend,
-                             "--embedder", args.embedder, "--db", db, "--port", str(port), "--log-level", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    log = tmp / "serve.log"
+    proc = start_process([sys.executable, "-m", "prefsteer.cli", "serve", "--backend", args.backend,
+                          "--embedder", args.embedder, "--db", db, "--port", str(port), "--log-level", "warning"],
+                         log)
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited: {(tmp / 'serve.log').read_text()[-2000:]}")
-            try:
-                httpx.get(base + "/health", timeout=2)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_http(base, proc, log, timeout=300)
         args.model_id = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {keys['A']}"}).json()["data"][0]["id"]
         print(f"load: {args.clients} clients for {args.seconds:.0f}s against {base} ({args.backend})", file=sys.stderr)
         stats, elapsed = asyncio.run(run_load(base, keys, args))
         drain = wait_drained(base, args.drain_seconds)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
     memory = check_memory(db, stats)
     endpoints = {}
     names = {"chat": "POST /v1/chat/completions", "feedback": "POST /v1/users/{id}/feedback",

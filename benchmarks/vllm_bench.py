@@ -7,13 +7,15 @@
 * generation: tokens/s at batch 1, 8 and 32, vLLM plain vs vLLM with EXACT's injection (the
   prompts carry ``Attributes: <...>``, as `Exact.generate` renders them) vs CLIPer's guided decoding
   (``--cliper-prefs``, alpha ``--cliper-alpha``, top-20: vLLM's logits processor with the side
-  model, here the same checkpoint as vLLM's), greedy, ``--new-tokens``.
+  model, here the same checkpoint as vLLM's) vs Drift's mixture (two active attribute branches,
+  decoded as side rows in vLLM's engine), greedy, ``--new-tokens``.
 
-Writes Markdown tables into ``--out`` (default results/vllm/): scoring.md, generation.md, and the
-raw numbers as bench.json. Run it in the vLLM environment:
+Writes Markdown tables into ``--out`` (default results/vllm/): scoring.md, generation-<N>tok.md (N
+the new tokens), and the raw numbers into bench.json (each section under its own key). Run it in
+the vLLM environment:
 
     .venv-vllm/bin/python benchmarks/vllm_bench.py                       # both, CPU defaults
-    .venv-vllm/bin/python benchmarks/vllm_bench.py --only generation --new-tokens 32
+    .venv-vllm/bin/python benchmarks/vllm_bench.py --only generation --new-tokens 128
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ PROMPTS = ["How should I prepare for a job interview?", "Write a short story abo
            "Summarize the plot of Romeo and Juliet.", "Give me advice on saving money.",
            "Describe a good morning routine.", "Why is the sky blue?"]
 ATTRS = ["Concise", "Humor", "Formal"]
+DRIFT_WEIGHTS = {"Concise": 1.5, "Humor": -0.7}  # two branches beside every request
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -115,43 +118,59 @@ def generation(args, vb, out: dict) -> list[str]:
     from prefsteer.backends.base import GenerationConfig, user_turn
 
     from prefsteer.methods.cliper import Cliper
+    from prefsteer.methods.drift import Drift
 
     lib = load_library()
     cfg = GenerationConfig(max_new_tokens=args.new_tokens)
     guide = Cliper(vb, prefs=args.cliper_prefs, alpha=args.cliper_alpha).guide_for(None)[0]
+    drift = Drift(vb, attributes=list(DRIFT_WEIGHTS))
+    drift.weights["bench"] = dict(DRIFT_WEIGHTS)
     vb.generate([user_turn("hi")], GenerationConfig(max_new_tokens=4))  # warm-up
     vb.generate([user_turn("hi")], GenerationConfig(max_new_tokens=4), guide=guide)  # loads the side model
+
+    def token_ids(gens):
+        return [g.token_ids for g in gens]
+
+    def drift_ids(prompts):  # Drift returns text: its tokens are the text read back
+        return [vb.encode_continuation(o.text) for o in drift.generate("bench", prompts, cfg)]
+
     rows, lines = [], []
     for b in [int(x) for x in args.batches.split(",")]:
         prompts = [PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" (variant {i})") for i in range(b)]
+        runs = {"plain": lambda: token_ids(vb.generate([user_turn(p) for p in prompts], cfg)),
+                "exact": lambda: token_ids(vb.generate([attribute_messages(p, ATTRS, lib) for p in prompts], cfg)),
+                "cliper": lambda: token_ids(vb.generate([user_turn(p) for p in prompts], cfg, guide=guide)),
+                "drift": lambda: drift_ids(prompts)}
         res = {}
-        for name, ctxs, g in (("plain", [user_turn(p) for p in prompts], None),
-                              ("exact", [attribute_messages(p, ATTRS, lib) for p in prompts], None),
-                              ("cliper", [user_turn(p) for p in prompts], guide)):
+        for name, run in runs.items():
             start = time.perf_counter()
-            gens = vb.generate(ctxs, cfg, guide=g)
+            ids = run()
             secs = time.perf_counter() - start
-            toks = sum(len(g.token_ids) for g in gens)
+            toks = sum(len(i) for i in ids)
             res[name] = {"seconds": secs, "tokens": toks, "tok_s": toks / secs}
         rows.append({"batch": b, **res})
-        print(f"batch {b}: plain {res['plain']['tok_s']:.1f} tok/s, exact {res['exact']['tok_s']:.1f} tok/s, "
-              f"cliper {res['cliper']['tok_s']:.1f} tok/s", flush=True)
-    out["generation"] = rows
-    out["cliper"] = {"prefs": args.cliper_prefs, "alpha": args.cliper_alpha, "top_k": guide.top_k,
+        print(f"batch {b}: " + ", ".join(f"{k} {v['tok_s']:.1f} tok/s" for k, v in res.items()), flush=True)
+    sec = out.setdefault(f"generation-{args.new_tokens}tok", {})
+    sec["rows"] = rows
+    sec["cliper"] = {"prefs": args.cliper_prefs, "alpha": args.cliper_alpha, "top_k": guide.top_k,
                      "side_model": vb.side_spec["model"] or "the embedded default (vLLM's own checkpoint)"}
+    sec["drift"] = {"weights": DRIFT_WEIGHTS, "beta": drift.config.beta}
     lines += [f"## Generation throughput (vLLM, greedy, up to {args.new_tokens} new tokens per row)", "",
-              f"CLIPer: prefs {args.cliper_prefs}, alpha {args.cliper_alpha}, top-{guide.top_k}, side model = "
-              "vLLM's own checkpoint (the hf backend in vLLM's engine process).", "",
-              "| batch | plain tok/s | EXACT injection tok/s | EXACT / plain | CLIPer tok/s | plain / CLIPer (slowdown) |",
-              "|---|---|---|---|---|---|"]
+              f"CLIPer: prefs {args.cliper_prefs}, alpha {args.cliper_alpha}, top-{guide.top_k}. Drift: weights "
+              f"{DRIFT_WEIGHTS}, beta {drift.config.beta} (two attribute branches per request). Both on the side "
+              "model = vLLM's own checkpoint (the hf backend in vLLM's engine process).", "",
+              "| batch | plain tok/s | EXACT injection tok/s | EXACT / plain | CLIPer tok/s | plain / CLIPer "
+              "(slowdown) | Drift tok/s | plain / Drift (slowdown) |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['plain']['tok_s']:.1f} | {r['exact']['tok_s']:.1f} | "
-                     f"{r['exact']['tok_s'] / r['plain']['tok_s']:.3f} | {r['cliper']['tok_s']:.1f} | "
-                     f"{r['plain']['tok_s'] / r['cliper']['tok_s']:.2f}x |")
-    out["load_average_end"] = os.getloadavg()[0]
+        pl = r["plain"]["tok_s"]
+        lines.append(f"| {r['batch']} | {pl:.1f} | {r['exact']['tok_s']:.1f} | {r['exact']['tok_s'] / pl:.3f} | "
+                     f"{r['cliper']['tok_s']:.1f} | {pl / r['cliper']['tok_s']:.2f}x | "
+                     f"{r['drift']['tok_s']:.1f} | {pl / r['drift']['tok_s']:.2f}x |")
+    sec["load_average_end"] = os.getloadavg()[0]
     lines += ["", "Rows stop at the end-of-turn token, so the columns may generate different numbers of "
-              "tokens; tokens/s counts what was generated. 1-min load average at the end of the section: "
-              f"{out['load_average_end']:.1f}.", ""]
+              "tokens; tokens/s counts what was generated (Drift's: its text read back as tokens). 1-min load "
+              f"average at the end of the section: {sec['load_average_end']:.1f}.", ""]
     return lines
 
 
@@ -176,8 +195,11 @@ def main(args: argparse.Namespace) -> int:
         hf = TransformersBackend(dtype=vb.dtype)
         (outdir / "scoring.md").write_text("\n".join(head + scoring(args, vb, hf, out)) + "\n")
     if args.only in (None, "generation"):
-        (outdir / "generation.md").write_text("\n".join(head + generation(args, vb, out)) + "\n")
-    (outdir / "bench.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+        path = outdir / f"generation-{args.new_tokens}tok.md"
+        path.write_text("\n".join(head + generation(args, vb, out)) + "\n")
+    bench = outdir / "bench.json"  # the sections of earlier runs stay, this run's replace theirs
+    earlier = json.loads(bench.read_text()) if bench.is_file() else {}
+    bench.write_text(json.dumps({**earlier, **out}, indent=1, default=str) + "\n")
     print(f"tables written into {outdir}")
     return 0
 

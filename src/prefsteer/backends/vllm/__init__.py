@@ -71,7 +71,8 @@ go. So:
 * Cost: one side-model decode step per engine step for the guided rows (plus the heads on top_k
   candidates, negligible). On this 2-core CPU the side model is as large as the main model and runs
   in transformers' eager decode loop, slower per token than vLLM's own kernels: measured
-  1.9x (batch 1) to 2.8x (batch 8) fewer tokens/s than plain vLLM (results/vllm/generation.md).
+  2.1x (batch 1) to 3.1x (batch 32) fewer tokens/s than plain vLLM, Drift with two branches 2.9x to
+  4.5x (results/vllm/generation-128tok.md).
   With an 8B main model on a GPU and the 135M side model of the same tokenizer family, the side step
   is a small fraction of the main one; with a side model whose tokenizer differs from vLLM's model
   (SmolLM2 beside Llama 3) guidance is impossible, as the side model reads vLLM's token ids (refused
