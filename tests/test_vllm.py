@@ -23,8 +23,12 @@ if importlib.util.find_spec("vllm") is None:
 
 pytestmark = pytest.mark.model
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 from prefsteer.attributes import load_library  # noqa: E402
 from prefsteer.backends.base import GenerationConfig, ScoreRequest, UnsupportedOperation, user_turn  # noqa: E402
+from prefsteer.backends.vllm import VLLMBackend  # noqa: E402
 from prefsteer.methods.exact.select import greedy_select, make_objective, pair_requests  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +46,6 @@ def hf(hf_backend):
 
 @pytest.fixture(scope="module")
 def vb():
-    from prefsteer.backends.vllm import VLLMBackend
-
     return VLLMBackend(dtype="float32")
 
 
@@ -121,21 +123,65 @@ def test_exact_selections_identical_to_hf_on_the_ci_fixture(hf, vb):
 
 
 def test_what_vllm_cannot_do_is_refused_by_name(vb):
+    from types import SimpleNamespace
+
     from prefsteer.backends.base import require
 
-    assert {"score", "generate", "guide", "guide_branches"} <= vb.capabilities
-    for op in ("start_decoding", "hidden_states", "adapter", "cast"):
-        assert op not in vb.capabilities
-        with pytest.raises(UnsupportedOperation, match=op):
-            require(vb, op)
+    assert {"score", "generate", "guide", "guide_branches", "hidden_states", "adapter", "cast"} <= vb.capabilities
+    assert "start_decoding" not in vb.capabilities
+    with pytest.raises(UnsupportedOperation, match="start_decoding"):
+        require(vb, "start_decoding")
+    with pytest.raises(UnsupportedOperation, match="guide_branches"):
+        vb.start_decoding([user_turn("hi")])
     # a guide that is a Python callable cannot reach vLLM's engine process
     with pytest.raises(UnsupportedOperation, match="guide"):
         vb.generate([user_turn("hi")], guide=lambda h, l, i: l)
-    with pytest.raises(UnsupportedOperation):
-        vb.hidden_states([ScoreRequest.of(user_turn("hi"), "yo")])
-    with pytest.raises(UnsupportedOperation):
-        vb.start_decoding([user_turn("hi")])
     assert vb.cast("float32") is vb
+    off = SimpleNamespace(name="vllm", companion_enabled=False, dtype="float32")  # built with companion=False
+    off.companion = lambda op, needed_by: VLLMBackend.companion(off, op, needed_by)
+    for op, call in (("hidden_states", lambda: VLLMBackend.hidden_states(off, [])),
+                     ("adapter", lambda: VLLMBackend.adapter(off)),
+                     ("cast", lambda: VLLMBackend.cast(off, "bfloat16"))):
+        with pytest.raises(UnsupportedOperation, match=f"{op} \\(this engine was built with companion=False\\)"):
+            call()
+
+
+def test_hidden_states_adapters_and_casts_run_on_the_companion(hf, vb):
+    """vLLM's engine has no hidden states or gradients: the hf backend on the same checkpoint does
+    them, in this process, with vLLM's fingerprint."""
+    reqs = [ScoreRequest.of(user_turn(p), "A short answer, with a reason.") for p in PROMPTS[:2]]
+    got, want = vb.hidden_states(reqs), hf.hidden_states(reqs)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    comp = vb.companion("hidden_states", "the test")
+    assert comp.fingerprint == vb.fingerprint == hf.fingerprint and vb.info()["companion"]
+    low = vb.cast("bfloat16")
+    assert low.fingerprint != vb.fingerprint and low is vb.cast("bfloat16")
+    assert abs(low.score(reqs[:1])[0].logprob - vb.score(reqs[:1])[0].logprob) < 1.0
+
+
+def test_cliper_and_reward_fitted_on_vllm_serve_like_on_hf(hf, vb, tmp_path):
+    """A personal CLIPer classifier trained through vLLM's companion guides vLLM's decoding (the side
+    model reads the same hidden states), with hf's tokens; Reward trains its LoRA on the companion
+    and ranks like on hf."""
+    from prefsteer.data import load_pairs
+    from prefsteer.memory import Memory
+    from prefsteer.methods.cliper import Cliper
+    from prefsteer.methods.reward import Reward
+
+    pairs = load_pairs(str(REPO / "tests" / "fixtures" / "pairs_small.jsonl"))[:4]
+    cfg = GenerationConfig(max_new_tokens=16)
+    texts, margins = [], []
+    for b in (vb, hf):
+        c = Cliper(b, memory=Memory(str(tmp_path / f"{b.name}.db")), alpha=3.0, personal_steps=50)
+        c.fit("u", pairs)
+        texts.append([o.text for o in c.generate("u", GUIDED[:2], cfg)])
+        r = Reward(b, memory=Memory(str(tmp_path / f"{b.name}-r.db")), epochs=1)
+        r.fit("u", pairs[:2])
+        margins.append(r.margins("u", pairs[2:]))
+    assert texts[0] == texts[1]
+    assert texts[0] != [g.text for g in vb.generate([user_turn(p) for p in GUIDED[:2]], cfg)]
+    assert np.allclose(margins[0], margins[1], atol=1e-4) and any(abs(m) > 1e-6 for m in margins[0])
 
 
 GUIDED = ["How do I boil an egg?", "Write a haiku about the sea.", "Explain recursion to a child.",

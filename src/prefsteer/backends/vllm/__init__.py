@@ -30,10 +30,16 @@ What it does and how
 * ``token_embeddings``: read from the checkpoint on the driver (vLLM's weights live in its worker).
 * ``guide`` and ``guide_branches``: CLIPer's guided decoding and Drift's mixture of attribute
   branches, through a logits processor in vLLM's engine (below).
-* Not here: ``start_decoding``, ``hidden_states``, ``adapter`` (Reward) and ``cast``: they raise
-  `UnsupportedOperation` and are absent from ``capabilities``. Training CLIPer's classifiers
-  (hidden states) and Reward run on ``--backend hf``; EXACT (indexing and injection), none, base,
-  exact-global, Drift (fitting and generation) and CLIPer's generation run here.
+* ``hidden_states``, ``adapter`` and ``cast``: vLLM's engine gives neither hidden states nor
+  gradients, so these run on the *companion*, the hf backend on the same checkpoint, loaded in the
+  caller's process at the first call that needs one (`VLLMBackend.companion`; ``companion=False``
+  refuses them instead). Its fingerprint is vLLM's (same weights): CLIPer's classifier heads trained
+  on its hidden states are the heads vLLM's side model runs, Reward trains its LoRA there (vLLM's
+  own model is untouched, so scoring and generation go on), and EXACT's screen scores on its cast.
+  Cost: a second copy of the weights in the caller's process, when used.
+* Not here: ``start_decoding`` (refused with `UnsupportedOperation`; Drift uses ``guide_branches``).
+  Every method runs on this backend: EXACT (all modes), none, base, exact-global, Drift, Reward and
+  CLIPer; what runs on vLLM's engine is all scoring and all generation.
 
 Guided decoding (CLIPer) on vLLM: a side model in vLLM's engine
 vLLM's logits processors see logits and token ids, never hidden states, and they run in vLLM's

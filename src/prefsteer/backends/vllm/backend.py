@@ -181,7 +181,7 @@ class VLLMBackend(ChatTokenization):
                  gpu_memory_utilization: float | None = None, kv_cache_gib: float | None = None,
                  max_model_len: int | None = None, enforce_eager: bool | None = None,
                  read_prefix_cache: bool = True, seed: int = 0, engine_kwargs: dict | None = None,
-                 guidance: bool = True, side_model: str | None = None, **_: Any):
+                 guidance: bool = True, side_model: str | None = None, companion: bool = True, **_: Any):
         if _in_spawned_bootstrap():
             raise RuntimeError("the vLLM backend was built while a spawned process imported its parent's main "
                                "module: build it under `if __name__ == \"__main__\":` (vLLM starts its engine "
@@ -244,6 +244,12 @@ class VLLMBackend(ChatTokenization):
         self.side_spec = {"model": side_model if side_model is not None else model, "dtype": self.dtype,
                           "cache_dir": cache_dir}
         self._side_fingerprint: str | None = None
+        # hidden states, adapters and casts: the hf backend on the same checkpoint, in this process
+        self.companion_enabled = companion
+        if companion:
+            self.capabilities = frozenset(self.capabilities | {"hidden_states", "adapter", "cast"})
+        self._companion = None
+        self._companion_lock = threading.Lock()
         self._init_tokenization()
         self._engine_lock = threading.Lock()  # LLM.generate is not re-entrant
         self._fingerprint: str | None = None
@@ -289,7 +295,8 @@ class VLLMBackend(ChatTokenization):
                 "model": self.source["model"], "path": self.source["path"], "device": self.source["device"],
                 "dtype": self.dtype, "vocab_size": len(self.tokenizer), "max_context": self.max_context,
                 "engine": f"vllm {vllm.__version__}", "read_prefix_cache": self.read_prefix_cache,
-                "load_seconds": round(self.load_seconds, 2)}
+                "load_seconds": round(self.load_seconds, 2),
+                "companion": None if self._companion is None else self._companion.source["model"]}
 
     # -- tokenization: `ChatTokenization`, shared with the hf backend ------------------------------
 
@@ -460,16 +467,42 @@ class VLLMBackend(ChatTokenization):
         dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
         return _get_tensor(where, name).to(dt)
 
-    def hidden_states(self, requests: Sequence[ScoreRequest]):
-        raise UnsupportedOperation(self.name, "hidden_states", "a classifier head")
+    # -- what vLLM's engine does not offer: the companion ----------------------------------------
+    def companion(self, operation: str, needed_by: str):
+        """The hf backend on vLLM's checkpoint, in this process, loaded at the first call that needs
+        it (``hidden_states``, ``adapter``, ``cast``): vLLM's engine gives neither hidden states nor
+        gradients. Its fingerprint is this backend's (the same weights), so classifier heads trained
+        on its hidden states guide vLLM's decoding, whose side model is the same hf model."""
+        if not self.companion_enabled:
+            raise UnsupportedOperation(self.name, f"{operation} (this engine was built with companion=False)",
+                                       needed_by)
+        if self._companion is None:
+            with self._companion_lock:
+                if self._companion is None:
+                    from prefsteer.backends.hf import TransformersBackend
+
+                    b = TransformersBackend(model=self._model_arg, dtype=self.dtype,
+                                            cache_dir=self.side_spec["cache_dir"])
+                    log.info("vLLM backend: the hf companion for %s loaded in %.1f s", operation, b.load_seconds)
+                    self._companion = b
+        return self._companion
+
+    def hidden_states(self, requests: Sequence[ScoreRequest], **kw: Any):
+        """Last-layer hidden states at the continuation's positions, from the companion."""
+        return self.companion("hidden_states", "a classifier head").hidden_states(requests, **kw)
 
     def start_decoding(self, contexts: Sequence[Messages]):
-        raise UnsupportedOperation(self.name, "start_decoding", "lock-step decoding")
+        raise UnsupportedOperation(self.name, "start_decoding (Drift decodes here through `guide_branches`)",
+                                   "lock-step decoding")
 
     def adapter(self, spec=None, state=None):
-        raise UnsupportedOperation(self.name, "adapter", "a low-rank adapter")
+        """A LoRA on the companion (Reward's per-user reward model): vLLM's engine does not train.
+        vLLM's own model, and so ``score`` and ``generate``, are untouched by the block."""
+        return self.companion("adapter", "a low-rank adapter").adapter(spec, state)
 
     def cast(self, dtype: Any):
+        """This backend for its own precision; the companion in another (EXACT's screen), with that
+        precision's fingerprint."""
         if str(dtype).replace("torch.", "") == self.dtype:
             return self
-        raise UnsupportedOperation(self.name, "cast", "another precision")
+        return self.companion("cast", "another precision").cast(dtype)
