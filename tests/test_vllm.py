@@ -122,6 +122,19 @@ def test_exact_selections_identical_to_hf_on_the_ci_fixture(hf, vb):
         assert abs(sel[0].objective - sel[1].objective) < 1e-3
 
 
+def test_eval_quick_gives_the_same_accuracies_on_both_engines(hf, vb, tmp_path):
+    """`prefsteer eval --config quick` on --backend vllm and --backend hf: the same accuracy for every
+    method, each run in its own memory (no score is shared between the two)."""
+    from prefsteer.evaluation.protocol import load_config
+    from prefsteer.evaluation.runner import Runner
+
+    config = load_config("quick")
+    runs = [Runner(config, b, tmp_path / b.name, winrate=False, progress=False).run() for b in (vb, hf)]
+    assert set(runs[0]["accuracy"]) == {"none", "base", "exact", "exact-global"}
+    assert runs[0]["accuracy"] == runs[1]["accuracy"]
+    assert runs[0]["records"] == runs[1]["records"] > 0
+
+
 def test_what_vllm_cannot_do_is_refused_by_name(vb):
     from types import SimpleNamespace
 
