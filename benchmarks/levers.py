@@ -1,12 +1,15 @@
 """EXACT's levers side by side: recovery on the known-answer suite and pairwise accuracy / beats-plain
-on the real TL;DR quick split, for each rendering, placement, objective and the non-negativity filter.
+on real TL;DR splits (quick, paper-cpu), for each rendering, placement, objective and the
+non-negativity filter.
 
 Each variant is a set of `ExactConfig` options; the paper's is ``paper`` (bare names in the user's
-turn, summed objective, no filter). Both parts keep their score caches in ``--out``, so the
+turn, summed objective, no filter). Every part keeps its score cache in ``--out`` (the suite in
+``suite/``, the TL;DR split ``quick`` in ``tldr/``, any other split in ``tldr-<name>/``), so the
 objective and filter variants (the same scores, another search) cost almost nothing and a rerun
 re-scores nothing. Writes ``levers.md`` and ``levers.json`` into ``--out``.
 
     python benchmarks/levers.py --out results/known-answer/levers            # the CPU-sized run
+    python benchmarks/levers.py --tldr-config quick paper-cpu --tldr-variants paper instruction-system
     python benchmarks/levers.py --backend fake --embedder hash --out /tmp/lv  # a dry run
 """
 
@@ -41,9 +44,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/known-answer/levers")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--suite-config", default="known-answer-cpu",
-                   help="the known-answer configuration whose suite subset, library and k are used")
-    p.add_argument("--tldr-config", default="quick", help="the TL;DR configuration (none = skip)")
-    p.add_argument("--tldr-variants", nargs="+", default=None,
+                   help="the known-answer configuration whose suite subset, library and k are used "
+                        "(none = skip the suite)")
+    p.add_argument("--tldr-config", nargs="+", default=["quick"],
+                   help="the TL;DR configurations, each a column group of the table (none = skip)")
+    p.add_argument("--tldr-variants", nargs="+", default=None, choices=list(VARIANTS),
                    help="variants run on TL;DR (default: all of --variants)")
     return p
 
@@ -57,18 +62,20 @@ def main(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    tldr_configs = [c for c in args.tldr_config if c != "none"]
+    for name in tldr_configs:  # a misspelt split fails before any model loads
+        load_config(name)
     backend = load_backend(args.backend, **({"threads": args.threads, "matmul_precision": args.matmul_precision}
                                             if args.backend == "hf" else {}))
     embedder = load_embedder(args.embedder)
-    rows: dict[str, dict] = {v: {} for v in args.variants}
+    rows: dict[str, dict] = {v: {} for v in dict.fromkeys([*args.variants, *(args.tldr_variants or [])])}
+    cfg = ka.load_ka_config(args.suite_config) if args.suite_config != "none" else None
 
     def write():
         (out / "levers.json").write_text(json.dumps(rows, indent=2))
-        (out / "levers.md").write_text(table(rows, cfg, args))
+        (out / "levers.md").write_text(table(rows, cfg, tldr_configs, args))
 
-    cfg = ka.load_ka_config(args.suite_config)
-    cfg["variants"] = [{"label": v, "kwargs": VARIANTS[v]} for v in args.variants]
-    for v in args.variants:  # one at a time, so a stopped run keeps what it measured
+    for v in args.variants if cfg is not None else []:  # one at a time: a stopped run keeps what it measured
         t0 = time.perf_counter()
         s = ka.run(backend, {**cfg, "variants": [{"label": v, "kwargs": VARIANTS[v]}]}, out / "suite",
                    embedder=embedder, generate=False)
@@ -80,50 +87,67 @@ def main(args: argparse.Namespace) -> int:
         rows[v]["suite_seconds"] = time.perf_counter() - t0
         print(f"suite {v}: recovery {100 * rows[v]['recovery']:.0f}% ({rows[v]['suite_seconds']:.0f}s)", flush=True)
         write()
-    if args.tldr_config != "none":
-        config = load_config(args.tldr_config)
+    for name in tldr_configs:
+        k = next(m.kwargs.get("k", 3) for m in load_config(name).methods if m.label == "exact")
         for v in args.tldr_variants or args.variants:
             t0 = time.perf_counter()
-            config.methods = [MethodSpec("none"),
-                              MethodSpec(f"exact-{v}", "exact", {"k": next(m.kwargs.get("k", 3) for m in
-                                                                           load_config(args.tldr_config).methods
-                                                                           if m.label == "exact"),
-                                                                 **VARIANTS[v]})]
-            runner = Runner(config, backend, out / "tldr", embedder=embedder, winrate=False, table7=False,
-                            progress=False)
-            summary = runner.run()
+            config = load_config(name)
             label = f"exact-{v}"
-            rows[v]["tldr_accuracy"] = summary["accuracy"][label]
-            rows[v]["tldr_plain_accuracy"] = summary["accuracy"]["none"]
-            rows[v]["tldr_beats_plain"] = summary["table8"].get(label)
-            rows[v]["tldr_seconds"] = time.perf_counter() - t0
-            print(f"tldr {v}: accuracy {100 * rows[v]['tldr_accuracy']:.1f}, beats plain "
-                  f"{rows[v]['tldr_beats_plain']}", flush=True)
+            config.methods = [MethodSpec("none"), MethodSpec(label, "exact", {"k": k, **VARIANTS[v]})]
+            runner = Runner(config, backend, out / tldr_dir(name), embedder=embedder, winrate=False,
+                            table7=False, progress=False)
+            summary = runner.run()
+            rows[v].setdefault("tldr", {})[name] = {
+                "accuracy": summary["accuracy"][label], "plain_accuracy": summary["accuracy"]["none"],
+                "beats_plain": summary["table8"].get(label), "seconds": time.perf_counter() - t0}
+            print(f"tldr {name} {v}: accuracy {100 * summary['accuracy'][label]:.1f}, beats plain "
+                  f"{summary['table8'].get(label)}", flush=True)
             write()
     write()
     print((out / "levers.md").read_text())
     return 0
 
 
-def table(rows: dict, cfg: dict, args) -> str:
-    lib = cfg.get("attributes") or []
-    lines = ["# EXACT levers", "",
-             f"Backend {args.backend}. Suite: `{args.suite_config}` ({cfg.get('notes', '')}); recovery = share "
-             f"of pairs whose selected set (k={cfg.get('k')}) holds the target, chance "
-             f"{100 * cfg.get('k', 1) / max(len(lib), 1):.1f}%. TL;DR: `{args.tldr_config}` split, no win-rate; "
-             "accuracy = share of test pairs ranked as the annotator did, beats plain = Table 8's share "
-             "of test pairs whose margin beats the plain prompt's.", "",
-             "| variant | options | suite recovery | mean set size | TL;DR accuracy (plain) | TL;DR beats plain |",
-             "|---|---|---|---|---|---|"]
+def tldr_dir(name: str) -> str:
+    """The run directory of a TL;DR split under ``--out`` (``tldr`` for quick, as first committed)."""
+    return "tldr" if name == "quick" else f"tldr-{name}"
+
+
+def table(rows: dict, cfg: dict | None, tldr_configs: list[str], args) -> str:
+    lines = ["# EXACT levers", "", f"Backend {args.backend}."]
+    if cfg is not None:
+        lib = cfg.get("attributes") or []
+        lines += ["", f"Suite: `{args.suite_config}` ({cfg.get('notes', '')}); recovery = share of pairs whose "
+                  f"selected set (k={cfg.get('k')}) holds the target, chance "
+                  f"{100 * cfg.get('k', 1) / max(len(lib), 1):.1f}%."]
+    for name in tldr_configs:
+        lines += ["", f"TL;DR `{name}`: {load_config_notes(name)} No win-rate; accuracy = share of test pairs "
+                  "ranked as the annotator did (the plain prompt's in brackets), beats plain = Table 8's share "
+                  "of test pairs whose margin beats the plain prompt's."]
+    head = ["variant", "options"] + (["suite recovery", "mean set size"] if cfg is not None else [])
+    for name in tldr_configs:
+        head += [f"{name} accuracy (plain)", f"{name} beats plain"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v, r in rows.items():
-        opts = ", ".join(f"{k}={val}" for k, val in VARIANTS[v].items()) or "paper defaults"
-        rec = f"{100 * r['recovery']:.0f}%" if "recovery" in r else "–"
-        size = f"{r['mean_set_size']:.2f}" if "mean_set_size" in r else "–"
-        acc = (f"{100 * r['tldr_accuracy']:.1f} ({100 * r['tldr_plain_accuracy']:.1f})"
-               if "tldr_accuracy" in r else "–")
-        bp = f"{100 * r['tldr_beats_plain']:.1f}" if r.get("tldr_beats_plain") is not None else "–"
-        lines.append(f"| {v} | {opts} | {rec} | {size} | {acc} | {bp} |")
+        cells = [v, ", ".join(f"{k}={val}" for k, val in VARIANTS[v].items()) or "paper defaults"]
+        if cfg is not None:
+            cells += [f"{100 * r['recovery']:.0f}%" if "recovery" in r else "–",
+                      f"{r['mean_set_size']:.2f}" if "mean_set_size" in r else "–"]
+        for name in tldr_configs:
+            t = r.get("tldr", {}).get(name)
+            cells += [f"{100 * t['accuracy']:.1f} ({100 * t['plain_accuracy']:.1f})" if t else "–",
+                      f"{100 * t['beats_plain']:.1f}" if t and t["beats_plain"] is not None else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def load_config_notes(name: str) -> str:
+    from prefsteer.evaluation.protocol import load_config
+
+    c = load_config(name)
+    cut = (f", at most {c.max_train_pairs} training and {c.max_test_pairs} test pairs per user"
+           if c.max_train_pairs or c.max_test_pairs else "")
+    return f"{len(c.seeds)} seed(s), {c.n_users} users per seed{cut}, {len(c.attributes or [])} attributes."
 
 
 if __name__ == "__main__":
