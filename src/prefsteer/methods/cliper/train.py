@@ -288,6 +288,44 @@ def subset_features(feats: dict[str, torch.Tensor], items: Sequence[int]) -> dic
     return out
 
 
+def cached_preference_data(backend, prompts: Sequence[str], prefs: Sequence[str], *, data_file=None,
+                           max_new_tokens: int = 60, batch_size: int = 8,
+                           progress: bool = False) -> dict[str, list[LabelledText]]:
+    """`generate_preference_data`, kept in ``data_file``: a file made by the same model for the
+    same prompts and length, holding every preference asked for, is read instead of generating."""
+    from pathlib import Path
+
+    want = {"fingerprint": backend.fingerprint, "prompts": list(prompts), "max_new_tokens": max_new_tokens}
+    if data_file and Path(data_file).is_file():
+        meta, cached = load_data(data_file)
+        if all(meta.get(k) == v for k, v in want.items()) and all(p in cached for p in ["plain", *prefs]):
+            log.info("reusing the answers in %s", data_file)
+            return cached
+    data = generate_preference_data(backend, prompts, prefs, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, progress=progress)
+    if data_file:
+        save_data(data, data_file, want)
+    return data
+
+
+def read_back(backend, data: dict[str, list[LabelledText]], keys: Sequence[str]
+              ) -> tuple[list[LabelledText], dict[str, torch.Tensor], dict[str, range]]:
+    """Every answer of ``keys`` read back once, the answers of one prompt together (they share its
+    prefix). Returns the answers in ``keys`` order, their features (``item`` indexes that list) and
+    each key's range in it."""
+    flat = [it for k in keys for it in data[k]]
+    order = sorted(range(len(flat)), key=lambda i: (flat[i].group, i))
+    t0 = time.perf_counter()
+    feats_sorted = features(backend, [flat[i] for i in order], batch_size=6 * len(keys))
+    log.info("features of %d answers: %.0fs", len(flat), time.perf_counter() - t0)
+    feats = dict(feats_sorted, item=torch.tensor(order)[feats_sorted["item"]])
+    offsets, pos = {}, 0
+    for k in keys:
+        offsets[k] = range(pos, pos + len(data[k]))
+        pos += len(data[k])
+    return flat, feats, offsets
+
+
 def train_preferences(backend, prompts: Sequence[str], prefs: Sequence[str], *, out_dir,
                       data_file=None, max_new_tokens: int = 60, batch_size: int = 8,
                       cfg: TrainConfig | None = None, source: str = "",
@@ -295,36 +333,11 @@ def train_preferences(backend, prompts: Sequence[str], prefs: Sequence[str], *, 
     """Generate (or reuse ``data_file``) the answers, train and save one head per preference.
 
     Returns ``{pref: {"path", "metrics"}}``."""
-    from pathlib import Path
-
     from prefsteer.methods.cliper.heads import save_classifier
 
-    want = {"fingerprint": backend.fingerprint, "prompts": list(prompts),
-            "max_new_tokens": max_new_tokens}
-    data = None
-    if data_file and Path(data_file).is_file():
-        meta, cached = load_data(data_file)
-        if all(meta.get(k) == v for k, v in want.items()) and all(p in cached for p in ["plain", *prefs]):
-            data = cached
-            log.info("reusing the answers in %s", data_file)
-    if data is None:
-        data = generate_preference_data(backend, prompts, prefs, max_new_tokens=max_new_tokens,
-                                        batch_size=batch_size, progress=progress)
-        if data_file:
-            save_data(data, data_file, want)
-    # read every answer back once, the answers of one prompt together (they share its prefix)
-    keys = ["plain", *prefs]
-    flat = [it for k in keys for it in data[k]]
-    order = sorted(range(len(flat)), key=lambda i: (flat[i].group, i))
-    t0 = time.perf_counter()
-    feats_sorted = features(backend, [flat[i] for i in order], batch_size=6 * len(keys))
-    log.info("features of %d answers: %.0fs", len(flat), time.perf_counter() - t0)
-    feats = dict(feats_sorted, item=torch.tensor(order)[feats_sorted["item"]])  # index into flat
-    offsets = {}
-    pos = 0
-    for k in keys:
-        offsets[k] = range(pos, pos + len(data[k]))
-        pos += len(data[k])
+    data = cached_preference_data(backend, prompts, prefs, data_file=data_file, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, progress=progress)
+    flat, feats, offsets = read_back(backend, data, ["plain", *prefs])
     results = {}
     for p in prefs:
         idx = list(offsets["plain"]) + list(offsets[p])
