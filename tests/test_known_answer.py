@@ -114,3 +114,36 @@ def test_real_model_recovers_the_target_above_chance(hf_backend, tmp_path):
                "variants": [{"label": "best", "kwargs": {"render": "instruction", "placement": "system"}}]}
         s = ka.run(hf_backend, cfg, tmp_path / "run", embedder=HashEmbedder(), generate=False)
         assert s["recovery"]["best"]["all"] > k / len(lib), (k, s["recovery"])
+
+
+def test_oracle_injects_each_users_target_under_every_rendering(fake_backend, tmp_path):
+    """``oracle``: the target itself injected (the effect of a perfect selection); with ``select``
+    false nothing is selected, and a configuration that would measure nothing is refused."""
+    from prefsteer.backends.base import GenerationConfig, user_turn
+    from prefsteer.methods.exact import Exact, ExactConfig
+    from prefsteer.retrieval import HashEmbedder
+
+    lib = ["Base", "Concise", "Exclamatory", "Humor", "Formal", "Code", "Empathetic"]
+    variants = [{"label": "paper", "kwargs": {}},
+                {"label": "instr", "kwargs": {"render": "instruction", "placement": "system"}}]
+    cfg = {"name": "t", "k": 1, "attributes": lib, "users": 2, "max_new_tokens": 4, "oracle": True,
+           "select": False, "variants": variants}
+    s = ka.run(fake_backend, cfg, tmp_path, embedder=HashEmbedder(), n_prompts=3)
+    recs = [json.loads(line) for line in (tmp_path / ka.RECORDS).read_text().splitlines()]
+    assert {r["kind"] for r in recs} == {"oracle"} and len(recs) == 2 * 2 * 3
+    suite = ka.subset(ka.load_suite(), users=2, prompts=3)
+    for v in variants:  # each answer is the backend's own to the target rendered as the variant says
+        exact = Exact(fake_backend, embedder=HashEmbedder(), config=ExactConfig(k=1, **v["kwargs"]))
+        for user, target in suite.targets.items():
+            mine = [r for r in recs if r["variant"] == v["label"] and r["user"] == user]
+            want = fake_backend.generate([exact.attribute_messages(p, [target]) for p in suite.prompts],
+                                         GenerationConfig(max_new_tokens=4))
+            assert [r["text"] for r in mine] == [g.text for g in want]
+            assert all(r["attributes"] == [target] for r in mine)
+    plain = fake_backend.generate([user_turn(p) for p in suite.prompts], GenerationConfig(max_new_tokens=4))
+    assert [r["plain"] for r in recs[:3]] == [g.text for g in plain]
+    assert set(s["oracle"]["instr"]) == {"ava", "felix"} and s["effects"]["instr"] == {}
+    text = (tmp_path / ka.TABLE).read_text()
+    assert "| target injected |" in text and "| paper | ava | Concise | – | words |" in text
+    with pytest.raises(ka.InputError, match="select"):
+        ka.run(fake_backend, {**cfg, "oracle": False}, tmp_path / "none", embedder=HashEmbedder(), n_prompts=3)

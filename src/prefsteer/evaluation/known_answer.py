@@ -12,6 +12,11 @@ little else as possible (similar length, except for Concise). ``known_answer_pro
   attributes injected) against the plain answer under a stated measure of the style (`MEASURES`):
   the mean of each, its relative change, and the share of prompts moved in the intended direction.
 
+With ``"oracle": true`` the configuration also generates with each user's *target* injected
+under every variant's rendering: the effect a perfect selection would have, so a weak effect can be
+put on the selection or on how far the model follows the attribute at all. ``"select": false``
+measures only that (no selection, no retrieval).
+
     prefsteer eval --config known-answer --backend hf --out results/known-answer   # the table
     prefsteer eval --config known-answer --n-prompts 5                              # fewer prompts
 
@@ -199,13 +204,14 @@ def recovery(records: Sequence[dict], variant: str | None = None) -> dict[str, f
     return {u: sum(h) / len(h) for u, h in by.items()}
 
 
-def effects(records: Sequence[dict], variant: str | None = None) -> dict[str, dict[str, Any]]:
+def effects(records: Sequence[dict], variant: str | None = None,
+            kind: str = "generation") -> dict[str, dict[str, Any]]:
     """Per user: the style's measure on the plain and the personalized answers (means), the
     relative change, and the share of prompts where personalized beats plain in the style's
-    direction (a tie does not count)."""
+    direction (a tie does not count). ``kind="oracle"``: the answers with the target injected."""
     by: dict[str, list[dict]] = {}
     for r in records:
-        if r.get("kind") == "generation" and (variant is None or r["variant"] == variant):
+        if r.get("kind") == kind and (variant is None or r["variant"] == variant):
             by.setdefault(r["user"], []).append(r)
     out = {}
     for user, rs in by.items():
@@ -262,7 +268,7 @@ def load_ka_config(name_or_path: str) -> dict:
     path = p if p.suffix == ".json" or p.exists() else CONFIG_DIR / f"{name_or_path}.json"
     cfg = json.loads(path.read_text())
     known = {"kind", "notes", "suite", "prompts", "k", "attributes", "n_prompts", "max_new_tokens",
-             "variants", "users", "pairs_per_user"}
+             "variants", "users", "pairs_per_user", "oracle", "select"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise InputError(f"unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}",
@@ -297,6 +303,10 @@ def run(backend, cfg: dict, out_dir: str | Path, *, embedder=None, n_prompts: in
     gen_cfg = GenerationConfig(max_new_tokens=cfg.get("max_new_tokens", 60))
     specs = [v for v in cfg.get("variants", [{"label": "paper", "kwargs": {}}])
              if variants is None or v["label"] in variants]
+    select, oracle = cfg.get("select", True), cfg.get("oracle", False)
+    if not select and not (oracle and generate and suite.prompts):
+        raise InputError("`select` is false, so `oracle` has to be true and there have to be new prompts: "
+                         "nothing would be measured", field="select")
     records: list[dict] = []
     start = time.perf_counter()
     plain: dict[str, str] = {}
@@ -308,6 +318,16 @@ def run(backend, cfg: dict, out_dir: str | Path, *, embedder=None, n_prompts: in
         exact = Exact(backend, memory=memory, embedder=embedder, library=library, scope="given",
                       config=ExactConfig(k=cfg.get("k", 3), **spec.get("kwargs", {})), progress=progress)
         t0 = time.perf_counter()
+        if oracle and generate and suite.prompts:  # the ceiling: the target itself injected
+            for user, target in suite.targets.items():
+                contexts = [exact.attribute_messages(p, [target]) for p in suite.prompts]
+                for p, g in zip(suite.prompts, backend.generate(contexts, gen_cfg)):
+                    records.append({"kind": "oracle", "variant": spec["label"], "user": user, "target": target,
+                                    "prompt": p, "attributes": [target], "text": g.text, "plain": plain[p]})
+            log(f"{spec['label']}: the targets injected into {len(suite.prompts)} prompts per user "
+                f"({time.perf_counter() - t0:.0f}s)")
+        if not select:
+            continue
         for user, target in suite.targets.items():
             ps = [p for p in suite.pairs if p.user_id == user]
             exact.fit(user, ps)
@@ -336,7 +356,8 @@ def run(backend, cfg: dict, out_dir: str | Path, *, embedder=None, n_prompts: in
     (out / TABLE).write_text(table(records, info))
     return {"records": len(records), "out": str(out), "seconds": info["seconds"],
             "recovery": {v["label"]: recovery(records, v["label"]) for v in specs},
-            "effects": {v["label"]: effects(records, v["label"]) for v in specs}}
+            "effects": {v["label"]: effects(records, v["label"]) for v in specs},
+            "oracle": {v["label"]: effects(records, v["label"], "oracle") for v in specs}}
 
 
 def table(records: Sequence[dict], info: dict) -> str:
@@ -352,24 +373,40 @@ def table(records: Sequence[dict], info: dict) -> str:
     if cfg.get("notes"):
         lines += [cfg["notes"], ""]
     variants = list(dict.fromkeys(r["variant"] for r in records))
-    lines += ["| variant | user | target | recovery | measure | plain | personalized | change | prompts moved |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    with_oracle = any(r["kind"] == "oracle" for r in records)
+    head = ["variant", "user", "target", "recovery", "measure", "plain", "personalized", "change", "prompts moved"]
+    if with_oracle:
+        head += ["target injected", "change", "prompts moved"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cells_of(e: dict | None, plain: bool = True) -> list[str]:
+        if not e:
+            return ["–"] * (5 if plain else 3)
+        ch = f"{100 * e['change']:+.0f}%" if e["change"] is not None else "–"
+        return ([e["measure"], f"{e['plain']:.2f}"] if plain else []) + \
+            [f"{e['personalized']:.2f}", ch, f"{round(e['moved'] * e['n'])}/{e['n']}"]
+
     for v in variants:
-        rec, eff = recovery(records, v), effects(records, v)
+        rec, eff, orc = recovery(records, v), effects(records, v), effects(records, v, "oracle")
         for user in dict.fromkeys(r["user"] for r in records if r["variant"] == v):
             target = next(r["target"] for r in records if r["user"] == user)
-            e = eff.get(user)
-            cells = [v, user, target, f"{100 * rec.get(user, 0):.0f}%"]
-            if e:
-                ch = f"{100 * e['change']:+.0f}%" if e["change"] is not None else "–"
-                cells += [e["measure"], f"{e['plain']:.2f}", f"{e['personalized']:.2f}", ch,
-                          f"{round(e['moved'] * e['n'])}/{e['n']}"]
+            cells = [v, user, target, f"{100 * rec[user]:.0f}%" if user in rec else "–"]
+            if eff.get(user):
+                cells += cells_of(eff[user])
+            elif orc.get(user):  # no selection run: the measure and plain from the injected answers
+                cells += [orc[user]["measure"], f"{orc[user]['plain']:.2f}", "–", "–", "–"]
             else:
                 cells += ["–"] * 5
+            if with_oracle:
+                cells += cells_of(orc.get(user), plain=False)
             lines.append("| " + " | ".join(cells) + " |")
-        intended = sum(e["intended"] for e in eff.values())
-        lines.append(f"| {v} | **all** | | **{100 * rec.get('all', 0):.0f}%** | | | | "
-                     f"{intended}/{len(eff)} users in the intended direction | |")
+        total = [v, "**all**", "", f"**{100 * rec['all']:.0f}%**" if "all" in rec else "–", "", "", "",
+                 f"{sum(e['intended'] for e in eff.values())}/{len(eff)} users in the intended direction"
+                 if eff else "", ""]
+        if with_oracle:
+            total += ["", f"{sum(e['intended'] for e in orc.values())}/{len(orc)} users in the intended "
+                          "direction" if orc else "", ""]
+        lines.append("| " + " | ".join(total) + " |")
     lines += ["", "Picks per user (attribute: pairs):", ""]
     for v in variants:
         for user in dict.fromkeys(r["user"] for r in records if r["variant"] == v):
@@ -401,4 +438,7 @@ def cmd_eval(args, ctx) -> int:
         for v, eff in summary["effects"].items():
             for user, e in eff.items():
                 print(f"{v}: {effect_line(user, e)}")
+        for v, eff in summary["oracle"].items():
+            for user, e in eff.items():
+                print(f"{v}, target injected: {effect_line(user, e)}")
     return 0
