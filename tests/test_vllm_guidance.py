@@ -20,6 +20,18 @@ from prefsteer.methods.cliper.guidance import CliperGuide, check_description
 from prefsteer.methods.cliper.heads import HeadBank, PreferenceHead
 
 
+def vllm_stand_in(capabilities=("generate", "guide"), fingerprint="hf:abc", side_spec=None):
+    """The attributes of a `VLLMBackend` that its description-making methods read, without an
+    engine: called unbound on this, they run as on the real backend."""
+    from prefsteer.backends.vllm.backend import VLLMBackend
+
+    me = SimpleNamespace(name="vllm", capabilities=frozenset(capabilities), side_fingerprint=fingerprint,
+                         side_spec=side_spec or {"model": None, "dtype": "float32", "cache_dir": None},
+                         source={"model": "smollm2-135m"})
+    me.guide_description = lambda g: VLLMBackend.guide_description(me, g)
+    return me
+
+
 def _bank(fp="hf:abc", d=16, ranks=(2, 3), seed=0):
     torch.manual_seed(seed)
     heads = []
@@ -75,9 +87,7 @@ def test_the_vllm_backend_sends_only_guides_that_describe_themselves():
     from prefsteer.backends.vllm.backend import VLLMBackend
 
     emb = torch.randn(40, 16)
-    fake = SimpleNamespace(name="vllm", capabilities=frozenset({"generate", "guide"}), side_fingerprint="hf:abc",
-                           side_spec={"model": None, "dtype": "float32", "cache_dir": None},
-                           source={"model": "smollm2-135m"})
+    fake = vllm_stand_in()
     with pytest.raises(UnsupportedOperation, match="guide"):
         VLLMBackend.guide_description(fake, lambda h, l, i: l)
     desc = VLLMBackend.guide_description(fake, CliperGuide(_bank(), [1.0, 1.0], 1.0, 5, emb))
@@ -181,10 +191,7 @@ def test_the_vllm_backend_gives_each_request_its_own_branches():
     from prefsteer.backends.vllm.side import GUIDE_KEY
     from prefsteer.methods.drift import DriftGuide
 
-    fake = SimpleNamespace(name="vllm", capabilities=frozenset({"generate", "guide", "guide_branches"}),
-                           side_fingerprint="hf:abc", side_spec={"model": None, "dtype": "float32", "cache_dir": None},
-                           source={"model": "smollm2-135m"})
-    fake.guide_description = lambda g: VLLMBackend.guide_description(fake, g)
+    fake = vllm_stand_in(("generate", "guide", "guide_branches"))
     rows = [{"plain_ids": None, "branch_ids": [[1, 2]]}, {"plain_ids": None, "branch_ids": [[3]]}]
     args = VLLMBackend._guide_args(fake, DriftGuide([1.0], 1.0, "hf:abc", rows), 2)
     assert [a[GUIDE_KEY]["branch_ids"] for a in args] == [[[1, 2]], [[3]]]
@@ -216,9 +223,7 @@ class SimulatedEngine:
         from prefsteer.backends.vllm.backend import VLLMBackend
 
         config = config or GenerationConfig()
-        me = SimpleNamespace(name=self.name, capabilities=self.capabilities, side_fingerprint=self.fingerprint,
-                             side_spec={"model": None, "dtype": "float32"}, source={"model": "x"})
-        me.guide_description = lambda g: VLLMBackend.guide_description(me, g)
+        me = vllm_stand_in(self.capabilities, self.fingerprint)
         extras = VLLMBackend._guide_args(me, guide, len(contexts))
         state, outs, eos = {}, {r: [] for r in range(len(contexts))}, self.hf.eos_token_ids
         for step in range(10 * config.max_new_tokens):
