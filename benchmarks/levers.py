@@ -48,6 +48,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "(none = skip the suite)")
     p.add_argument("--tldr-config", nargs="+", default=["quick"],
                    help="the TL;DR configurations, each a column group of the table (none = skip)")
+    p.add_argument("--tldr-seeds", type=int, nargs="+", default=None,
+                   help="only these seeds of every TL;DR split (default: the split's own)")
     p.add_argument("--tldr-variants", nargs="+", default=None, choices=list(VARIANTS),
                    help="variants run on TL;DR (default: all of --variants)")
     return p
@@ -92,6 +94,7 @@ def main(args: argparse.Namespace) -> int:
         for v in args.tldr_variants or args.variants:
             t0 = time.perf_counter()
             config = load_config(name)
+            config.seeds = args.tldr_seeds or config.seeds
             label = f"exact-{v}"
             config.methods = [MethodSpec("none"), MethodSpec(label, "exact", {"k": k, **VARIANTS[v]})]
             runner = Runner(config, backend, out / tldr_dir(name), embedder=embedder, winrate=False,
@@ -121,7 +124,7 @@ def table(rows: dict, cfg: dict | None, tldr_configs: list[str], args) -> str:
                   f"selected set (k={cfg.get('k')}) holds the target, chance "
                   f"{100 * cfg.get('k', 1) / max(len(lib), 1):.1f}%."]
     for name in tldr_configs:
-        lines += ["", f"TL;DR `{name}`: {load_config_notes(name)} No win-rate; accuracy = share of test pairs "
+        lines += ["", f"TL;DR `{name}`: {load_config_notes(name, args.tldr_seeds)} No win-rate; accuracy = share of test pairs "
                   "ranked as the annotator did (the plain prompt's in brackets), beats plain = Table 8's share "
                   "of test pairs whose margin beats the plain prompt's."]
     head = ["variant", "options"] + (["suite recovery", "mean set size"] if cfg is not None else [])
@@ -141,13 +144,14 @@ def table(rows: dict, cfg: dict | None, tldr_configs: list[str], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_config_notes(name: str) -> str:
+def load_config_notes(name: str, seeds: list[int] | None = None) -> str:
     from prefsteer.evaluation.protocol import load_config
 
     c = load_config(name)
+    c.seeds = seeds or c.seeds
     cut = (f", at most {c.max_train_pairs} training and {c.max_test_pairs} test pairs per user"
            if c.max_train_pairs or c.max_test_pairs else "")
-    return f"{len(c.seeds)} seed(s), {c.n_users} users per seed{cut}, {len(c.attributes or [])} attributes."
+    return f"seed(s) {', '.join(map(str, c.seeds))}, {c.n_users} users per seed{cut}, {len(c.attributes or [])} attributes."
 
 
 if __name__ == "__main__":

@@ -430,13 +430,13 @@ def cmd_feedback(args, ctx: Context) -> int:
     return 0
 
 
-# The demo's EXACT settings: the product preset (an instruction sentence in the system prompt, chosen
-# on the known-answer suite: results/known-answer/README.md) over a 10-attribute library a person
-# recognises, k=2, so a shared 2-core CPU runs the demo in about 4 minutes (indexing the 10 pairs
-# took 119 s, generating 82 s: results/known-answer/demo.txt). Each applies unless
-# given on the command line (`prefsteer demo --preset paper` is the paper's rendering,
-# `--attributes-file` another library).
-DEMO_SETTINGS = {"preset": "product", "k": 2}
+# The demo's EXACT settings: the product preset (an instruction made of the attributes' descriptions,
+# in the user's turn, chosen on the known-answer suite: results/known-answer/README.md) over a
+# 10-attribute library a person recognises, k=2, with the paper's non-negativity filter so that a
+# memory names only attributes that raised the user's margin; a shared 2-core CPU runs it in about
+# 3 minutes (results/known-answer/demo.txt). Each applies unless given on the command line
+# (`prefsteer demo --preset paper` is the paper's rendering, `--attributes-file` another library).
+DEMO_SETTINGS = {"preset": "product", "k": 2, "stop_when_no_gain": True}
 DEMO_ATTRIBUTES = ("Base", "Formal", "Concise", "Vivid", "Humor", "Energy", "Code", "Direct", "Empathetic",
                    "Exclamatory")
 
@@ -501,7 +501,9 @@ def cmd_demo(args, ctx: Context) -> int:
     say(f"\nnew prompt: {args.prompt}\n\n--- plain (no personalization) ---\n{plains[0]}")
     for u, os_ in outs.items():
         o = os_[0]
-        say(f"\n--- {u} (attributes: {', '.join(o.attributes)}) ---\n{o.text}\n"
+        (entry, sim), = exact.retrieve(u, [args.prompt])
+        say(f"\n--- {u} (attributes: {', '.join(o.attributes) or 'none'}, from the past prompt "
+            f"\"{entry.prompt}\", cosine {sim:.2f}) ---\n{o.text}\n"
             f"[retrieval + injection {1000 * o.timings['retrieval']:.1f} ms, "
             f"generation {o.timings['generation']:.2f} s]")
     lines = {u: _demo_effect(u, styles.get(u), [o.text for o in os_], plains) for u, os_ in outs.items()}
@@ -519,10 +521,12 @@ def cmd_demo(args, ctx: Context) -> int:
                     "seconds": total, "prompt": args.prompt, "prompts": prompts, "plain": plains[0],
                     "plains": plains,
                     "settings": {"preset": c.preset, "k": c.k, "render": c.style, "placement": c.placement,
-                                 "objective": c.objective, "library": list(exact.library.names)},
+                                 "objective": c.objective, "stop_when_no_gain": c.stop_when_no_gain,
+                                 "library": list(exact.library.names)},
                     "users": {u: {"attributes": os_[0].attributes, "text": os_[0].text,
                                   "texts": [o.text for o in os_], "timings": os_[0].timings,
                                   "style": styles.get(u), "effect": lines[u],
+                                  "retrieved": exact.retrieve(u, [args.prompt])[0][0].prompt,
                                   "entries": [e.to_json() for e in ctx.memory.entries(u)]}
                               for u, os_ in outs.items()}}, "")
     return 0
@@ -650,12 +654,13 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo, "the main job: index a small demo set, show profiles and a personalized "
                               "answer beside the plain one", (common, methods))
-    p.add_argument("--prompt", default="Give me some advice for my first job interview.",
-                   help="the new prompt answered for each demo user")
+    p.add_argument("--prompt", default="How do I cook pasta?",
+                   help="the new prompt answered for each demo user (EXACT injects the attributes of the "
+                        "user's most similar past prompt: the default resembles one of the demo's)")
     p.add_argument("--max-new-tokens", type=int, default=80, help="tokens generated per answer")
-    p.add_argument("--measure-prompts", type=int, default=3,
+    p.add_argument("--measure-prompts", type=int, default=6,
                    help="prompts the effect on each user is measured on: the demo's and the known-answer "
-                        "suite's first new ones (default 3)")
+                        "suite's first new ones (default 6)")
 
     for module in COMMAND_MODULES:
         if importlib.util.find_spec(module) is None:  # not written yet: no command

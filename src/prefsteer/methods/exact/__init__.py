@@ -33,10 +33,12 @@ log = logging.getLogger(__name__)
 # Named settings of the levers below. "paper" is the paper's (bare names appended to the user's turn,
 # the summed objective, no filter): ExactConfig()'s defaults, and what every evaluation configuration
 # (quick, paper*, table*) runs. "product" is what the `prefsteer` command line, `prefsteer serve` and
-# the demo use unless told otherwise, chosen by measurement (results/known-answer/README.md).
+# the demo use unless told otherwise, chosen by measurement (results/known-answer/README.md): an
+# instruction made of the attributes' descriptions, in the user's turn, where the 135M model follows
+# an injected style on 5 of the 6 known-answer styles (3 of 6 from the system prompt).
 EXACT_PRESETS: dict[str, dict] = {
     "paper": {"render": "names", "placement": "user", "objective": "sum"},
-    "product": {"render": "instruction", "placement": "system", "objective": "sum"},
+    "product": {"render": "instruction-described", "placement": "user", "objective": "sum"},
 }
 PAPER_PRESET, PRODUCT_PRESET = "paper", "product"
 
@@ -140,6 +142,7 @@ class Exact(Method):
         self.scorer = ScoreCache(backend, self.memory)
         self._screen: ScoreCache | None = None
         self.progress = progress
+        self._warned: set[tuple[str, str]] = set()  # (user, config id) told of entries from other settings
 
     @property
     def embedder(self) -> Embedder:
@@ -290,6 +293,14 @@ class Exact(Method):
         if not entries:
             raise ValueError(f"user '{user_id}' has no indexed entries for embedder "
                              f"'{self.embedder.name}': run `prefsteer index` first")
+        other = {e.config_id for e in entries} - {self.config_id, None, ""}
+        if other and (user_id, self.config_id) not in self._warned:
+            self._warned.add((user_id, self.config_id))
+            log.warning("user '%s': %d of %d memory entries were selected under other EXACT settings (%s), "
+                        "not this configuration's (%s); they are injected as they are. `prefsteer index` "
+                        "re-selects them under these settings", user_id,
+                        sum(e.config_id in other for e in entries), len(entries), ", ".join(sorted(other)),
+                        self.config_id)
         corpus = np.stack([e.embedding for e in entries])  # (N, d)
         out = []
         for q in self.embedder.encode(prompts):
