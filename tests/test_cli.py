@@ -28,12 +28,9 @@ ROWS = [
 
 
 def test_index_profile_generate_feedback_round_trip(tmp_path, capsys):
-    # the fake model answers to the words in its context, which these rows share with the attributes'
-    # names, not with their descriptions: the names' instruction, placed as the product preset says
-    names = ["--render", "instruction"]
     db = str(tmp_path / "m.db")
     data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
-    code, out, _ = run(capsys, "index", "--data", str(data), "--db", db, "--k", "1", *names, "--json")
+    code, out, _ = run(capsys, "index", "--data", str(data), "--db", db, "--k", "1", "--json")
     assert code == 0
     rep = json.loads(out)
     assert [(u["user_id"], u["pairs"], u["entries"]) for u in rep["users"]] == [("u", 2, 2), ("w", 1, 1)]
@@ -45,15 +42,15 @@ def test_index_profile_generate_feedback_round_trip(tmp_path, capsys):
         "tell me a joke about cats": ["Humor"], "write a letter to my landlord": ["Formal"]}
     assert all(len(e["gains"]) == 1 for e in prof["entries"])
 
-    code, out, _ = run(capsys, "generate", "--user", "u", "--db", db, "--k", "1", *names, "--json",
+    code, out, _ = run(capsys, "generate", "--user", "u", "--db", db, "--k", "1", "--json",
                        "--max-new-tokens", "5", "a joke about cats please")
     gen = json.loads(out)
     assert code == 0 and gen["attributes"] == ["Humor"] and gen["text"]
-    # the command line's default is EXACT's product preset: the instruction goes into the user's turn
+    # the command line's default is EXACT's product preset: an instruction in the user's turn
     assert gen["prompt"] == "a joke about cats please\nAnswer in a way that is: humor." and "system" not in gen
     assert set(gen["timings"]) >= {"retrieval", "generation", "overhead_pct"}
 
-    code, out, _ = run(capsys, "feedback", "--user", "u", "--db", db, "--k", "1", *names, "--json",
+    code, out, _ = run(capsys, "feedback", "--user", "u", "--db", db, "--k", "1", "--json",
                        "--prompt", "fix my python script", "--chosen", "python code", "--rejected", "lol wow")
     assert code == 0 and json.loads(out)["added"][0]["attributes"] == ["Code"]
     code, out, _ = run(capsys, "profile", "--user", "u", "--db", db, "--json")
@@ -138,16 +135,14 @@ def test_every_method_indexes_then_generates_and_profiles_from_the_memory(tmp_pa
     """Each call of `main` builds its method afresh from the database, as a new process does."""
     from prefsteer.methods import available_methods
 
-    names = ["--render", "instruction"]  # as in the round trip above
     db = str(tmp_path / "m.db")
     data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
     for m in ("exact-global", "base", "drift"):
-        code, out, err = run(capsys, "index", "--method", m, "--data", str(data), "--db", db, "--k", "1", *names,
-                             "--json")
+        code, out, err = run(capsys, "index", "--method", m, "--data", str(data), "--db", db, "--k", "1", "--json")
         assert code == 0, err
         assert [(u["user_id"], u["pairs"]) for u in json.loads(out)["users"]] == [("u", 2), ("w", 1)]
     code, out, err = run(capsys, "generate", "--method", "exact-global", "--user", "u", "--db", db, "--k", "1",
-                         *names, "--json", "--max-new-tokens", "4", "anything")
+                         "--json", "--max-new-tokens", "4", "anything")
     assert code == 0 and json.loads(out)["attributes"] == ["Humor"], err
     code, out, _ = run(capsys, "profile", "--user", "u", "--db", db, "--json")
     prof = json.loads(out)
@@ -156,7 +151,7 @@ def test_every_method_indexes_then_generates_and_profiles_from_the_memory(tmp_pa
     glob = next(s for s in prof["methods"] if s["method"] == "exact-global")
     assert glob["state"]["attributes"] == ["Humor"] and glob["n_pairs"] == 2 and not glob["stale"]
     # feedback: exact-global cannot take a pair without refitting, so it says its state is stale
-    code, out, _ = run(capsys, "feedback", "--user", "u", "--db", db, "--k", "1", *names, "--json",
+    code, out, _ = run(capsys, "feedback", "--user", "u", "--db", db, "--k", "1", "--json",
                        "--prompt", "fix my python script", "--chosen", "python code", "--rejected", "lol wow")
     actions = {r["method"]: r["action"] for r in json.loads(out)["methods"]}
     assert code == 0 and actions["exact-global"] == "stale" and set(actions) == {"base", "drift", "exact-global"}

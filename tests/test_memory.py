@@ -36,9 +36,6 @@ def row(prompt, chosen, rejected, user="u"):
 JOKE = row("tell me a joke about cats", "funny humor joke", "formal dear sir")
 LETTER = row("write a letter to my landlord", "formal dear sir regards", "lol wow")
 CODE = row("fix my python script", "python code function", "lol wow")
-# the fake model answers to the words of its context, which these rows share with the attributes' names,
-# not with their descriptions: the names' instruction, placed as the command line's product preset says
-NAMES = ("--render", "instruction")
 
 
 def entries(capsys, db, user="u"):
@@ -53,12 +50,12 @@ def test_an_edited_line_is_selected_again_not_served_from_the_old_pair(tmp_path,
     db = str(tmp_path / "m.db")
     data = tmp_path / "pairs.jsonl"
     write_jsonl(data, [JOKE, LETTER])
-    assert cli(capsys, "index", "--data", str(data), "--db", db, "--k", "1", *NAMES)[0] == 0
+    assert cli(capsys, "index", "--data", str(data), "--db", db, "--k", "1")[0] == 0
     assert entries(capsys, db)["tell me a joke about cats"] == ["Humor"]
     # the same line, the preference flipped: a new pair, selected afresh (not the old Humor)
     flipped = row(JOKE["prompt"], JOKE["rejected"], JOKE["chosen"])
     write_jsonl(data, [flipped, LETTER])
-    code, out, _ = cli(capsys, "index", "--data", str(data), "--db", db, "--k", "1", *NAMES, "--json")
+    code, out, _ = cli(capsys, "index", "--data", str(data), "--db", db, "--k", "1", "--json")
     assert code == 0  # the flipped pair's scores come from the cache, but it is selected anew
     mem = Memory(db)
     ids = [p.pair_id for p in mem.pairs("u")]
@@ -66,11 +63,11 @@ def test_an_edited_line_is_selected_again_not_served_from_the_old_pair(tmp_path,
                    pair_key("u", LETTER["prompt"], LETTER["chosen"], LETTER["rejected"]),
                    pair_key("u", flipped["prompt"], flipped["chosen"], flipped["rejected"])]
     cid = Exact(load_fake(), memory=mem, embedder=HashEmbedder(),  # the command line's preset
-                config=ExactConfig.of_preset("product", k=1, render="instruction")).config_id
+                config=ExactConfig.of_preset("product", k=1)).config_id
     assert mem.selection("u", ids[2], cid)["attributes"] == ["Formal"]
     fresh = str(tmp_path / "fresh.db")
     write_jsonl(tmp_path / "only.jsonl", [flipped])
-    cli(capsys, "index", "--data", str(tmp_path / "only.jsonl"), "--db", fresh, "--k", "1", *NAMES)
+    cli(capsys, "index", "--data", str(tmp_path / "only.jsonl"), "--db", fresh, "--k", "1")
     assert Memory(fresh).selection("u", ids[2], cid) == mem.selection("u", ids[2], cid)
 
 
@@ -84,12 +81,12 @@ def test_a_second_file_adds_to_the_memory_and_replace_is_explicit(tmp_path, caps
     db = str(tmp_path / "m.db")
     a = write_jsonl(tmp_path / "a" / "pairs.jsonl", [JOKE, LETTER])
     b = write_jsonl(tmp_path / "b" / "pairs.jsonl", [CODE, LETTER])  # same name, one pair in common
-    assert cli(capsys, "index", "--data", a, "--db", db, "--k", "1", *NAMES)[0] == 0
-    assert cli(capsys, "index", "--data", b, "--db", db, "--k", "1", *NAMES)[0] == 0
+    assert cli(capsys, "index", "--data", a, "--db", db, "--k", "1")[0] == 0
+    assert cli(capsys, "index", "--data", b, "--db", db, "--k", "1")[0] == 0
     assert entries(capsys, db) == {JOKE["prompt"]: ["Humor"], LETTER["prompt"]: ["Formal"],
                                    CODE["prompt"]: ["Code"]}
     assert len(Memory(db).pairs("u")) == 3  # the common pair is stored once
-    assert cli(capsys, "index", "--data", b, "--db", db, "--k", "1", *NAMES, "--replace")[0] == 0
+    assert cli(capsys, "index", "--data", b, "--db", db, "--k", "1", "--replace")[0] == 0
     assert entries(capsys, db) == {LETTER["prompt"]: ["Formal"], CODE["prompt"]: ["Code"]}
     assert [p.prompt for p in Memory(db).pairs("u")] == [LETTER["prompt"], CODE["prompt"]]
 

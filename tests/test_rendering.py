@@ -100,8 +100,7 @@ def test_cli_generate_with_given_attributes_follows_render_and_placement(seen, c
         "--max-new-tokens", "3", "hi there")
     assert seen["generate"][-1] == [{"role": "user", "content": "hi there\nAttributes: <Concise>"}]
     cli(capsys, "generate", "--method", "none", "--attributes", "concise", "--json", "--max-new-tokens", "3", "hi")
-    assert seen["generate"][-1] == [{"role": "user", "content": "hi\nAnswer in a way that is short and to the point, "
-                                                                "no filler."}]  # the product default
+    assert seen["generate"][-1] == [{"role": "user", "content": "hi\n" + INSTRUCTION + "concise."}]  # the product default
 
 
 def test_cli_index_checks_lengths_and_generate_injects_in_the_configured_rendering(seen, capsys, tmp_path):
@@ -173,7 +172,7 @@ def test_demo_uses_the_product_preset_and_prints_one_measured_line_per_user(seen
 
     out = cli(capsys, "demo", "--json", "--max-new-tokens", "6", "--measure-prompts", "2")
     assert out["settings"]["preset"] == "product" and out["settings"]["placement"] == "user"
-    assert out["settings"]["render"] == "instruction-described" and out["settings"]["stop_when_no_gain"]
+    assert out["settings"]["render"] == "instruction" and out["settings"]["stop_when_no_gain"]
     assert out["settings"]["library"] == list(DEMO_ATTRIBUTES) and len(out["prompts"]) == 2
     for user, u in out["users"].items():
         assert set(u["attributes"]) <= set(DEMO_ATTRIBUTES) and len(u["texts"]) == 2
@@ -184,7 +183,7 @@ def test_demo_uses_the_product_preset_and_prints_one_measured_line_per_user(seen
     # plain answers are the bare prompt; a personalized one ends with the instruction, when it has attributes
     plain_turns = {f"{q}" for q in out["prompts"]}
     personalized = [c for c in seen["generate"] if c[-1]["content"] not in plain_turns]
-    assert all(len(c) == 1 and "\nAnswer in a way that is " in c[0]["content"] for c in personalized)
+    assert all(len(c) == 1 and "\n" + INSTRUCTION in c[0]["content"] for c in personalized)
     text = cli(capsys, "demo", "--preset", "paper", "--max-new-tokens", "4", "--measure-prompts", "1")
     assert "preset paper" in text and "rendered as names in the user prompt" in text
     assert seen["generate"][-1][-1]["content"].split("\n")[-1].startswith("Attributes: <")

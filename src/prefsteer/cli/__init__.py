@@ -430,8 +430,8 @@ def cmd_feedback(args, ctx: Context) -> int:
     return 0
 
 
-# The demo's EXACT settings: the product preset (an instruction made of the attributes' descriptions,
-# in the user's turn, chosen on the known-answer suite: results/known-answer/README.md) over a
+# The demo's EXACT settings: the product preset (an instruction sentence in the user's turn, chosen
+# on the known-answer suite: results/known-answer/README.md) over a
 # 10-attribute library a person recognises, k=2, with the paper's non-negativity filter so that a
 # memory names only attributes that raised the user's margin; a shared 2-core CPU runs it in about
 # 3 minutes (results/known-answer/demo.txt). Each applies unless given on the command line

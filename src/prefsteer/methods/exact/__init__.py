@@ -34,11 +34,12 @@ log = logging.getLogger(__name__)
 # the summed objective, no filter): ExactConfig()'s defaults, and what every evaluation configuration
 # (quick, paper*, table*) runs. "product" is what the `prefsteer` command line, `prefsteer serve` and
 # the demo use unless told otherwise, chosen by measurement (results/known-answer/README.md): an
-# instruction made of the attributes' descriptions, in the user's turn, where the 135M model follows
-# an injected style on 5 of the 6 known-answer styles (3 of 6 from the system prompt).
+# instruction sentence in the user's turn, where the 135M model follows an injected style on 5 of the
+# 6 known-answer styles (3 of 6 from the system prompt), and which moved the most users the intended
+# way end to end (4 of 6 on known-answer-16).
 EXACT_PRESETS: dict[str, dict] = {
     "paper": {"render": "names", "placement": "user", "objective": "sum"},
-    "product": {"render": "instruction-described", "placement": "user", "objective": "sum"},
+    "product": {"render": "instruction", "placement": "user", "objective": "sum"},
 }
 PAPER_PRESET, PRODUCT_PRESET = "paper", "product"
 
