@@ -149,3 +149,41 @@ def test_personal_classifier(backend, classifier_dir):
     m2 = cliper(backend, classifier_dir, prefs="personal=1,humor=0.5", alpha=1.0)
     with pytest.raises(NotFittedError, match="user 'u2'"):
         m2.generate("u2", PROMPTS[:1])
+
+
+def test_the_data_curve_benchmark_scores_every_head_on_the_same_held_out_posts(tmp_path):
+    """benchmarks/cliper_data.py on the fake backend: heads on the first 4 and 8 posts, the last 4
+    posts never trained on, and sizes beyond the training posts refused before anything loads."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from prefsteer.errors import InputError
+    from prefsteer.methods.cliper.data import tldr_prompts
+
+    spec = importlib.util.spec_from_file_location(
+        "cliper_data", Path(__file__).resolve().parents[1] / "benchmarks" / "cliper_data.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    topics = ["cat", "dog", "job", "money", "school", "car", "house", "friend"]
+    data = tmp_path / "tldr.json"
+    data.write_text("".join(json.dumps({
+        "info": {"id": f"t3_p{i}", "post": f"My {topics[i % 8]} problem number {i}, and what I did about it.",
+                 "title": f"post {i}", "subreddit": "test"},
+        "summaries": [{"text": " a short summary", "policy": "a"}, {"text": " another summary", "policy": "b"}],
+        "choice": 0,
+        "worker": "w1", "batch": "fake"}) + "\n" for i in range(80)))
+    assert len(tldr_prompts("train", None, data)) >= 12
+    out = tmp_path / "curve"
+    args = bench.make_parser().parse_args(["--backend", "fake", "--prefs", "concise", "--n-prompts", "12",
+                                           "--held-out", "4", "--sizes", "4", "8", "--data", str(data),
+                                           "--max-new-tokens", "6", "--out", str(out)])
+    assert bench.main(args) == 0
+    res = json.loads((out / "curve.json").read_text())
+    curve = res["prefs"]["concise"]["curve"]
+    assert [r["train_posts"] for r in curve] == [4, 8] and all(r["answers"] == 2 * 4 for r in curve)
+    assert all(0 <= r["token_accuracy"] <= 1 for r in curve) and len(res["posts"]) == 12
+    assert "| concise | 8 |" in (out / "curve.md").read_text() and (out / "answers.jsonl").is_file()
+    with pytest.raises(InputError, match="--sizes"):
+        bench.main(bench.make_parser().parse_args(["--backend", "fake", "--n-prompts", "12", "--held-out", "4",
+                                                   "--sizes", "9", "--data", str(data), "--out", str(out)]))

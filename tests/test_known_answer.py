@@ -147,3 +147,32 @@ def test_oracle_injects_each_users_target_under_every_rendering(fake_backend, tm
     assert "| target injected |" in text and "| paper | ava | Concise | – | words |" in text
     with pytest.raises(ka.InputError, match="select"):
         ka.run(fake_backend, {**cfg, "oracle": False}, tmp_path / "none", embedder=HashEmbedder(), n_prompts=3)
+    assert not (tmp_path / "none").exists()  # nothing written
+
+
+@pytest.mark.data
+def test_the_levers_benchmark_puts_tldr_splits_side_by_side(shared_data, tmp_path):
+    """benchmarks/levers.py on the fake backend: no suite (--suite-config none), the quick split for
+    two variants at seed 0, one column group per split; a misspelt split fails before any work."""
+    import importlib.util
+    from pathlib import Path
+
+    from prefsteer.errors import InputError
+
+    spec = importlib.util.spec_from_file_location(
+        "levers", Path(__file__).resolve().parents[1] / "benchmarks" / "levers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--backend", "fake", "--embedder", "hash", "--out", str(tmp_path), "--suite-config", "none",
+            "--variants", "paper", "instruction", "--tldr-config", "quick", "--tldr-seeds", "0"]
+    assert bench.main(bench.make_parser().parse_args(argv)) == 0
+    rows = json.loads((tmp_path / "levers.json").read_text())
+    assert set(rows) == {"paper", "instruction"} and all("recovery" not in r for r in rows.values())
+    for r in rows.values():
+        q = r["tldr"]["quick"]
+        assert 0 <= q["accuracy"] <= 1 and 0 <= q["plain_accuracy"] <= 1
+    text = (tmp_path / "levers.md").read_text()
+    assert "| quick accuracy (plain) | quick beats plain |" in text and "suite recovery" not in text
+    assert "seed(s) 0" in text
+    with pytest.raises(InputError):
+        bench.main(bench.make_parser().parse_args(argv[:-3] + ["nope"]))

@@ -431,10 +431,10 @@ def cmd_feedback(args, ctx: Context) -> int:
 
 
 # The demo's EXACT settings: the product preset (an instruction sentence in the user's turn, chosen
-# on the known-answer suite: results/known-answer/README.md) over a
-# 10-attribute library a person recognises, k=2, with the paper's non-negativity filter so that a
-# memory names only attributes that raised the user's margin; a shared 2-core CPU runs it in about
-# 3 minutes (results/known-answer/demo.txt). Each applies unless given on the command line
+# on the known-answer suite: results/known-answer/README.md) over a 10-attribute library a person
+# recognises, k=2, with the paper's non-negativity filter so that a memory names only attributes
+# that raised the user's margin; a shared 2-core CPU runs it in about 3 minutes
+# (results/known-answer/demo.txt). Each applies unless given on the command line
 # (`prefsteer demo --preset paper` is the paper's rendering, `--attributes-file` another library).
 DEMO_SETTINGS = {"preset": "product", "k": 2, "stop_when_no_gain": True}
 DEMO_ATTRIBUTES = ("Base", "Formal", "Concise", "Vivid", "Humor", "Energy", "Code", "Direct", "Empathetic",
@@ -499,9 +499,10 @@ def cmd_demo(args, ctx: Context) -> int:
     outs = {u: exact.generate(u, prompts, config) for u in users}
     gen_secs = time.perf_counter() - t0
     say(f"\nnew prompt: {args.prompt}\n\n--- plain (no personalization) ---\n{plains[0]}")
+    retrieved = {u: exact.retrieve(u, [args.prompt])[0] for u in outs}  # (entry, cosine) of the demo prompt
     for u, os_ in outs.items():
         o = os_[0]
-        (entry, sim), = exact.retrieve(u, [args.prompt])
+        entry, sim = retrieved[u]
         say(f"\n--- {u} (attributes: {', '.join(o.attributes) or 'none'}, from the past prompt "
             f"\"{entry.prompt}\", cosine {sim:.2f}) ---\n{o.text}\n"
             f"[retrieval + injection {1000 * o.timings['retrieval']:.1f} ms, "
@@ -526,7 +527,7 @@ def cmd_demo(args, ctx: Context) -> int:
                     "users": {u: {"attributes": os_[0].attributes, "text": os_[0].text,
                                   "texts": [o.text for o in os_], "timings": os_[0].timings,
                                   "style": styles.get(u), "effect": lines[u],
-                                  "retrieved": exact.retrieve(u, [args.prompt])[0][0].prompt,
+                                  "retrieved": retrieved[u][0].prompt,
                                   "entries": [e.to_json() for e in ctx.memory.entries(u)]}
                               for u, os_ in outs.items()}}, "")
     return 0

@@ -289,7 +289,6 @@ def run(backend, cfg: dict, out_dir: str | Path, *, embedder=None, n_prompts: in
     from prefsteer.methods.exact import Exact, ExactConfig
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     library = load_library()
     if cfg.get("attributes"):
         library = library.subset(cfg["attributes"])
@@ -299,14 +298,15 @@ def run(backend, cfg: dict, out_dir: str | Path, *, embedder=None, n_prompts: in
     missing = [t for t in suite.targets.values() if t not in library.names]
     if missing:
         raise InputError(f"the attribute subset lacks the targets {missing}", field="attributes")
-    memory = Memory(out / "memory.sqlite")
-    gen_cfg = GenerationConfig(max_new_tokens=cfg.get("max_new_tokens", 60))
-    specs = [v for v in cfg.get("variants", [{"label": "paper", "kwargs": {}}])
-             if variants is None or v["label"] in variants]
     select, oracle = cfg.get("select", True), cfg.get("oracle", False)
     if not select and not (oracle and generate and suite.prompts):
         raise InputError("`select` is false, so `oracle` has to be true and there have to be new prompts: "
                          "nothing would be measured", field="select")
+    out.mkdir(parents=True, exist_ok=True)  # the configuration checked: only now is anything written
+    memory = Memory(out / "memory.sqlite")
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.get("max_new_tokens", 60))
+    specs = [v for v in cfg.get("variants", [{"label": "paper", "kwargs": {}}])
+             if variants is None or v["label"] in variants]
     records: list[dict] = []
     start = time.perf_counter()
     plain: dict[str, str] = {}
