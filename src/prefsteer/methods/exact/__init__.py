@@ -57,7 +57,7 @@ class ExactConfig:
     preset: str = field(default=PAPER_PRESET, metadata={
         "help": "named settings of render, placement and objective, each overridden by its own option: "
                 "paper (bare names in the user's turn, summed objective: the paper's) or product (an "
-                "instruction sentence in the system prompt: the measured best; the command line's default)"})
+                "instruction sentence in the user's turn: the measured best; the command line's default)"})
     describe: bool = field(default=False, metadata={
         "help": "render attributes with their one-line descriptions, not bare names (= render described)"})
     render: str | None = field(default=None, metadata={
