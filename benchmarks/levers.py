@@ -63,15 +63,15 @@ def main(args: argparse.Namespace) -> int:
     from prefsteer.retrieval import load_embedder
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tldr_configs = [c for c in args.tldr_config if c != "none"]
-    for name in tldr_configs:  # a misspelt split fails before any model loads
+    for name in tldr_configs:  # a misspelt split fails before any model loads or anything is written
         load_config(name)
+    cfg = ka.load_ka_config(args.suite_config) if args.suite_config != "none" else None
+    out.mkdir(parents=True, exist_ok=True)
     backend = load_backend(args.backend, **({"threads": args.threads, "matmul_precision": args.matmul_precision}
                                             if args.backend == "hf" else {}))
     embedder = load_embedder(args.embedder)
     rows: dict[str, dict] = {v: {} for v in dict.fromkeys([*args.variants, *(args.tldr_variants or [])])}
-    cfg = ka.load_ka_config(args.suite_config) if args.suite_config != "none" else None
 
     def write():
         (out / "levers.json").write_text(json.dumps(rows, indent=2))

@@ -175,4 +175,9 @@ def test_the_levers_benchmark_puts_tldr_splits_side_by_side(shared_data, tmp_pat
     assert "| quick accuracy (plain) | quick beats plain |" in text and "suite recovery" not in text
     assert "seed(s) 0" in text
     with pytest.raises(InputError):
-        bench.main(bench.make_parser().parse_args(argv[:-3] + ["nope"]))
+        bench.main(bench.make_parser().parse_args([*argv[:-3], "nope"]))
+    bad = [*argv[:-3], "nope"]
+    bad[bad.index("--out") + 1] = str(tmp_path / "new")
+    with pytest.raises(InputError):
+        bench.main(bench.make_parser().parse_args(bad))
+    assert not (tmp_path / "new").exists()  # nothing written
