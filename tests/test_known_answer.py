@@ -181,3 +181,23 @@ def test_the_levers_benchmark_puts_tldr_splits_side_by_side(shared_data, tmp_pat
     with pytest.raises(InputError):
         bench.main(bench.make_parser().parse_args(bad))
     assert not (tmp_path / "new").exists()  # nothing written
+    # a second run merges into levers.json: a new variant, and paper on another seed, say which seeds
+    more = [*argv[:argv.index("--variants")], "--variants", "mean", "--tldr-config", "quick",
+            "--tldr-variants", "mean", "paper", "--tldr-seeds", "1"]
+    assert bench.main(bench.make_parser().parse_args(more)) == 0
+    rows2 = json.loads((tmp_path / "levers.json").read_text())
+    assert set(rows2) == {"paper", "instruction", "mean"}
+    assert rows2["instruction"] == rows["instruction"] and rows2["paper"]["tldr"]["quick"]["seeds"] == [1]
+    table = {line.split(" | ")[0]: line for line in (tmp_path / "levers.md").read_text().splitlines()
+             if line.startswith("| ")}
+    # two of three cells are on seed 1, so the split's note says seed 1 and instruction's cell seed 0
+    assert "seed(s) 1, 3 users" in (tmp_path / "levers.md").read_text()
+    assert "(seed(s) 0)" in table["| instruction"] and "seed(s)" not in table["| paper"] + table["| mean"]
+    fresh = [*argv[:argv.index("--variants")], "--variants", "paper", "--tldr-config", "quick", "--tldr-seeds",
+             "0", "--fresh"]
+    assert bench.main(bench.make_parser().parse_args(fresh)) == 0
+    assert set(json.loads((tmp_path / "levers.json").read_text())) == {"paper"}
+    (tmp_path / "levers.json").write_text("{not json")
+    with pytest.raises(InputError, match="levers.json:1"):
+        bench.main(bench.make_parser().parse_args(argv))
+    assert (tmp_path / "levers.json").read_text() == "{not json"  # nothing written
