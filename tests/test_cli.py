@@ -73,6 +73,13 @@ def test_generate_with_explicit_attributes_and_an_unknown_one(capsys):
 
 
 def test_unknown_user_is_a_clear_error(tmp_path, capsys):
+    # a mistyped --db: said so, and a query creates nothing
+    code, _, err = run(capsys, "generate", "--user", "ghost", "--db", str(tmp_path / "no" / "m.db"), "hi")
+    assert code == 2 and "does not exist" in err and not (tmp_path / "no").exists()
+    code, _, err = run(capsys, "profile", "--user", "ghost", "--db", str(tmp_path / "no" / "m.db"))
+    assert code == 2 and "does not exist" in err and not (tmp_path / "no").exists()
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    assert run(capsys, "index", "--method", "base", "--data", str(data), "--db", str(tmp_path / "m.db"))[0] == 0
     code, _, err = run(capsys, "generate", "--user", "ghost", "--db", str(tmp_path / "m.db"), "hi")
     assert code == 2 and "unknown user 'ghost'" in err
 
@@ -133,12 +140,10 @@ def test_feedback_without_fields_is_a_clear_error(tmp_path, capsys):
 
 def test_every_method_indexes_then_generates_and_profiles_from_the_memory(tmp_path, capsys):
     """Each call of `main` builds its method afresh from the database, as a new process does."""
-    from prefsteer.methods import available_methods
-
     db = str(tmp_path / "m.db")
     data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
-    for m in ("exact-global", "base", "drift"):
-        code, out, err = run(capsys, "index", "--method", m, "--data", str(data), "--db", db, "--k", "1", "--json")
+    for m, opts in (("exact-global", ["--k", "1"]), ("base", []), ("drift", [])):
+        code, out, err = run(capsys, "index", "--method", m, "--data", str(data), "--db", db, *opts, "--json")
         assert code == 0, err
         assert [(u["user_id"], u["pairs"]) for u in json.loads(out)["users"]] == [("u", 2), ("w", 1)]
     code, out, err = run(capsys, "generate", "--method", "exact-global", "--user", "u", "--db", db, "--k", "1",
@@ -150,25 +155,32 @@ def test_every_method_indexes_then_generates_and_profiles_from_the_memory(tmp_pa
     assert sorted(s["method"] for s in prof["methods"]) == ["base", "drift", "exact-global"]
     glob = next(s for s in prof["methods"] if s["method"] == "exact-global")
     assert glob["state"]["attributes"] == ["Humor"] and glob["n_pairs"] == 2 and not glob["stale"]
-    # feedback: exact-global cannot take a pair without refitting, so it says its state is stale
+    # feedback: exact-global cannot take a pair without refitting, so it says its state is stale;
+    # Base rebuilds its history prompt and Drift refits (both from every stored pair)
     code, out, _ = run(capsys, "feedback", "--user", "u", "--db", db, "--k", "1", "--json",
                        "--prompt", "fix my python script", "--chosen", "python code", "--rejected", "lol wow")
     actions = {r["method"]: r["action"] for r in json.loads(out)["methods"]}
-    assert code == 0 and actions["exact-global"] == "stale" and set(actions) == {"base", "drift", "exact-global"}
+    assert code == 0 and actions == {"exact-global": "stale", "base": "refit", "drift": "refit"}
     code, out, _ = run(capsys, "profile", "--user", "u", "--db", db, "--json")
     prof = json.loads(out)
-    assert prof["pairs"] == 3 and next(s for s in prof["methods"] if s["method"] == "exact-global")["stale"]
-    assert "exact" in available_methods()
+    states = {s["method"]: s for s in prof["methods"]}
+    assert prof["pairs"] == 3 and states["exact-global"]["stale"]
+    assert (states["base"]["n_pairs"], states["drift"]["n_pairs"]) == (3, 3)
+    assert not states["base"]["stale"] and states["base"]["state"]["pairs_in_prompt"] == 3
 
 
 def test_method_options_reach_the_methods_config(tmp_path, capsys):
     from prefsteer.cli import Context, make_parser
 
-    args = make_parser().parse_args(["generate", "--method", "drift", "--drift-beta", "2.5", "--k", "4",
-                                     "hi", *FAST])
-    ctx = Context(args)
+    ctx = Context(make_parser().parse_args(["generate", "--method", "drift", "--drift-beta", "2.5", "hi", *FAST]))
     assert ctx.method("drift").config.beta == 2.5
+    ctx = Context(make_parser().parse_args(["generate", "--method", "exact", "--k", "4", "hi", *FAST]))
     assert ctx.method("exact").config.k == 4 and ctx.method("exact-global").config.k == 4
+    # another method's option is refused by name, before anything is built or written
+    code, _, err = run(capsys, "index", "--method", "exact", "--drift-beta", "2", "--data", "x.jsonl",
+                       "--db", str(tmp_path / "never.db"))
+    assert code == 2 and "--drift-beta is an option of method 'drift', not of 'exact'" in err
+    assert not (tmp_path / "never.db").exists()
     data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
     code, _, err = run(capsys, "index", "--method", "drift", "--drift-beta", "-1", "--data", str(data),
                        "--db", str(tmp_path / "m.db"))

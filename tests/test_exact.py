@@ -5,7 +5,8 @@ import pytest
 
 from prefsteer.retrieval import HashEmbedder, nearest, normalize
 from prefsteer.errors import UnknownUserError
-from prefsteer.memory import Memory, ScoreCache
+from prefsteer.backends.cache import ScoreCache
+from prefsteer.memory import Memory
 from prefsteer.methods.exact import Exact, ExactConfig, ExactGlobal
 from prefsteer.types import PreferencePair
 import numpy as np
@@ -36,6 +37,7 @@ def test_nearest_is_cosine_on_unit_rows():
 
 
 def test_fit_selects_per_pair_and_retrieval_uses_the_nearest_prompt(exact):
+    exact.memory.add_pairs(pairs_for("u"))  # the caller stores the pairs; fit indexes them
     exact.fit("u", pairs_for("u"))
     entries = {e.prompt: e for e in exact.memory.entries("u")}
     assert entries["tell me a joke about cats"].attributes == ["Humor"]
@@ -51,6 +53,7 @@ def test_fit_selects_per_pair_and_retrieval_uses_the_nearest_prompt(exact):
 def test_duplicate_prompts_keep_the_best_objective(exact, fake_backend):
     ps = pairs_for("u")
     dup = PreferencePair("u", ps[0].prompt, "humor humor humor humor", "formal formal", "u:3")
+    exact.memory.add_pairs(ps + [dup])
     exact.fit("u", ps + [dup])
     entries = [e for e in exact.memory.entries("u") if e.prompt == ps[0].prompt]
     assert len(entries) == 1
@@ -83,6 +86,7 @@ def test_index_resumes_and_rescoring_hits_the_cache(fake_backend, tmp_path):
         seen.append(p.pair_id)
         return real_select(p)
 
+    mem.add_pairs(ps)
     ex.select = crashing
     with pytest.raises(Boom):
         ex.fit("u", ps)
@@ -97,17 +101,23 @@ def test_index_resumes_and_rescoring_hits_the_cache(fake_backend, tmp_path):
     assert mem.user_status("u") == "ready" and len(mem.entries("u")) == 3
     # a second user with the same pairs costs no model call at all: the score cache answers
     ps2 = [PreferencePair("v", p.prompt, p.chosen, p.rejected, p.pair_id) for p in ps]
+    mem.add_pairs(ps2)
     before = len(calls)
     ex.fit("v", ps2)
     assert len(calls) == before and ex.scorer.hits > 0
 
 
 def test_feedback_adds_one_entry_without_reindexing(exact):
+    exact.memory.add_pairs(pairs_for("u"))
     exact.fit("u", pairs_for("u"))
     before = {e.pair_id: e.attributes for e in exact.memory.entries("u")}
-    e = exact.add_feedback(PreferencePair("u", "explain my code bug", "python code function", "lol", "u:9"))
+    new = PreferencePair("u", "explain my code bug", "python code function", "lol", "u:9")
+    exact.memory.add_pairs([new])  # the caller stores the pair, then the method indexes it
+    stored = exact.memory.pairs("u")
+    e = exact.add_feedback(new)
     after = {x.pair_id: x.attributes for x in exact.memory.entries("u")}
     assert e.attributes == ["Code"] and after.pop("u:9") == ["Code"] and after == before
+    assert exact.memory.pairs("u") == stored  # the method stores its entry, not the pair
 
 
 def test_unknown_user_and_unindexed_user(exact):
@@ -180,6 +190,7 @@ def test_other_k_reuses_stored_greedy_selections(fake_backend, tmp_path):
     pairs = [PreferencePair("u", f"write a {t} about {i}", f"a {t} with humor {i}", f"a formal {t} {i}", f"p{i}")
              for i, t in enumerate(["joke", "letter", "story", "poem"])]
     mem = Memory(tmp_path / "m.db")
+    mem.add_pairs(pairs)
     calls = []
 
     class Counting:
@@ -207,6 +218,7 @@ def test_other_k_reuses_stored_greedy_selections(fake_backend, tmp_path):
     assert sum(calls) == 2 * len(pairs) * ((n - 3) + (n - 4))  # steps 4 and 5 only, two requests per set
     for k, reused in ((1, k1), (5, k5)):
         fresh = make(k, Memory(tmp_path / f"fresh{k}.db"))
+        fresh.memory.add_pairs(pairs)
         fresh.fit("u", pairs)
         for p in pairs:
             a, b = mem.selection("u", p.pair_id, reused.config_id), fresh.memory.selection("u", p.pair_id, fresh.config_id)
@@ -222,6 +234,7 @@ def test_screened_mode_ranks_with_a_cast_copy_and_keeps_the_models_objectives(fa
 
     mem = Memory(tmp_path / "m.db")
     ps = pairs_for("u")
+    mem.add_pairs(ps)
 
     def make(**kw):
         return Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=2, **kw))
@@ -243,6 +256,7 @@ def test_screened_mode_ranks_with_a_cast_copy_and_keeps_the_models_objectives(fa
     # every candidate scored by the model: the screen cannot change greedy's answer
     everything = Exact(fake_backend, memory=Memory(tmp_path / "all.db"), embedder=HashEmbedder(),
                        config=ExactConfig(k=2, mode="screened", screen_top=len(lib)))
+    everything.memory.add_pairs(ps)
     everything.fit("u", ps)
     for p in ps:
         a = everything.memory.selection("u", p.pair_id, everything.config_id)
@@ -257,6 +271,7 @@ def test_screened_mode_ranks_with_a_cast_copy_and_keeps_the_models_objectives(fa
 def test_exact_global_persists_its_set_and_a_new_instance_generates_without_fitting(fake_backend, tmp_path):
     mem = Memory(tmp_path / "m.db")
     ps = [PreferencePair("u", f"prompt {i}", "humor funny", "formal sir", str(i)) for i in range(3)]
+    mem.add_pairs(ps)
     ExactGlobal(fake_backend, memory=mem, config=ExactConfig(k=1)).fit("u", ps)
     fresh = ExactGlobal(fake_backend, memory=Memory(tmp_path / "m.db"), config=ExactConfig(k=1))
     fresh.select = None  # a refit would call it
@@ -265,9 +280,11 @@ def test_exact_global_persists_its_set_and_a_new_instance_generates_without_fitt
     assert out.attributes == ["Humor"] and out.extra["prompt"] == "x\nAttributes: <Humor>"
     assert fresh.profile("u")["state"]["attributes"] == ["Humor"] and fresh.profile("u")["pairs"] == 3
     # another k is another state: not served from k=1's
-    from prefsteer.errors import PrefsteerError
-    with pytest.raises(PrefsteerError, match="exact-global has not been fitted for user 'u'"):
+    from prefsteer.methods.base import NotFittedError
+    with pytest.raises(NotFittedError, match="user 'u' has not been fitted with the 'exact-global' method"):
         ExactGlobal(fake_backend, memory=mem, config=ExactConfig(k=2)).attributes_for("u", ["x"])
+    with pytest.raises(UnknownUserError, match="unknown user 'nobody'"):
+        fresh.attributes_for("nobody", ["x"])
 
 
 def test_an_unknown_or_bad_option_is_an_error_naming_it(fake_backend):
@@ -280,15 +297,28 @@ def test_an_unknown_or_bad_option_is_an_error_naming_it(fake_backend):
     assert Exact.config_class is ExactConfig and ExactGlobal.config_class is ExactConfig
 
 
-def test_fit_adds_to_a_users_memory_unless_scope_says_otherwise(fake_backend, tmp_path):
-    first, second = pairs_for("u")[:2], pairs_for("u")[2:]
-    for scope, expected in (("all", 3), ("given", 1), ("replace", 1)):
-        mem = Memory(tmp_path / f"{scope}.db")
-        ex = Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=1), scope=scope)
-        ex.fit("u", first)
-        ex.fit("u", second)
-        assert len(mem.entries("u")) == expected, scope
-        assert len(mem.pairs("u")) == (1 if scope == "replace" else 3), scope
+def test_fit_builds_the_users_entries_from_exactly_the_given_pairs_and_stores_no_pairs(fake_backend, tmp_path):
+    ps = pairs_for("u")
+    first, second = ps[:2], ps[2:]
+    mem = Memory(tmp_path / "m.db")
+    mem.add_pairs(ps)
+    ex = Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=1))
+
+    def indexed():
+        return sorted(e.pair_id for e in mem.entries("u"))
+
+    ex.fit("u", first)
+    assert indexed() == ["u:0", "u:1"]
+    ex.fit("u", second)  # the entries are rebuilt from these pairs only: the first two's go
+    assert indexed() == ["u:2"]
+    assert mem.selection("u", "u:0", ex.config_id) is not None  # their selections stay for a refit
+    ex.fit("u", ps)  # what `prefsteer index` does: all the user's stored pairs
+    assert indexed() == ["u:0", "u:1", "u:2"]
+    assert [p.pair_id for p in mem.pairs("u")] == ["u:0", "u:1", "u:2"]  # fit stored no pair, dropped none
+    # --replace: the caller forgets the other pairs, then fits the ones it keeps
+    assert mem.forget_pairs("u", [p.pair_id for p in second]) == 2
+    ex.fit("u", second)
+    assert indexed() == ["u:2"] and [p.pair_id for p in mem.pairs("u")] == ["u:2"]
 
 
 def test_levers_keep_the_paper_config_id_and_change_it_only_when_set(fake_backend, tmp_path):
@@ -369,6 +399,7 @@ def test_mean_objective_divides_by_token_counts():
 def test_exact_scores_and_generates_with_its_levers(fake_backend, tmp_path):
     ex = Exact(fake_backend, memory=Memory(tmp_path / "m.db"), embedder=HashEmbedder(),
                config=ExactConfig(k=1, render="instruction", placement="system"))
+    ex.memory.add_pairs(pairs_for("u"))
     ex.fit("u", pairs_for("u"))
     assert ex.attribute_messages("Q", ["Humor"]) == [
         {"role": "system", "content": "Answer in a way that is: humor."}, {"role": "user", "content": "Q"}]
@@ -376,7 +407,9 @@ def test_exact_scores_and_generates_with_its_levers(fake_backend, tmp_path):
 
     out = ex.generate("u", ["a joke about cats please"], GenerationConfig(max_new_tokens=3))[0]
     assert out.extra == {"prompt": "a joke about cats please",
-                         "system": f"Answer in a way that is: {out.attributes[0].lower()}."}
+                         "system": f"Answer in a way that is: {out.attributes[0].lower()}.",
+                         "retrieved": {"prompt": "tell me a joke about cats",
+                                       "similarity": pytest.approx(0.7303, abs=1e-4)}}
     # the non-negativity filter keeps only attributes that raise F
     f = Exact(fake_backend, memory=Memory(tmp_path / "f.db"), embedder=HashEmbedder(),
               config=ExactConfig(k=3, stop_when_no_gain=True))
@@ -392,6 +425,7 @@ def test_entries_selected_under_other_settings_are_served_with_one_warning(fake_
     mem = Memory(tmp_path / "m.db")
     pairs = [PreferencePair("u", "a joke", "funny humor joke", "formal dear sir", "p1")]
     old = Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=1))
+    mem.add_pairs(pairs)
     old.fit("u", pairs)
     with caplog.at_level("WARNING", logger="prefsteer.methods.exact"):
         old.generate("u", ["another joke"], GenerationConfig(max_new_tokens=2))

@@ -153,13 +153,34 @@ def test_too_long_prompt_is_rejected(backend):
 
 
 def test_identity(backend):
+    import json
+    from importlib import resources
+    from types import SimpleNamespace
+
     from prefsteer.backends.fake import FakeBackend
 
     # the embedded model's id, as the committed runs recorded it (results/quick/run.json): a change
     # here would orphan every score cache and stored selection
     assert backend.fingerprint == "hf:867bff28726e055947f872930488cf2d"
     assert backend.fingerprint != FakeBackend().fingerprint
-    assert backend.template_id == backend.template_id and len(backend.template_id) >= 8
+    # the chat template's id, as the shipped CLIPer heads recorded it: 16 hex digits of the template's
+    # text, the same for an equal copy of it and another for any edit (a new template orphans caches)
+    assert backend.template_id == "872be49dbb638044"
+    heads = resources.files("prefsteer.resources") / "cliper"
+    for head in ("concise", "formal", "humor", "helpful", "empathetic"):
+        meta = json.loads((heads / f"{head}.json").read_text("utf-8"))
+        assert (meta["fingerprint"], meta["template_id"]) == (backend.fingerprint, backend.template_id), head
+    template = backend.tokenizer.chat_template
+    assert isinstance(template, str)
+
+    def template_id(text):
+        return type(backend).template_id.fget(SimpleNamespace(tokenizer=SimpleNamespace(chat_template=text)))
+
+    assert template_id(template) == "872be49dbb638044"  # the text alone decides it
+    edited = {template_id(template + "\n"), template_id(template.replace("assistant", "Assistant")),
+              template_id(template[:-1])}
+    assert len(edited) == 3 and "872be49dbb638044" not in edited
+    assert all(len(t) == 16 and int(t, 16) >= 0 for t in edited)
     assert backend.max_context == 8192
     info = backend.info()
     assert info["backend"] == "hf" and info["fingerprint"] == backend.fingerprint

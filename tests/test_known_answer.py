@@ -118,30 +118,60 @@ def test_real_model_recovers_the_target_above_chance(hf_backend, tmp_path):
 
 def test_oracle_injects_each_users_target_under_every_rendering(fake_backend, tmp_path):
     """``oracle``: the target itself injected (the effect of a perfect selection); with ``select``
-    false nothing is selected, and a configuration that would measure nothing is refused."""
-    from prefsteer.backends.base import GenerationConfig, user_turn
-    from prefsteer.methods.exact import Exact, ExactConfig
+    false nothing is selected, and a configuration that would measure nothing is refused. The
+    contexts the backend must see are written out here, not rebuilt through EXACT's rendering."""
     from prefsteer.retrieval import HashEmbedder
+
+    class Recording:
+        """The fake backend, keeping the answer it gave to each context it was asked about."""
+
+        def __init__(self, inner):
+            self.inner, self.answers = inner, {}
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def generate(self, contexts, config=None, **kw):
+            outs = self.inner.generate(contexts, config, **kw)
+            for c, o in zip(contexts, outs):
+                self.answers[json.dumps([dict(m) for m in c], sort_keys=True)] = o.text
+            return outs
+
+    prompts = ["How do I prepare for a job interview?", "What is a good way to start exercising?",
+               "How can I keep track of my monthly expenses?"]  # the suite's first three
+    targets = {"ava": "Concise", "felix": "Formal"}  # the suite's first two users
+
+    def context(label, target, prompt):
+        if label == "paper":  # the paper's rendering: the names appended to the user's turn
+            msgs = [{"role": "user", "content": f"{prompt}\nAttributes: <{target}>"}]
+        elif label == "instr":  # an instruction in the system prompt
+            msgs = [{"role": "system", "content": f"Answer in a way that is: {target.lower()}."},
+                    {"role": "user", "content": prompt}]
+        else:  # no attributes: the plain answer
+            msgs = [{"role": "user", "content": prompt}]
+        return json.dumps(msgs, sort_keys=True)
 
     lib = ["Base", "Concise", "Exclamatory", "Humor", "Formal", "Code", "Empathetic"]
     variants = [{"label": "paper", "kwargs": {}},
                 {"label": "instr", "kwargs": {"render": "instruction", "placement": "system"}}]
     cfg = {"name": "t", "k": 1, "attributes": lib, "users": 2, "max_new_tokens": 4, "oracle": True,
            "select": False, "variants": variants}
-    s = ka.run(fake_backend, cfg, tmp_path, embedder=HashEmbedder(), n_prompts=3)
+    backend = Recording(fake_backend)
+    s = ka.run(backend, cfg, tmp_path, embedder=HashEmbedder(), n_prompts=3)
     recs = [json.loads(line) for line in (tmp_path / ka.RECORDS).read_text().splitlines()]
     assert {r["kind"] for r in recs} == {"oracle"} and len(recs) == 2 * 2 * 3
-    suite = ka.subset(ka.load_suite(), users=2, prompts=3)
-    for v in variants:  # each answer is the backend's own to the target rendered as the variant says
-        exact = Exact(fake_backend, embedder=HashEmbedder(), config=ExactConfig(k=1, **v["kwargs"]))
-        for user, target in suite.targets.items():
-            mine = [r for r in recs if r["variant"] == v["label"] and r["user"] == user]
-            want = fake_backend.generate([exact.attribute_messages(p, [target]) for p in suite.prompts],
-                                         GenerationConfig(max_new_tokens=4))
-            assert [r["text"] for r in mine] == [g.text for g in want]
-            assert all(r["attributes"] == [target] for r in mine)
-    plain = fake_backend.generate([user_turn(p) for p in suite.prompts], GenerationConfig(max_new_tokens=4))
-    assert [r["plain"] for r in recs[:3]] == [g.text for g in plain]
+    # the backend was asked the plain prompts and each user's target rendered as each variant says,
+    # nothing else; each record holds the backend's answer to its own context
+    want = {context(None, None, p) for p in prompts}
+    want |= {context(v["label"], t, p) for v in variants for t in targets.values() for p in prompts}
+    assert set(backend.answers) == want
+    assert [(r["variant"], r["user"], r["target"], r["prompt"]) for r in recs] == [
+        (v["label"], u, t, p) for v in variants for u, t in targets.items() for p in prompts]
+    for r in recs:
+        assert r["attributes"] == [r["target"]]
+        assert r["text"] == backend.answers[context(r["variant"], r["target"], r["prompt"])]
+        assert r["plain"] == backend.answers[context(None, None, r["prompt"])]
+    assert any(r["text"] != r["plain"] for r in recs)  # the injection reaches the fake model
     assert set(s["oracle"]["instr"]) == {"ava", "felix"} and s["effects"]["instr"] == {}
     text = (tmp_path / ka.TABLE).read_text()
     assert "| target injected |" in text and "| paper | ava | Concise | – | words |" in text

@@ -94,9 +94,14 @@ def test_a_second_file_adds_to_the_memory_and_replace_is_explicit(tmp_path, caps
 def test_an_explicit_id_with_new_text_is_updated_and_selected_again(tmp_path, fake_backend):
     mem = Memory(tmp_path / "m.db")
     ex = Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=1))
-    ex.fit("u", [PreferencePair("u", "a joke", "funny humor joke", "formal dear sir", "mine")])
+    old = [PreferencePair("u", "a joke", "funny humor joke", "formal dear sir", "mine")]
+    mem.add_pairs(old)
+    ex.fit("u", old)
     assert mem.selection("u", "mine", ex.config_id)["attributes"] == ["Humor"]
-    ex.fit("u", [PreferencePair("u", "a joke", "formal dear sir", "funny humor joke", "mine")])
+    new = [PreferencePair("u", "a joke", "formal dear sir", "funny humor joke", "mine")]
+    assert mem.add_pairs(new) == {"added": 0, "kept": 0, "updated": 1}
+    assert mem.selection("u", "mine", ex.config_id) is None and mem.entries("u") == []  # dropped with the old text
+    ex.fit("u", new)
     assert [(p.pair_id, p.chosen) for p in mem.pairs("u")] == [("mine", "formal dear sir")]
     assert mem.selection("u", "mine", ex.config_id)["attributes"] == ["Formal"]
     assert [e.attributes for e in mem.entries("u")] == [["Formal"]]
@@ -157,9 +162,11 @@ class FailingFake:
 def test_delete_user_removes_every_row_and_the_state_files(tmp_path, fake_backend):
     mem = Memory(tmp_path / "m.db")
     ex = Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=1))
-    ex.fit("u", [PreferencePair("u", "a joke", "funny humor joke", "formal dear sir"),
-                 PreferencePair("u", "a letter", "formal dear sir", "lol")])
-    ex.fit("w", [PreferencePair("w", "a joke", "funny humor joke", "formal dear sir")])
+    for user, ps in (("u", [PreferencePair("u", "a joke", "funny humor joke", "formal dear sir"),
+                            PreferencePair("u", "a letter", "formal dear sir", "lol")]),
+                     ("w", [PreferencePair("w", "a joke", "funny humor joke", "formal dear sir")])):
+        mem.add_pairs(ps)
+        ex.fit(user, ps)
     mem.put_method_state("u", "m", "s", "fp", {"w": 1}, files={"weights.bin": b"123"}, n_pairs=2)
     assert mem.delete_user("u") == {"pairs": 2, "selections": 2, "entries": 2, "method_states": 1,
                                     "users": 1, "files": 1}
@@ -237,7 +244,9 @@ def test_a_bad_database_is_one_clear_error_and_nothing_is_written(tmp_path, caps
                  ["feedback", "--user", "u", "--prompt", "p", "--chosen", "a", "--rejected", "b"]):
         code, _, err = cli(capsys, *argv, "--db", str(path))
         assert code == 2 and "Traceback" not in err
-        assert err.count("\n") == 1 and str(path) in err and message in err and "--db" in err
+        # a query of a database that cannot exist says it does not (and creates nothing)
+        said = "does not exist" if argv[0] == "profile" and not path.exists() else message
+        assert err.count("\n") == 1 and str(path) in err and said in err and "--db" in err
     assert (path.read_bytes() if path.is_file() else None) == before
     assert not os.path.exists(str(path) + "-wal")
 

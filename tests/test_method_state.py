@@ -143,6 +143,10 @@ def test_feedback(tmp_path):
         prof = build(name, db).profile("maya")
         if name == "none":
             assert done == "unchanged"
+        elif name == "base":
+            # the history prompt is rebuilt from every stored pair (no model call)
+            assert done == "refit" and not prof["stale"] and prof["pairs"] == len(TOPICS) + 1
+            assert prof["state"]["pairs_in_prompt"] == min(OPTIONS["base"]["max_pairs"], len(TOPICS) + 1)
         elif name == "drift":
             # refit on all nine stored pairs: the same weights as a fresh fit on them
             assert done == "refit" and not prof["stale"] and prof["pairs"] == len(TOPICS) + 1

@@ -76,13 +76,16 @@ def test_exact_generate_injects_what_the_configuration_renders(seen):
 
     ex = Exact(FakeBackend(), embedder=HashEmbedder(),
                config=ExactConfig(k=1, render="described", placement="system", system="Base prompt."))
-    ex.fit("u", [PreferencePair("u", "tell me a joke", "funny joke humor", "dear sir regards")])
+    pairs = [PreferencePair("u", "tell me a joke", "funny joke humor", "dear sir regards")]
+    ex.memory.add_pairs(pairs)
+    ex.fit("u", pairs)
     out = ex.generate("u", ["another joke please"])[0]
     ctx = seen["generate"][-1]
     desc = ex.library.get(out.attributes[0]).description
     assert ctx[0] == {"role": "system", "content": f"Base prompt.\nAttributes: <{out.attributes[0]} ({desc})>"}
     assert ctx[1] == {"role": "user", "content": "another joke please"}
-    assert out.extra == {"prompt": "another joke please", "system": ctx[0]["content"]}
+    assert out.extra == {"prompt": "another joke please", "system": ctx[0]["content"],
+                         "retrieved": {"prompt": "tell me a joke", "similarity": pytest.approx(0.2887, abs=1e-4)}}
 
 
 def test_cli_generate_with_given_attributes_follows_render_and_placement(seen, capsys):

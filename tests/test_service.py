@@ -373,10 +373,13 @@ def test_other_methods_through_the_service(svc):
         c.chat.completions.create(model="fake", messages=msgs, max_tokens=6,
                                   extra_body={"prefsteer": {"user_id": "mt-rae", "method": "drift"}})
     assert info.value.code == "not_fitted" and "drift" in info.value.message
-    with pytest.raises(openai.BadRequestError) as info:
-        c.chat.completions.create(model="fake", messages=[{"role": "system", "content": "Be brief."}] + msgs,
-                                  extra_body={"prefsteer": {"user_id": "mt-rae", "method": "base"}})
-    assert info.value.param == "messages"
+    # a conversation with a system prompt: the caller's system prompt first, then the history
+    talk = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hello."}] + msgs
+    multi = c.chat.completions.create(model="fake", messages=talk, max_tokens=6,
+                                      extra_body={"prefsteer": {"user_id": "mt-rae", "method": "base"}})
+    assert multi.model_extra["prefsteer"]["method"] == "base" and multi.choices[0].message.content.strip()
+    assert multi.usage.prompt_tokens > base.usage.prompt_tokens
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="fake", messages=msgs,
                                   extra_body={"prefsteer": {"user_id": "mt-nobody", "method": "exact"}})

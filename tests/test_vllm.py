@@ -161,12 +161,19 @@ def test_what_vllm_cannot_do_is_refused_by_name(vb):
 
 def test_hidden_states_adapters_and_casts_run_on_the_companion(hf, vb):
     """vLLM's engine has no hidden states or gradients: the hf backend on the same checkpoint does
-    them, in this process, with vLLM's fingerprint."""
+    them, in this process, with vLLM's fingerprint. The states must be those of the model vLLM's
+    engine runs: through the output head they give back the engine's own score of each request
+    (comparing them with `hf.hidden_states` would compare the same hf model with itself)."""
     reqs = [ScoreRequest.of(user_turn(p), "A short answer, with a reason.") for p in PROMPTS[:2]]
-    got, want = vb.hidden_states(reqs), hf.hidden_states(reqs)
-    assert [g.shape for g in got] == [w.shape for w in want]
-    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    got, engine = vb.hidden_states(reqs), vb.score(reqs)
     comp = vb.companion("hidden_states", "the test")
+    for h, req, s in zip(got, reqs, engine):
+        ids = vb.encode_continuation(req.continuation)
+        assert tuple(h.shape) == (len(ids), vb.hidden_size) and s.n_tokens == len(ids)
+        with torch.no_grad():  # row j is the state that predicts continuation token j
+            logits = comp.lm_head(h.to(comp.device, comp.lm_head.weight.dtype)).float().cpu()
+        mine = torch.log_softmax(logits, -1)[torch.arange(len(ids)), torch.tensor(ids)].sum().item()
+        assert abs(mine - s.logprob) < 2e-3, (mine, s.logprob)  # hf and vLLM agree to 1e-3 above
     assert comp.fingerprint == vb.fingerprint == hf.fingerprint and vb.info()["companion"]
     low = vb.cast("bfloat16")
     assert low.fingerprint != vb.fingerprint and low is vb.cast("bfloat16")

@@ -36,7 +36,7 @@ def add_dataclass_args(parser, cls: type, prefix: str = "", skip: tuple[str, ...
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + prefix + f.name.replace("_", "-")
+        flag = "--" + (f.metadata.get("flag") or prefix + f.name.replace("_", "-"))
         typ = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
         help_ = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")

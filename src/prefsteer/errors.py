@@ -44,6 +44,31 @@ class MemoryFileError(PrefsteerError):
         super().__init__(f"memory {path} {problem}; {todo}")
 
 
+class MemoryNotFoundError(MemoryFileError, FileNotFoundError):
+    """A query opened a memory (`Memory(path, create=False)`) that does not exist; nothing was created."""
+
+    def __init__(self, path: str, todo: str):
+        MemoryFileError.__init__(self, path, "does not exist", todo)
+
+
+class StateFileError(MemoryFileError):
+    """A method's state file could not be written (disk full, ...); the previous state is kept."""
+
+    def __init__(self, path: str, error: OSError):
+        self.path, self.error = path, error
+        self.problem = f"could not be written ({error.strerror or error})"
+        self.todo = "the user's previous state is kept; free some space (or fix the folder) and fit again"
+        PrefsteerError.__init__(self, f"method state file {path} {self.problem}; {self.todo}")
+
+
+class BackendUnavailableError(PrefsteerError, ValueError):
+    """A backend name that is unknown, or whose engine is not installed here."""
+
+
+class EmbedderUnavailableError(PrefsteerError, ValueError):
+    """An embedder that cannot be loaded here (no such folder, not cached and the hub unreachable...)."""
+
+
 def unknown_keys(what: str, given, known) -> None:
     """Raise `InputError` naming the keys of ``given`` that are not in ``known``."""
     bad = sorted(set(given) - set(known))

@@ -31,8 +31,6 @@ from prefsteer.errors import InputError
 
 log = logging.getLogger(__name__)
 
-EXECUTORS = ("serial", "ray")
-
 
 class _Selector:
     """What a Ray actor holds: one backend and an EXACT selector in the driver's configuration."""
@@ -40,11 +38,11 @@ class _Selector:
     def __init__(self, backend: str, backend_kwargs: dict, config: Any, library: Any, method: str):
         from prefsteer.backends import load_backend
         from prefsteer.memory import Memory
-        from prefsteer.methods import get_method_class
+        from prefsteer.methods.registry import Resources, build
 
         self.backend = load_backend(backend, **backend_kwargs)
-        self.method = get_method_class(method)(self.backend, memory=Memory(":memory:"), library=library,
-                                               config=config)
+        self.method = build(method, self.backend, Resources(memory=Memory(":memory:"), library=library),
+                            config)
         self._start = None
         self.method._greedy_start = lambda pair: self._start  # the driver looked it up in its memory
 
@@ -102,7 +100,7 @@ class RayExecutor:
     def select_missing(self, method, pairs_by_user: dict[str, Sequence], progress: bool = False) -> dict[str, int]:
         """Compute, on the workers, every selection the users' ``fit`` would make, writing each into
         ``method.memory`` as it arrives. ``pairs_by_user`` maps a user to the pairs ``fit`` will run
-        on (after `Exact._store`). Returns counts: selected, reused, duplicates."""
+        on (the caller has stored them). Returns counts: selected, reused, duplicates."""
         mem, cid = method.memory, method.config_id
         todo: dict[tuple, list] = {}  # (prompt, chosen, rejected, start) -> pairs to write
         reused = 0

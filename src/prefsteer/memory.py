@@ -40,8 +40,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from prefsteer.backends.base import Score, ScoreRequest
-from prefsteer.errors import MemoryFileError, UnknownUserError
+from prefsteer.backends.base import Score
+from prefsteer.errors import MemoryFileError, MemoryNotFoundError, StateFileError, UnknownUserError
 from prefsteer.paths import default_db_path
 from prefsteer.types import PreferencePair
 
@@ -199,15 +199,26 @@ def _file_error(path: str, e: sqlite3.DatabaseError) -> Exception:
 
 
 class Memory:
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, *, create: bool = True):
+        """Open (and with ``create``, make if missing) the memory at ``path`` (default: `default_db_path`).
+
+        ``create=False`` is for queries: a missing file is `MemoryNotFoundError` and nothing is
+        created, neither the file nor its folder."""
         self.path = str(path) if path is not None else str(default_db_path())
         self._lock = threading.RLock()
         self._depth = 0
+        if not self.path.strip():
+            raise MemoryFileError("''", "is an empty path",
+                                  "give the memory's file path, e.g. --db memory.db")
         if self.path != ":memory:":
-            self._check_location()
+            self._check_location(create)
+        target, uri = self.path, False
+        if not create and self.path != ":memory:":
+            # SQLite's mode=rw never creates the file, even if it goes away after the check above
+            target, uri = Path(self.path).absolute().as_uri() + "?mode=rw", True
         # one connection, used from the thread that made it or under the lock (HTTP service)
         try:
-            raw = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            raw = sqlite3.connect(target, check_same_thread=False, isolation_level=None, uri=uri)
         except sqlite3.Error as e:
             raise _file_error(self.path, e) from e
         self.conn = _Conn(raw, self.path)
@@ -217,11 +228,14 @@ class Memory:
             raw.close()
             raise
 
-    def _check_location(self) -> None:
+    def _check_location(self, create: bool = True) -> None:
         """Refuse, before SQLite creates or touches anything, a path that cannot hold the memory."""
         p = Path(self.path)
         if p.is_dir():
             raise MemoryFileError(self.path, "is a directory", f"give a file path, e.g. --db {p / 'memory.db'}")
+        if not create and not p.exists():
+            raise MemoryNotFoundError(self.path, "nothing was created; give the --db that holds the users "
+                                      "(or PREFSTEER_DB), or index some pairs into it first (prefsteer index)")
         if p.exists():
             st = p.stat()
             if not os.access(p, os.W_OK) or not st.st_mode & 0o222:
@@ -500,22 +514,38 @@ class Memory:
     def put_method_state(self, user_id: str, method: str, state_id: str, fingerprint: str, state: dict,
                          files: dict[str, bytes] | None = None, n_pairs: int | None = None) -> None:
         """Store a method's state for the user; its files are written (and fsynced) first, under
-        names unique to this state, so the row never points at a half-written file."""
+        names unique to this state, so the row never points at a half-written file.
+
+        All or nothing: every file goes to a temporary name first and is renamed into place only
+        when all of them are written; a failure (a full disk) removes the temporary files, keeps the
+        previous state (files and row) and raises `StateFileError` naming the file and the OS error."""
         import time
 
         names = []
         if files:
             d = self.state_dir(user_id)
-            d.mkdir(parents=True, exist_ok=True)
-            for name, data in files.items():
-                fname = f"{method}-{state_id}-{name}"
-                tmp = d / f".{fname}.tmp"
-                with tmp.open("wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, d / fname)
-                names.append(fname)
+            written: list[tuple[Path, Path]] = []  # (temporary, final)
+            target = d
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                for name, data in files.items():
+                    fname = f"{method}-{state_id}-{name}"
+                    target, tmp = d / fname, d / f".{fname}.tmp"
+                    written.append((tmp, target))
+                    with tmp.open("wb") as fh:
+                        fh.write(data)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    names.append(fname)
+            except OSError as e:
+                for tmp, _ in written:
+                    try:
+                        tmp.unlink(missing_ok=True)
+                    except OSError:
+                        pass
+                raise StateFileError(str(target), e) from e
+            for tmp, final in written:
+                os.replace(tmp, final)
         with self.transaction() as c:
             c.execute("INSERT OR IGNORE INTO users(user_id) VALUES (?)", (user_id,))
             c.execute("INSERT OR REPLACE INTO method_states VALUES (?,?,?,?,?,?,?,0,?)",
@@ -585,27 +615,3 @@ def read_selections(path: str | Path) -> list[dict]:
         rows.append(obj)
     return rows
 
-
-class ScoreCache:
-    """A backend wrapper that answers repeated score requests from the memory's cache.
-
-    Only the misses reach the backend, in one call, so they still share their prefix."""
-
-    def __init__(self, backend, memory: Memory):
-        self.backend, self.memory = backend, memory
-        self.hits = self.misses = 0
-
-    def key(self, req: ScoreRequest) -> str:
-        return sha(self.backend.fingerprint, self.backend.template_id, req.messages, req.continuation)
-
-    def score(self, requests: Sequence[ScoreRequest], *, progress: bool = False) -> list[Score]:
-        keys = [self.key(r) for r in requests]
-        found = self.memory.cached_scores(list(dict.fromkeys(keys)))
-        todo = {k: r for k, r in zip(keys, requests) if k not in found}
-        self.hits += len(requests) - len(todo)
-        self.misses += len(todo)
-        if todo:
-            fresh = dict(zip(todo, self.backend.score(list(todo.values()), progress=progress)))
-            self.memory.put_scores(fresh)
-            found.update(fresh)
-        return [found[k] for k in keys]

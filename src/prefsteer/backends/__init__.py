@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from typing import Any
 
 from prefsteer.backends.base import Backend, Generation, GenerationConfig, Score, ScoreRequest, user_turn
@@ -25,16 +27,61 @@ def register_backend(name: str, target: str) -> None:
     _REGISTRY[name] = target
 
 
+# built-in backends' engines: (importable module, how to install it in short, and in full)
+_NEEDS: dict[str, tuple[str, str, str]] = {
+    "hf": ("transformers", "pip install torch transformers",
+           "pip install torch transformers safetensors (see scripts/bootstrap.sh)"),
+    "vllm": ("vllm", "bash scripts/bootstrap_vllm.sh",
+             "it lives in its own environment: run `bash scripts/bootstrap_vllm.sh` (builds .venv-vllm; "
+             "PREFSTEER_VLLM_WHEEL=vllm for the CUDA build) and use .venv-vllm/bin/prefsteer"),
+}
+
+
 def available_backends() -> list[str]:
+    """Every registered backend name (installed or not; see `usable_backends`)."""
     return sorted(_REGISTRY)
 
 
-def load_backend(name: str = "hf", **kwargs: Any) -> Backend:
+def _missing_engine(name: str) -> str | None:
+    need = _NEEDS.get(name)
+    if need is None or need[0] in sys.modules:
+        return None
+    try:
+        found = importlib.util.find_spec(need[0]) is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else need[0]
+
+
+def usable_backends() -> list[str]:
+    """The registered backends whose engine is installed in this environment."""
+    return [n for n in available_backends() if _missing_engine(n) is None]
+
+
+def check_backend(name: str) -> None:
+    """Raise `BackendUnavailableError` when ``name`` is not a backend, or its engine is not installed
+    here; cheap (imports nothing), so a command can call it before it reads or writes anything."""
+    from prefsteer.errors import BackendUnavailableError
+
+    usable = ", ".join(usable_backends()) or "(none)"
     if name not in _REGISTRY:
-        raise ValueError(f"unknown backend '{name}'; available: {', '.join(available_backends())}")
+        missing = [f"{n} (not installed here: {_NEEDS[n][1]})" for n in available_backends() if _missing_engine(n) is not None]
+        raise BackendUnavailableError(f"unknown backend '{name}'; available here: {usable}"
+                                      + (f"; also known: {', '.join(missing)}" if missing else ""))
+    missing = _missing_engine(name)
+    if missing is not None:
+        raise BackendUnavailableError(f"backend '{name}' needs the Python package '{missing}', which is not "
+                                      f"installed in this environment ({sys.executable}): {_NEEDS[name][2]}; "
+                                      f"available here: {usable}")
+
+
+def load_backend(name: str = "hf", **kwargs: Any) -> Backend:
+    """The backend ``name`` built with ``kwargs``; `BackendUnavailableError` (before anything is
+    loaded) when the name is unknown or its engine is not installed."""
+    check_backend(name)
     module, cls = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)(**kwargs)
 
 
 __all__ = ["Backend", "Generation", "GenerationConfig", "Score", "ScoreRequest", "user_turn",
-           "load_backend", "register_backend", "available_backends"]
+           "load_backend", "register_backend", "available_backends", "usable_backends", "check_backend"]

@@ -6,6 +6,8 @@
     prefsteer profile --user alice                   # what was learned about alice
     prefsteer generate --user alice "PROMPT"         # EXACT online: retrieve, inject, generate
     prefsteer generate --method drift --drift-beta 2 --user alice "PROMPT"
+    prefsteer generate --method cliper --prefs concise=1,humor=0.5 --alpha 0.5 "PROMPT"
+    prefsteer delete --user alice                    # every row and file stored about alice
     prefsteer feedback --user alice --prompt P --chosen A --rejected B
     prefsteer attributes                             # the attribute library
     prefsteer eval --config quick | eval report RUN | eval compare A B
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -32,7 +33,6 @@ import sys
 import threading
 import time
 from dataclasses import asdict
-import inspect
 from typing import Any, Callable, Sequence
 
 from prefsteer.backends.base import MATMUL_PRECISIONS
@@ -72,12 +72,27 @@ class Context:
         return {}
 
     @property
+    def writes(self) -> bool:
+        """Whether the command writes to the memory (others never create it: a query of a mistyped
+        --db says so and leaves no file behind)."""
+        return bool(getattr(self.args, "writes", False))
+
+    @property
     def memory(self):
         if self._memory is None:
             from prefsteer.memory import Memory
 
-            self._memory = Memory(self.args.db)
+            self._memory = Memory(self.args.db, create=self.writes)
         return self._memory
+
+    def memory_if_any(self):
+        """The memory, or None when a command that writes nothing finds none (plain generation)."""
+        from prefsteer.errors import MemoryNotFoundError
+
+        try:
+            return self.memory
+        except MemoryNotFoundError:
+            return None
 
     @property
     def embedder(self):
@@ -92,54 +107,38 @@ class Context:
 
         return load_library(self.args.attributes)
 
-    def method(self, name: str, **extra):
-        """The registered method ``name``, built with its config from the command line
-        (``--<method>-<field>``; EXACT's options keep their plain names) and the resources its
-        constructor takes."""
-        from prefsteer.methods import get_method_class
-        from prefsteer.methods.base import config_from_options
-        from prefsteer.methods.exact import PRODUCT_PRESET, ExactConfig
+    def resources(self, **override):
+        from prefsteer.methods.registry import Resources
 
-        cls = get_method_class(name)
-        params = inspect.signature(cls.__init__).parameters
-        kw: dict[str, Any] = {}
-        cfg_cls = getattr(cls, "config_class", None)
-        if cfg_cls is not None:
-            values = _config_values(cfg_cls, self.args, option_prefix(name, cfg_cls))
-            values.update(_legacy_options(name, self.args, cfg_cls))
-            if cfg_cls is ExactConfig:  # the command line's default is the product's, not the paper's
-                values.setdefault("preset", PRODUCT_PRESET)
-            kw["config"] = config_from_options(cfg_cls, values, name)
-        else:
-            kw.update(_legacy_options(name, self.args, None))
-        shared = {"memory": self.memory, "library": self.library(), "progress": not self.args.quiet,
-                  "embedder": self.args.embedder}
-        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        for k, v in {**shared, **extra}.items():
-            if k in params:
-                kw[k] = v
-            elif k == "memory" and var_kw:  # Method's own constructor takes the memory
-                kw[k] = v
-        if "config" not in params and "config" in kw:  # a config class, but options as keywords
-            kw.update(dataclasses.asdict(kw.pop("config")))
-        return cls(self.backend, **kw)
+        return Resources(**{"memory": self.memory_if_any(), "library": self.library(), "progress": not self.args.quiet,
+                            "embedder": self.args.embedder, **override})
 
-    def exact(self, method: str = "exact", **extra):
-        return self.method(method, **extra)
+    def method(self, name: str, **override):
+        """The registered method ``name`` from the registry, with the options the command line
+        gave it (``--<method>-<field>``, or its own spelling: EXACT's --k, CLIPer's --prefs) and
+        the command's shared resources (``override`` replaces some: the demo's library). An option
+        of another method is refused by name."""
+        from prefsteer.methods.registry import build
+
+        return build(name, self.backend, self.resources(**override), method_options(self.args, name),
+                     defaults=CLI_DEFAULTS)
 
 
-EXACT_METHODS = ("exact", "exact-global")
+# the command line's defaults where a method's config has the field: EXACT's product preset, not
+# the paper's rendering (which every evaluation configuration runs)
+CLI_DEFAULTS = {"preset": "product"}
 
 
-def option_prefix(method: str, config_class: type) -> str:
-    """``--<method>-<field>``, except EXACT's options, which keep their plain names (--k, --mode)."""
-    from prefsteer.methods.exact import ExactConfig
+def option_prefix(method: str) -> str:
+    """``--<method>-<field>``, unless the method spells its options itself (``option_prefix``)."""
+    from prefsteer.methods import get_method_class
 
-    return "" if config_class is ExactConfig else f"{method}-"
+    prefix = get_method_class(method).option_prefix
+    return f"{method}-" if prefix is None else prefix
 
 
-def _config_values(cls: type, args: argparse.Namespace, prefix: str) -> dict[str, Any]:
-    """The fields of ``cls`` the user gave on the command line."""
+def _given(cls: type, args: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    """The fields of ``cls`` the user gave on the command line (an option not given is absent)."""
     dest = prefix.replace("-", "_")
     out = {f.name: getattr(args, dest + f.name) for f in dataclasses.fields(cls) if hasattr(args, dest + f.name)}
     for f in dataclasses.fields(cls):  # a tuple field's values arrive as a list
@@ -148,17 +147,37 @@ def _config_values(cls: type, args: argparse.Namespace, prefix: str) -> dict[str
     return out
 
 
-def _legacy_options(name: str, args: argparse.Namespace, cfg_cls: type | None) -> dict[str, Any]:
-    """`generate`'s older CLIPer options (--prefs, --alpha, --top-k-guidance), where given."""
-    if name != "cliper":
-        return {}
-    out = {k: getattr(args, k, None) for k in ("prefs", "alpha")}
-    out["top_k"] = getattr(args, "top_k_guidance", None)
-    out = {k: v for k, v in out.items() if v is not None}
-    if cfg_cls is not None:
-        fields = {f.name for f in dataclasses.fields(cfg_cls)}
-        out = {k: v for k, v in out.items() if k in fields}
-    return out
+def _flag(cls: type, name: str, prefix: str) -> str:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return "--" + (f.metadata.get("flag") or prefix + name.replace("_", "-"))
+
+
+def method_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The options of method ``name`` given on the command line."""
+    from prefsteer.methods import get_method_class
+
+    cfg = get_method_class(name).config_class
+    return _given(cfg, args, option_prefix(name)) if cfg is not None else {}
+
+
+def reject_other_options(args: argparse.Namespace, name: str) -> None:
+    """An option given for another method than ``name`` (``--drift-beta`` with ``--method
+    exact``) is an `InputError` naming it, rather than silently ignored."""
+    from prefsteer.errors import InputError
+    from prefsteer.methods import available_methods, get_method_class
+
+    cfg = get_method_class(name).config_class
+    mine = method_options(args, name)
+    own = {_flag(cfg, k, option_prefix(name)) for k in mine} if cfg is not None else set()
+    for other in available_methods():
+        ocfg = get_method_class(other).config_class
+        if ocfg is None or ocfg is cfg:
+            continue
+        for k in _given(ocfg, args, option_prefix(other)):
+            flag = _flag(ocfg, k, option_prefix(other))
+            if flag not in own:
+                raise InputError(f"{flag} is an option of method '{other}', not of '{name}'", field=flag)
+    return mine
 
 
 def emit(args: argparse.Namespace, obj: Any, text: str | Callable[[], str]) -> None:
@@ -178,65 +197,67 @@ def cmd_attributes(args, ctx: Context) -> int:
     return 0
 
 
-def check_lengths(ctx: Context, pairs, k: int, exact=None) -> None:
-    """Refuse, before anything is written, a pair that cannot fit the model's context: the pair's
-    prompt with the k attributes whose rendering is longest, injected by ``exact`` (EXACT as
-    configured: its rendering and placement; default: the command line's EXACT options)."""
-    from prefsteer.attributes import render
+def check_lengths(ctx: Context, pairs, method) -> None:
+    """Refuse, before anything is written, a pair that cannot fit the model's context: the longest
+    context ``method`` builds for the pair's prompt (EXACT's: with the k attributes whose rendering
+    is longest) and the longer answer."""
     from prefsteer.errors import InputError
 
-    exact = exact if exact is not None else ctx.exact()
-    lib = exact.library
-    longest = sorted(lib.names, key=lambda n: len(render([n], lib, style=exact.config.style)), reverse=True)[:k]
     limit = ctx.backend.max_context
     for p in pairs:
-        msgs = exact.attribute_messages(p.prompt, longest)
-        n = ctx.backend.count_tokens(msgs, max(p.chosen, p.rejected, key=len)) + _TEMPLATE_MARGIN
-        if n > limit:
-            file, line = p.source or (None, None)
-            raise InputError(f"prompt, attributes and response take {n} tokens, more than the model's "
-                             f"context of {limit} (pair {p.pair_id!r})", file=file, line=line, field="prompt")
+        for msgs in method.length_contexts(p):
+            n = ctx.backend.count_tokens(msgs, max(p.chosen, p.rejected, key=len)) + _TEMPLATE_MARGIN
+            if n > limit:
+                file, line = p.source or (None, None)
+                raise InputError(f"prompt, attributes and response take {n} tokens, more than the model's "
+                                 f"context of {limit} (pair {p.pair_id!r})", file=file, line=line, field="prompt")
 
 
 def cmd_index(args, ctx: Context) -> int:
     from prefsteer.data import group_by_user, load_pairs
+    from prefsteer.errors import InputError
     from prefsteer.memory import with_id
 
+    reject_other_options(args, args.method)
+    if args.limit < 0:
+        raise InputError(f"--limit (={args.limit}) has to be 0 (all pairs) or more", field="--limit")
     pairs = load_pairs(args.data, args.format)  # validated as a whole: a bad file writes nothing
     if args.user:
+        missing = sorted(set(args.user) - {p.user_id for p in pairs})
+        if missing:
+            raise InputError(f"no pairs of user{'s' if len(missing) > 1 else ''} {', '.join(missing)} in the "
+                             "file", file=str(args.data), field="--user")
         pairs = [p for p in pairs if p.user_id in set(args.user)]
     if args.limit:
         by_user = group_by_user(pairs)
         pairs = [p for ps in by_user.values() for p in ps[: args.limit]]
     pairs = [with_id(p) for p in pairs]
-    exact_like = args.method in EXACT_METHODS
-    method = ctx.method(args.method, **({"scope": "replace" if args.replace else "all"} if exact_like else {}))
-    cfg = getattr(method, "config", None)
-    check_lengths(ctx, pairs, cfg.k if exact_like else 3, method if exact_like else None)
+    method = ctx.method(args.method)
+    if args.executor == "ray" and not method.selects_per_pair:
+        raise InputError(f"--executor ray computes per-pair attribute selections (--method exact), which "
+                         f"'{args.method}' does not make", field="--executor")
+    check_lengths(ctx, pairs, method)
     start = time.perf_counter()
     report = []
     mem = ctx.memory
-    executor = getattr(args, "executor", "serial")
+    by_user = group_by_user(pairs)
+    # the pairs are stored first (the caller's part); the method then learns from all the user's
+    # stored pairs and stores only its own state
+    for user, ps in by_user.items():
+        with mem.transaction():
+            mem.add_pairs(ps)
+            if args.replace:
+                mem.forget_pairs(user, keep={p.pair_id for p in ps})
     ray_stats = None
-    if executor == "ray":
-        ray_stats = _select_on_ray(args, ctx, method, group_by_user(pairs))
-    for user, ps in group_by_user(pairs).items():
-        if exact_like:
-            method.fit(user, ps)  # EXACT stores the pairs itself, additively unless --replace
-            pool = mem.pairs(user)
-        else:
-            known = user in mem.users()
-            old = [] if (args.replace or not known) else mem.pairs(user)
-            ids = {p.pair_id for p in ps}
-            pool = [p for p in old if p.pair_id not in ids] + ps  # the user's pairs, old and new
-            method.fit(user, pool)
-            with mem.transaction():
-                mem.add_pairs(ps)
-                if args.replace:
-                    mem.forget_pairs(user, keep=ids)
+    if args.executor == "ray":
+        ray_stats = _select_on_ray(args, ctx, method, {u: mem.pairs(u) for u in by_user})
+    for user, ps in by_user.items():
+        pool = mem.pairs(user)
+        method.fit(user, pool)
         row = {"user_id": user, "pairs": len(ps), "stored_pairs": len(pool)}
-        if args.method == "exact":
-            row["entries"] = len(mem.entries(user))
+        entries = len(mem.entries(user))
+        if entries:
+            row["entries"] = entries
         report.append(row)
     secs = time.perf_counter() - start
     out = {"db": mem.path, "method": args.method, "users": report, "seconds": round(secs, 2)}
@@ -264,20 +285,13 @@ def _select_on_ray(args, ctx: Context, method, by_user: dict) -> dict:
     """`index --executor ray`: EXACT's selections computed on Ray workers (each with its own backend)
     and written by this process as they arrive; `fit` then finds them stored and builds each user's
     memory in one transaction, as a serial run does (`prefsteer.executors`)."""
-    from prefsteer.errors import InputError
     from prefsteer.executors import RayExecutor
-    from prefsteer.methods.exact import Exact, ExactGlobal
 
-    if not isinstance(method, Exact) or isinstance(method, ExactGlobal):
-        raise InputError(f"--executor ray indexes with EXACT (--method exact), not '{args.method}'",
-                         field="executor")
     ex = RayExecutor(args.backend, ctx.backend_kwargs(), address=args.address, workers=args.workers)
     try:
-        pools = {}
-        for user, ps in by_user.items():
-            pools[user] = method._store(user, ps)  # what fit selects on; fit stores them again, idempotently
+        for user in by_user:
             ctx.memory.set_status(user, "indexing")
-        stats = ex.select_missing(method, pools, progress=not args.quiet)
+        stats = ex.select_missing(method, by_user, progress=not args.quiet)
     finally:
         ex.shutdown()
     return dict(stats, workers=ex.workers, address=args.address or "local")
@@ -341,25 +355,44 @@ def generation_config(args):
     return dataclass_from_args(GenerationConfig, args)
 
 
+def check_prompt_length(ctx: Context, conversation, config) -> None:
+    """Refuse a conversation that leaves the model no room for ``max_new_tokens``."""
+    from prefsteer.errors import InputError
+
+    n, limit = ctx.backend.count_tokens(conversation), ctx.backend.max_context
+    if n + config.max_new_tokens > limit:
+        raise InputError(f"the prompt takes {n} tokens and --max-new-tokens asks for {config.max_new_tokens}: "
+                         f"more than the model's context of {limit} tokens", field="prompt")
+
+
 def run_generate(args, ctx: Context, prompt: str) -> dict:
+    from prefsteer.methods.base import NotFittedError
+
     config = generation_config(args)
-    if args.attributes_given:
-        exact = ctx.exact()  # rendered and placed as EXACT's options say (--render, --placement, ...)
+    conversation = [{"role": "user", "content": prompt}]
+    if args.attributes_given:  # injected as EXACT renders and places them: EXACT's options apply
+        reject_other_options(args, "exact")
+        exact = ctx.method("exact")  # rendered and placed as EXACT's options say (--render, --placement, ...)
         attrs = list(exact.library.canonical(a for a in args.attributes_given.split(",") if a.strip()))
-        msgs = exact.attribute_messages(prompt, attrs)
+        msgs = exact.attribute_messages(conversation, attrs)
+        check_prompt_length(ctx, msgs, config)
         start = time.perf_counter()
         g = ctx.backend.generate([msgs], config)[0]
         return {"method": "attributes", "user_id": args.user, "attributes": attrs, "text": g.text,
                 "timings": {"retrieval": 0.0, "generation": time.perf_counter() - start},
                 **exact.context_info(msgs)}
-    if args.method != "none":
-        if not args.user:
-            raise PrefsteerError(f"--method {args.method} needs --user")
-        ctx.memory.require_user(args.user)
+    reject_other_options(args, args.method)
+    check_prompt_length(ctx, conversation, config)
     method = ctx.method(args.method)
-    if args.method == "exact":
-        method.embedder.encode(["warm-up"])  # load once: per-request overhead is what is timed
-    out = method.generate(args.user, [prompt], config)[0]
+    if args.user and method.per_user:
+        ctx.memory.require_user(args.user)
+    method.warm_up()  # load once: per-request overhead is what is timed
+    try:
+        out = method.generate(args.user, [conversation], config)[0]
+    except NotFittedError as e:
+        if e.user_id is None:
+            raise PrefsteerError(f"--method {args.method} needs --user (or, for cliper, --prefs)") from None
+        raise
     return {"method": args.method, "user_id": args.user, "attributes": out.attributes, "text": out.text,
             "timings": out.timings, **out.extra}
 
@@ -375,13 +408,28 @@ def cmd_generate(args, ctx: Context) -> int:
     return 0
 
 
+# the method that learns a new user's first pairs, and that `feedback` always tells of new pairs
+FEEDBACK_METHOD = "exact"
+
+
 def fitted_methods(mem, user: str) -> list[str]:
-    """The methods the user has something stored for: EXACT's entries, every other method's state."""
+    """The methods to tell of a user's new pairs: the feedback method (EXACT, which indexes them)
+    for a new user or one it has indexed, and every method the user has a state for."""
     from prefsteer.methods import available_methods
 
-    names = ["exact"] if user in mem.users() and mem.entries(user) else []
-    names += [r["method"] for r in mem.method_states(user) if r["method"] not in names]
+    known = user in mem.users()
+    names = [FEEDBACK_METHOD] if not known or mem.entries(user) else []
+    if known:
+        names += [r["method"] for r in mem.method_states(user) if r["method"] not in names]
     return [n for n in names if n in available_methods()]
+
+
+def cmd_delete(args, ctx: Context) -> int:
+    mem = ctx.memory
+    gone = mem.delete_user(args.user)  # an unknown user: exit 2, nothing touched
+    emit(args, {"user_id": args.user, "deleted": gone},
+         lambda: f"deleted user {args.user}: " + ", ".join(f"{n} {k}" for k, n in gone.items()))
+    return 0
 
 
 def cmd_feedback(args, ctx: Context) -> int:
@@ -402,24 +450,19 @@ def cmd_feedback(args, ctx: Context) -> int:
         pairs = [PreferencePair(args.user, args.prompt, args.chosen, args.rejected, args.pair_id or "")]
     pairs = [with_id(p) for p in pairs]  # the id is the content unless one was given
     mem = ctx.memory
-    exact = ctx.exact()
-    check_lengths(ctx, pairs, exact.config.k, exact)
+    check_lengths(ctx, pairs, ctx.method(FEEDBACK_METHOD))
     report: list[dict] = []
     added: list[dict] = []
     # all or nothing: the pairs, EXACT's selections and every method's update commit together
     with mem.transaction():
         for user, ps in group_by_user(pairs).items():
-            methods = fitted_methods(mem, user) if user in mem.users() else []
-            if not methods:
-                methods = ["exact"]  # a new user: EXACT indexes the pair, as before
+            methods = fitted_methods(mem, user)
             counts = mem.add_pairs(ps)
             for name in methods:
                 m = ctx.method(name)
                 did = m.feedback(user, ps)
                 report.append({"user_id": user, "method": name, "action": did})
-                if name == "exact":
-                    added += [{"user_id": user, "prompt": p.prompt, "pair_id": p.pair_id,
-                               **(mem.selection(user, p.pair_id, m.config_id) or {})} for p in ps]
+                added += m.learned(user, ps)
             report.append({"user_id": user, "method": None, "action": "stored", **counts})
     emit(args, {"added": added, "methods": [r for r in report if r["method"]],
                 "stored": [r for r in report if not r["method"]]}, lambda: "\n".join(
@@ -477,13 +520,14 @@ def cmd_demo(args, ctx: Context) -> int:
     say(f"prefsteer demo: backend {args.backend}, model {ctx.backend.info().get('model', args.model or ctx.backend.name)}")
     args.quiet = args.quiet or args.json
     library = None if args.attributes else ctx.library().subset(DEMO_ATTRIBUTES)
-    exact = ctx.exact(**({"library": library} if library is not None else {}))
+    exact = ctx.method("exact", **({"library": library} if library is not None else {}))
     c = exact.config
     say(f"indexing {len(pairs)} preference pairs of {len(styles)} users (EXACT, preset {c.preset}: k={c.k} of "
         f"{len(exact.library)} attributes, rendered as {c.style} in the {c.placement} prompt, {c.objective} "
         "objective) ...")
     start = time.perf_counter()
     for user, ps in group_by_user(pairs).items():
+        ctx.memory.add_pairs(ps)
         exact.fit(user, ps)
     index_secs = time.perf_counter() - start
     users = ctx.memory.users()
@@ -493,7 +537,7 @@ def cmd_demo(args, ctx: Context) -> int:
     # the effect is measured on the demo's prompt and the known-answer suite's first new prompts
     extra = [q for q in load_suite(library=ctx.library()).prompts if q != args.prompt][:max(args.measure_prompts - 1, 0)]
     prompts = [args.prompt, *extra]
-    exact.embedder.encode(["warm-up"])
+    exact.warm_up()
     t0 = time.perf_counter()
     plains = [g.text for g in ctx.backend.generate([user_turn(q) for q in prompts], config)]
     outs = {u: exact.generate(u, prompts, config) for u in users}
@@ -580,17 +624,16 @@ def method_parser() -> argparse.ArgumentParser:
                    help=f"personalization method: {', '.join(available_methods())} (default: exact)")
     done: set[type] = set()
     for name in available_methods():
-        cfg = getattr(get_method_class(name), "config_class", None)
+        cfg = get_method_class(name).config_class
         if cfg is None or cfg in done:
             continue
         done.add(cfg)
-        prefix = option_prefix(name, cfg)
-        label = "exact, exact-global" if not prefix else name
-        add_dataclass_args(p.add_argument_group(f"{label} options"), cfg, prefix=prefix)
+        label = ", ".join(n for n in available_methods() if get_method_class(n).config_class is cfg)
+        add_dataclass_args(p.add_argument_group(f"{label} options"), cfg, prefix=option_prefix(name))
     return p
 
 
-# subcommands that live in their own module of prefsteer.cli; one not installed yet is skipped
+# subcommands that live in their own module of prefsteer.cli
 COMMAND_MODULES = ("prefsteer.cli.eval", "prefsteer.cli.cliper", "prefsteer.cli.serve", "prefsteer.cli.keys")
 
 
@@ -605,15 +648,15 @@ def make_parser() -> argparse.ArgumentParser:
                                      epilog="\n".join(__doc__.split("\n\n")[1:]))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name, fn, help_, parents=(common,)):
+    def add(name, fn, help_, parents=(common,), writes=False):
         p = sub.add_parser(name, parents=list(parents), help=help_, description=help_)
-        p.set_defaults(func=fn)
+        p.set_defaults(func=fn, writes=writes)
         return p
 
     add("attributes", cmd_attributes, "list the attribute library")
 
     p = add("index", cmd_index, "fit a method (default EXACT: select attributes for every preference pair) "
-                                "for every user of a file, and store what it learned", (common, methods))
+                                "for every user of a file, and store what it learned", (common, methods), writes=True)
     p.add_argument("--data", required=True, help="preference pairs: JSONL (user_id, prompt, chosen, rejected), "
                    "raw TL;DR comparisons (batch13.json) or a PRISM directory")
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "tldr", "prism"], help="input format")
@@ -636,16 +679,17 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = add("generate", cmd_generate, "generate a personalized answer for a user", (common, methods))
     p.add_argument("prompt", help="the user's prompt")
-    p.add_argument("--user", help="user id (needed by every method but 'none')")
+    p.add_argument("--user", help="user id (needed by every method but 'none', and 'cliper' with --prefs)")
     p.add_argument("--attributes", dest="attributes_given", default=None,
                    help="inject these attributes (comma-separated) instead of retrieving them")
-    p.add_argument("--prefs", default=None, help="cliper: preferences and weights, e.g. concise=1,humor=0.5")
-    p.add_argument("--alpha", type=float, default=None, help="cliper: guidance strength")
-    p.add_argument("--top-k-guidance", type=int, default=None, help="cliper: candidates scored per step")
     add_dataclass_args(p.add_argument_group("generation"), GenerationConfig)
 
+    p = add("delete", cmd_delete, "delete a user: every pair, selection, entry, method state and file")
+    p.add_argument("--user", required=True, help="user id")
+
     p = add("feedback", cmd_feedback, "add preference pairs to a user's memory; every method fitted for "
-                                      "the user takes them the way it can (EXACT indexes them)", (common, methods))
+                                      "the user takes them the way it can (EXACT indexes them)", (common, methods),
+          writes=True)
     p.add_argument("--user", help="user id")
     p.add_argument("--prompt", help="the prompt")
     p.add_argument("--chosen", help="the preferred answer")
@@ -654,7 +698,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", default=None, help="or: a JSONL file of pairs")
 
     p = add("demo", cmd_demo, "the main job: index a small demo set, show profiles and a personalized "
-                              "answer beside the plain one", (common, methods))
+                              "answer beside the plain one", (common, methods), writes=True)
     p.add_argument("--prompt", default="How do I cook pasta?",
                    help="the new prompt answered for each demo user (EXACT injects the attributes of the "
                         "user's most similar past prompt: the default resembles one of the demo's)")
@@ -664,10 +708,18 @@ def make_parser() -> argparse.ArgumentParser:
                         "suite's first new ones (default 6)")
 
     for module in COMMAND_MODULES:
-        if importlib.util.find_spec(module) is None:  # not written yet: no command
-            continue
         importlib.import_module(module).add_parser(sub, [common])
     return parser
+
+
+def report_error(args, command: str, e: Exception) -> None:
+    """One line on stderr; with --json, the service's error object on stdout instead."""
+    if getattr(args, "json", False):
+        param = getattr(e, "field", None) or getattr(e, "option", None)
+        print(json.dumps({"error": {"message": str(e), "type": type(e).__name__, "param": param}},
+                         ensure_ascii=False))
+    else:
+        print(f"prefsteer {command}: error: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -680,15 +732,27 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if getattr(args, "quiet", False) or getattr(args, "json", False):  # no bars, the weights' loading included
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"
+        args.quiet = True
     ctx = Context(args)
     # `kill` (SIGTERM) stops a command the way Ctrl-C does: cleanup runs, finished work is saved
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     name = " ".join(x for x in (args.command, getattr(args, "cliper_command", None)) if x)
     try:
+        if getattr(args, "backend", None):
+            from prefsteer.backends import check_backend
+
+            check_backend(args.backend)  # before anything is read or written
+        if getattr(args, "embedder", None) and getattr(args, "writes", False):
+            from prefsteer.retrieval import check_embedder
+
+            check_embedder(args.embedder)
         return args.func(args, ctx) or 0
     except PrefsteerError as e:  # the user's to fix: one line (a list of bad lines at most), no traceback
-        print(f"prefsteer {name}: error: {e}", file=sys.stderr)
+        report_error(args, name, e)
         return 2
     except BrokenPipeError:  # `prefsteer ... | head`
         sys.stderr.close()

@@ -15,11 +15,16 @@ import json
 
 def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
     help_ = "create, list and revoke the service's API keys (each bound to a tenant)"
-    p = subparsers.add_parser("keys", parents=parents, help=help_, description=help_)
-    p.add_argument("action", choices=["create", "list", "revoke"], help="what to do")
-    p.add_argument("key_id", nargs="?", default=None, help="revoke: the key's id (from `keys list`)")
-    p.add_argument("--tenant", default=None, help="create: the tenant the key acts for")
+    top = subparsers.add_parser("keys", help=help_, description=help_)
+    sub = top.add_subparsers(dest="action", metavar="ACTION", required=True, help="create, list or revoke")
+    p = sub.add_parser("create", parents=parents, help="create a key for a tenant (printed once)")
+    p.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    p.set_defaults(func=cmd_keys, writes=True)
+    p = sub.add_parser("list", parents=parents, help="list the keys (ids and tenants, never the keys)")
     p.set_defaults(func=cmd_keys)
+    p = sub.add_parser("revoke", parents=parents, help="revoke a key by its id")
+    p.add_argument("key_id", help="the key's id (from `keys list`)")
+    p.set_defaults(func=cmd_keys, writes=True)
 
 
 def cmd_keys(args, ctx) -> int:
@@ -28,8 +33,6 @@ def cmd_keys(args, ctx) -> int:
 
     mem = ctx.memory
     if args.action == "create":
-        if not args.tenant:
-            raise PrefsteerError("keys create needs --tenant T")
         try:
             out = store.create_key(mem, args.tenant)
         except ValueError as e:
@@ -41,8 +44,6 @@ def cmd_keys(args, ctx) -> int:
         text = "\n".join(f"{k['key_id']}  tenant {k['tenant']}{'  (revoked)' if k['revoked'] else ''}"
                          for k in out["keys"]) or "no keys"
     else:
-        if not args.key_id:
-            raise PrefsteerError("keys revoke needs the key's id (see `prefsteer keys list`)")
         if not store.revoke_key(mem, args.key_id):
             raise PrefsteerError(f"no active key with id '{args.key_id}' (see `prefsteer keys list`)")
         out = {"revoked": args.key_id}

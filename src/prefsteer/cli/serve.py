@@ -42,7 +42,7 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
     for action in sub._actions:
         if not any(s in have for s in action.option_strings):
             p._add_action(action)
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, writes=True)
 
 
 def settings_from_args(args, ctx):

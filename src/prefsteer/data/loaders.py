@@ -106,7 +106,37 @@ def _records(path: Path, errors: _Errors) -> Iterator[tuple[int, dict[str, Any]]
             if not isinstance(obj, dict):
                 errors.add(InputError(f"expected a JSON object, got {_json_type(obj)}", file=file, line=line_no))
                 continue
+            bad = _unencodable(obj)
+            if bad is not None:
+                field, char = bad
+                errors.add(InputError(f"text holds a lone surrogate escape ({char}), which is not a character: "
+                                      "fix the escape or the program that wrote the file", file=file,
+                                      line=line_no, field=field))
+                continue
             yield line_no, obj
+
+
+def _unencodable(value: Any, field: str = "") -> tuple[str, str] | None:
+    """(dotted field, escape) of the first string (key or value) in ``value`` that UTF-8 cannot
+    encode: JSON's ``"\\ud800"`` parses to a lone surrogate, which fails later, far from the file."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return field or "(value)", f"\\u{ord(value[e.start]):04x}"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            name = f"{field}.{k}" if field else str(k)
+            bad = _unencodable(k, name) or _unencodable(v, name)
+            if bad is not None:
+                return bad
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            bad = _unencodable(v, f"{field}[{i}]")
+            if bad is not None:
+                return bad
+    return None
 
 
 class _Checker:

@@ -315,7 +315,7 @@ def run(backend, cfg: dict, out_dir: str | Path, *, embedder=None, n_prompts: in
         texts = backend.generate([user_turn(p) for p in suite.prompts], gen_cfg)
         plain = {p: g.text for p, g in zip(suite.prompts, texts)}
     for spec in specs:
-        exact = Exact(backend, memory=memory, embedder=embedder, library=library, scope="given",
+        exact = Exact(backend, memory=memory, embedder=embedder, library=library,
                       config=ExactConfig(k=cfg.get("k", 3), **spec.get("kwargs", {})), progress=progress)
         t0 = time.perf_counter()
         if oracle and generate and suite.prompts:  # the ceiling: the target itself injected
@@ -330,6 +330,7 @@ def run(backend, cfg: dict, out_dir: str | Path, *, embedder=None, n_prompts: in
             continue
         for user, target in suite.targets.items():
             ps = [p for p in suite.pairs if p.user_id == user]
+            memory.add_pairs(ps)
             exact.fit(user, ps)
             for p in ps:
                 s = memory.selection(user, p.pair_id, exact.config_id)

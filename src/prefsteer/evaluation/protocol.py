@@ -56,9 +56,21 @@ class MethodSpec:
 
     def check(self) -> None:
         """The method exists and takes every key of ``kwargs`` (imports the method's module)."""
-        from prefsteer.evaluation.runner import check_method_kwargs
-
         check_method_kwargs(self)
+
+
+def check_method_kwargs(spec: MethodSpec) -> None:
+    """An unknown method, or a kwarg the method does not take (an option of its config dataclass or
+    its ``extra_options``; the shared resources are the runner's to give), is an `InputError` naming it."""
+    from prefsteer.errors import unknown_keys
+    from prefsteer.methods import available_methods, get_method_class
+    from prefsteer.methods.base import option_names
+
+    if spec.method not in available_methods():
+        raise InputError(f"unknown method '{spec.method}' (label '{spec.label}'); available: "
+                         f"{', '.join(available_methods())}", field="methods")
+    unknown_keys(f"method '{spec.label}' ({spec.method}) in the configuration's kwargs", spec.kwargs,
+                 set(option_names(get_method_class(spec.method))))
 
 
 @dataclass

@@ -25,7 +25,6 @@ later seed.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from typing import Any, Iterator, Sequence
 from prefsteer.errors import InputError
 from prefsteer.types import PreferencePair
 from prefsteer.evaluation.metrics import improvement_share, pairwise_accuracy, summarize
-from prefsteer.evaluation.protocol import REPO_ROOT, EvalConfig, MethodSpec
+from prefsteer.evaluation.protocol import REPO_ROOT, EvalConfig, MethodSpec, check_method_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -79,33 +78,6 @@ def record_key(r: dict) -> tuple:
     return (r["kind"], r["seed"], r["user"], r["method"], r.get("pair_id", ""))
 
 
-# what the runner itself gives a method's constructor, never a configuration's kwargs
-RUNNER_KWARGS = ("memory", "embedder", "library", "scorer", "progress", "scope")
-
-
-def method_options(cls) -> set[str]:
-    """The keyword arguments a method accepts from a configuration: its constructor's named
-    parameters and its config dataclass's fields."""
-    params = inspect.signature(cls.__init__).parameters
-    named = {n for n, p in params.items() if n not in ("self", "backend", "config")
-             and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
-    from prefsteer.methods.base import option_names
-
-    return (named | set(option_names(cls))) - set(RUNNER_KWARGS)
-
-
-def check_method_kwargs(spec: MethodSpec) -> None:
-    """An unknown method, or a kwarg the method does not take, is an `InputError` naming it."""
-    from prefsteer.errors import unknown_keys
-    from prefsteer.methods import available_methods, get_method_class
-
-    if spec.method not in available_methods():
-        raise InputError(f"unknown method '{spec.method}' (label '{spec.label}'); available: "
-                         f"{', '.join(available_methods())}", field="methods")
-    unknown_keys(f"method '{spec.label}' ({spec.method}) in the configuration's kwargs", spec.kwargs,
-                 method_options(get_method_class(spec.method)))
-
-
 @dataclass
 class Job:
     seed: int
@@ -136,7 +108,8 @@ class Runner:
                  judge=None, winrate: bool | None = None, table7: bool | None = None,
                  progress: bool = True):
         from prefsteer.attributes import load_library
-        from prefsteer.memory import Memory, ScoreCache
+        from prefsteer.backends.cache import ScoreCache
+        from prefsteer.memory import Memory
 
         self.config, self.backend = config, backend
         self.out = Path(out_dir)
@@ -217,19 +190,13 @@ class Runner:
         return self._judge
 
     def method(self, spec: MethodSpec):
-        """One instance per label, built with the shared resources its constructor accepts."""
+        """One instance per label, built by the registry with the runner's shared resources."""
         if spec.label not in self._methods:
-            from prefsteer.methods import get_method_class
+            from prefsteer.methods.registry import Resources, build
 
-            cls = get_method_class(spec.method)
-            params = inspect.signature(cls.__init__).parameters
-            var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-            # progress: bars within a user; scope: a user's memory is the split's training pairs only,
-            # never pairs of another seed's split (those may be this split's test pairs)
-            shared = {"memory": self.memory, "embedder": self.embedder, "library": self.library,
-                      "scorer": self.scorer, "progress": self.progress, "scope": "given"}
-            kw = {k: v for k, v in shared.items() if k in params or (k == "scorer" and var_kw)}
-            self._methods[spec.label] = cls(self.backend, **kw, **spec.kwargs)
+            res = Resources(memory=self.memory, embedder=self.embedder, library=self.library,
+                            scorer=self.scorer, progress=self.progress)
+            self._methods[spec.label] = build(spec.method, self.backend, res, spec.kwargs)
         return self._methods[spec.label]
 
     # -- records ---------------------------------------------------------------------------
@@ -315,6 +282,9 @@ class Runner:
     def evaluate(self, job: Job, spec: MethodSpec) -> dict:
         method = self.method(spec)
         timings: dict[str, float] = {}
+        # the split's training pairs are stored and fitted on; a method learns from these only,
+        # never from pairs of another seed's split (those may be this split's test pairs)
+        self.memory.add_pairs(job.train)
         t = time.perf_counter()
         method.fit(job.user, job.train)
         timings["fit"] = time.perf_counter() - t

@@ -8,14 +8,20 @@ registered by name:
         config_class = MineConfig             # a dataclass: its fields become --mine-<field> options
         def fit(self, user_id, pairs): ...    # learns, then self.save_state(user_id, {...})
         def margins(self, user_id, pairs): ...
-        def generate(self, user_id, prompts, config=None): ...
+        def generate(self, user_id, conversations, config=None): ...
+
+A conversation is what OpenAI's chat API sends: a list of ``{"role", "content"}`` messages (system,
+user, assistant) ending with the user's turn. ``generate`` answers each one; a plain string is the
+one-line convenience for a single user turn (`as_conversations` turns it into one, so every method
+has one path). The caller stores a user's pairs in the memory; ``fit`` learns from the pairs it is
+given and stores only its own state.
 
 Per-user state lives in the memory (`Memory.put_method_state`), keyed by user, method and
 `state_id` (the model fingerprint, chat template and the method's options), so a method fitted in
 one process generates for that user in any other: `load_state` reads what `save_state` wrote.
 `profile` says what was learned and `feedback` takes new pairs the way the method can (EXACT
 indexes them, Drift refits, others mark their state stale). Serving a user with no stored state
-raises `NotFittedError`; an option the method does not have raises `UnknownOptionError` (checked
+(or a method that needs a user, without one) raises `NotFittedError`; an option the method does not have raises `UnknownOptionError` (checked
 against ``config_class`` when the method is built, or by `config_from_options`).
 """
 
@@ -27,7 +33,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-from prefsteer.backends.base import Backend, GenerationConfig
+from prefsteer.backends.base import Backend, GenerationConfig, Message, Messages
 from prefsteer.errors import PrefsteerError
 from prefsteer.types import PreferencePair
 
@@ -39,13 +45,83 @@ SHARED_OPTIONS = ("scorer",)
 
 
 class NotFittedError(PrefsteerError, ValueError):
-    """A method was asked to serve a user it has no stored state for."""
+    """A method was asked to serve a user it has no stored state for (``user_id`` None: it was
+    asked without a user, and it needs one)."""
 
     def __init__(self, method: str, user_id: str | None, hint: str | None = None):
         self.method, self.user_id = method, user_id
-        super().__init__(f"{hint + ': ' if hint else ''}user '{user_id}' has not been fitted with the "
-                         f"'{method}' method (for this model and these options); run "
-                         f"`prefsteer index --method {method} --data FILE` with the user's pairs first")
+        if user_id is None:
+            what = f"method '{method}' needs a user (it serves what it learned from a user's pairs)"
+        else:
+            what = (f"user '{user_id}' has not been fitted with the '{method}' method (for this model and "
+                    f"these options); run `prefsteer index --method {method} --data FILE` with the "
+                    "user's pairs first")
+        super().__init__(f"{hint + ': ' if hint else ''}{what}")
+
+
+class ConversationError(PrefsteerError, ValueError):
+    """A conversation a method cannot answer (names the message at fault)."""
+
+    def __init__(self, message: str, index: int | None = None):
+        self.index = index
+        super().__init__(f"message {index}: {message}" if index is not None else message)
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def as_conversation(conversation: "str | Messages") -> list[Message]:
+    """A validated copy of ``conversation``: a string is a single user turn; a list of messages
+    has roles among system / user / assistant, a system prompt only first, string contents, and
+    ends with the user's turn."""
+    if isinstance(conversation, str):
+        return [{"role": "user", "content": conversation}]
+    msgs: list[Message] = []
+    for i, m in enumerate(conversation):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+        if role not in ROLES:
+            raise ConversationError(f"role {role!r} is not one of {', '.join(ROLES)}", i)
+        if not isinstance(content, str):
+            raise ConversationError(f"content has to be a string, not {type(content).__name__}", i)
+        if role == "system" and i > 0:
+            raise ConversationError("a system prompt has to be the first message", i)
+        msgs.append({"role": role, "content": content})
+    if not msgs or msgs[-1]["role"] != "user":
+        raise ConversationError("the conversation has to end with the user's turn")
+    return msgs
+
+
+def as_conversations(conversations: "str | Sequence[str | Messages]") -> list[list[Message]]:
+    """`as_conversation` of each; a lone string is one conversation of one user turn."""
+    if isinstance(conversations, str):
+        conversations = [conversations]
+    return [as_conversation(c) for c in conversations]
+
+
+def last_user_turn(conversation: Messages) -> str:
+    """The content of the conversation's last message (the user's turn it answers)."""
+    return conversation[-1]["content"]
+
+
+def with_system(conversation: Messages, system: str | None) -> list[Message]:
+    """The conversation with ``system`` added to its system prompt: the caller's own system prompt
+    comes first and ``system`` follows it after a blank line; without one, ``system`` becomes it."""
+    msgs = [dict(m) for m in conversation]
+    if not system:
+        return msgs
+    if msgs and msgs[0]["role"] == "system":
+        head = msgs[0]["content"]
+        msgs[0]["content"] = f"{head}\n\n{system}" if head else system
+    else:
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs
+
+
+def with_user_suffix(conversation: Messages, text: str) -> list[Message]:
+    """The conversation with ``text`` on a new line at the end of its last user turn."""
+    msgs = [dict(m) for m in conversation]
+    msgs[-1]["content"] = f"{msgs[-1]['content']}\n{text}"
+    return msgs
 
 
 class UnknownOptionError(PrefsteerError, ValueError):
@@ -106,6 +182,17 @@ class MethodOutput:
 
 class Method(ABC):
     name: str = ""
+    # the shared resources (fields of `prefsteer.methods.registry.Resources`) the constructor takes
+    resources: ClassVar[tuple[str, ...]] = ("memory",)
+    # whether the method keeps anything per user (`none` does not: it serves anyone, fitted or not)
+    per_user: ClassVar[bool] = True
+    # whether its state is built from the stored pairs alone, without the model (cheap enough to
+    # build when a user is first served: Base's history prompt)
+    fits_on_demand: ClassVar[bool] = False
+    # whether it selects per pair, independently (EXACT: what `index --executor ray` spreads)
+    selects_per_pair: ClassVar[bool] = False
+    # the command line's spelling of its options: --<prefix><field> (None: --<name>-<field>)
+    option_prefix: ClassVar[str | None] = None
     # the method's options as a dataclass whose fields carry their help text (None: no options)
     config_class: ClassVar[type | None] = None
     # keyword options taken besides the config's fields (read from ``self.options``)
@@ -165,12 +252,24 @@ class Method(ABC):
         return {"method": self.name, "fitted": True, "stale": st["stale"], "pairs": st["n_pairs"],
                 "updated": st["updated"], "state": self.describe_state(st["state"])}
 
+    def length_contexts(self, pair: PreferencePair) -> list[list[Message]]:
+        """The longest chat contexts the method builds for ``pair``'s prompt (the CLI refuses a pair
+        that cannot fit the model with its longer answer)."""
+        return [[{"role": "user", "content": pair.prompt}]]
+
+    def learned(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
+        """What the method learned from each of ``pairs``, pair by pair, where it learns per pair."""
+        return []
+
+    def warm_up(self) -> None:
+        """Load what the first request would otherwise wait for (so that timings are per request)."""
+
     def describe_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """The part of a stored state that `profile` shows (default: all of it)."""
         return state
 
     def feedback(self, user_id: str, pairs: Sequence[PreferencePair]) -> str:
-        """Take new pairs (already stored in the memory) into account; returns what was done:
+        """Take new pairs (the caller has stored them in the memory) into account; returns what was done:
         ``"indexed"``, ``"refit"``, ``"stale"`` (the state no longer covers every pair: fit again)
         or ``"unchanged"`` (a method with no per-user state)."""
         memory = getattr(self, "memory", None)
@@ -180,16 +279,17 @@ class Method(ABC):
 
     @abstractmethod
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:
-        """Learn the user's taste from training pairs (offline; may be incremental)."""
+        """Learn the user's taste from ``pairs`` (offline) and store the method's state; the pairs
+        themselves are the caller's to store."""
 
     @abstractmethod
     def margins(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[float]:
         """For each pair, score(chosen) - score(rejected) under this method: > 0 ranks chosen first."""
 
     @abstractmethod
-    def generate(self, user_id: str, prompts: Sequence[str],
+    def generate(self, user_id: str | None, conversations: "Sequence[str | Messages]",
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
-        ...
+        """The answer to each conversation for the user (`as_conversations` reads them)."""
 
 
 _REGISTRY: dict[str, str] = {}
@@ -212,8 +312,14 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+class UnknownMethodError(PrefsteerError, ValueError):
+    def __init__(self, name: str):
+        self.method = name
+        super().__init__(f"unknown method '{name}'; available: {', '.join(available_methods())}")
+
+
 def get_method_class(name: str) -> type[Method]:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method '{name}'; available: {', '.join(available_methods())}")
+        raise UnknownMethodError(name)
     module, cls = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)

@@ -30,13 +30,11 @@ Generation runs on either of two backend operations:
 * ``guide_branches`` (vLLM, whose logits live in its engine process): `DriftGuide` describes the
   mixture as data (the weights, beta, and each prompt's branch contexts as token ids); the engine
   decodes the branches beside each request on a side model and applies the same `combine_logits`
-  (`prefsteer.backends.vllm`).
+  (`prefsteer.backends.vllm`). Both live in the guide kind `prefsteer.backends.guides.drift`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
@@ -44,10 +42,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from prefsteer.attributes import Attribute, AttributeLibrary, load_library
-from prefsteer.backends.base import (GenerationConfig, Messages, ScoreRequest, UnsupportedOperation, require,
-                                     user_turn)
+from prefsteer.backends.base import GenerationConfig, Messages, ScoreRequest, UnsupportedOperation, require
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import Method, MethodOutput, OptionError, config_from_options, register_method
+# Drift's step as data (what an engine in another process runs) is the guide kind's, re-exported here
+from prefsteer.backends.guides.drift import (DRIFT_GUIDE_FORMAT, DriftGuide, check_drift_description,  # noqa: F401
+                                             combine_logits)
+from prefsteer.methods.base import (Method, MethodOutput, NotFittedError, OptionError, as_conversation,
+                                    as_conversations, config_from_options, register_method, with_system,
+                                    with_user_suffix)
 
 PLACEMENTS = ("system", "user")
 
@@ -123,92 +125,11 @@ def fit_bradley_terry(diffs: np.ndarray, l2: float = 0.01, max_iter: int = 200) 
     return w.detach().numpy().copy()
 
 
-def combine_logits(base: "torch.Tensor", plain: "torch.Tensor", attrs: "torch.Tensor",
-                   weights: "torch.Tensor", beta: float = 1.0) -> "torch.Tensor":
-    """The Drift step: base (B, V), plain (B, V), attrs (B, n, V), weights (n,) -> (B, V).
-
-    Each input is turned into log-probabilities; nothing is modified in place.
-    """
-    import torch
-
-    lb = torch.log_softmax(base.float(), -1)
-    if attrs.shape[1] == 0:
-        return lb
-    lp = torch.log_softmax(plain.float(), -1)                  # (B, V)
-    la = torch.log_softmax(attrs.float(), -1)                  # (B, n, V)
-    w = weights.to(la.dtype).to(la.device)
-    return lb + torch.einsum("n,bnv->bv", w, la - lp[:, None]) / beta
-
-
 def active_branches(weights: Sequence[float], threshold: float = 1e-6, top_m: int = 0) -> list[int]:
     """Indices of the attributes that get a decoding branch: |w| > threshold, the top_m largest."""
     idx = [i for i, w in enumerate(weights) if abs(w) > threshold]
     idx.sort(key=lambda i: -abs(weights[i]))
     return sorted(idx[:top_m] if top_m else idx)
-
-
-DRIFT_GUIDE_FORMAT = "prefsteer-drift-guide-v1"
-
-
-class DriftGuide:
-    """Drift's decoding step as data, for an engine that decodes in another process.
-
-    ``rows`` holds one entry per context given to ``Backend.generate``: ``branch_ids``, the token ids
-    of each attribute branch's context, and ``plain_ids``, those of the plain branch, or None when the
-    plain branch is the request itself (its logits are the engine's own). The engine keeps a row of
-    the model ``fingerprint`` names for each branch, fed the tokens the request accepts, and replaces
-    the request's logits by `combine`'s: ``combine_logits(engine's, plain, branches, weights, beta)``.
-    """
-
-    def __init__(self, weights: Sequence[float], beta: float, fingerprint: str, rows: Sequence[dict] = ()):
-        self.weights = [float(w) for w in weights]
-        self.beta = float(beta)
-        if not self.beta > 0:
-            raise ValueError(f"`beta` (={self.beta}) has to be a strictly positive float")
-        self.fingerprint = fingerprint
-        self.rows = [{"plain_ids": None if r.get("plain_ids") is None else [int(t) for t in r["plain_ids"]],
-                      "branch_ids": [[int(t) for t in b] for b in r["branch_ids"]]} for r in rows]
-        for i, r in enumerate(self.rows):
-            if len(r["branch_ids"]) != len(self.weights):
-                raise ValueError(f"row {i} has {len(r['branch_ids'])} branches for {len(self.weights)} weights")
-
-    def describe(self) -> dict[str, Any]:
-        """Plain data: the mixture (with a ``key`` identifying it) and, under ``rows``, each context's
-        branches; the engine gives request i the mixture plus ``rows[i]``."""
-        desc = {"format": DRIFT_GUIDE_FORMAT, "kind": "drift", "weights": self.weights, "beta": self.beta,
-                "fingerprint": self.fingerprint}
-        desc["key"] = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
-        return {**desc, "rows": [dict(r) for r in self.rows]}
-
-    @classmethod
-    def from_description(cls, desc: dict[str, Any]) -> "DriftGuide":
-        """The mixture of one request's description (`check_drift_description` first)."""
-        check_drift_description(desc)
-        return cls(desc["weights"], desc["beta"], desc["fingerprint"])
-
-    def combine(self, logits: "torch.Tensor", plain: "torch.Tensor", branches: "torch.Tensor") -> "torch.Tensor":
-        """logits (B, V) of the requests, plain (B, V), branches (B, n, V) -> the Drift step (B, V)."""
-        import torch
-
-        return combine_logits(logits, plain, branches, torch.tensor(self.weights), self.beta)
-
-
-def check_drift_description(desc: Any) -> None:
-    """Raise ValueError unless ``desc`` is one request's Drift description: `DriftGuide.describe`'s
-    mixture plus one of its ``rows``."""
-    if not isinstance(desc, dict) or desc.get("format") != DRIFT_GUIDE_FORMAT:
-        raise ValueError(f"not a prefsteer Drift description (format {DRIFT_GUIDE_FORMAT!r} expected)")
-    missing = [k for k in ("weights", "beta", "fingerprint", "key", "branch_ids") if k not in desc]
-    if missing:
-        raise ValueError(f"the Drift description lacks {', '.join(missing)}")
-    if not float(desc["beta"]) > 0:
-        raise ValueError(f"`beta` (={desc['beta']}) has to be a strictly positive float")
-    branches = desc["branch_ids"]
-    if len(branches) != len(desc["weights"]) or not all(len(b) for b in branches):
-        raise ValueError(f"the Drift description has {len(branches)} branches (each non-empty) for "
-                         f"{len(desc['weights'])} weights")
-    if desc.get("plain_ids") is not None and not len(desc["plain_ids"]):
-        raise ValueError("the Drift description's plain branch is empty")
 
 
 # options that only shape decoding or margins, not what `fit` learns: a fitted user serves under any
@@ -223,6 +144,7 @@ class Drift(Method):
     generation)."""
 
     config_class = DriftConfig
+    resources = ("memory", "library", "progress")
 
     def __init__(self, backend, memory=None, library: AttributeLibrary | str | None = None,
                  drift_backend=None, config: DriftConfig | None = None, progress: bool = False,
@@ -233,7 +155,7 @@ class Drift(Method):
         self.library = lib.subset(list(self.config.attributes)) if self.config.attributes else lib
         self.drift_backend = drift_backend if drift_backend is not None else backend
         if memory is not None:
-            from prefsteer.memory import ScoreCache
+            from prefsteer.backends.cache import ScoreCache
             self.scorer = ScoreCache(self.drift_backend, memory)
             self.base_scorer = self.scorer if self.drift_backend is backend else ScoreCache(backend, memory)
         else:
@@ -254,13 +176,16 @@ class Drift(Method):
     def instruction(self, attribute: Attribute) -> str:
         return self.config.system_template.format(name=attribute.name, description=attribute.description)
 
-    def context(self, prompt: str, attribute: Attribute | None = None) -> list[dict]:
-        """The chat context of the plain branch (``attribute=None``) or of one attribute's branch."""
+    def context(self, conversation: str | Messages, attribute: Attribute | None = None) -> list[dict]:
+        """The chat context of the plain branch (``attribute=None``) or of one attribute's branch,
+        for a prompt or a whole conversation: the attribute's instruction joins the system prompt
+        (after the caller's own) or ends the last user turn, as ``placement`` says."""
+        conv = as_conversation(conversation)
         if attribute is None:
-            return user_turn(prompt, self.config.plain_system)
+            return with_system(conv, self.config.plain_system)
         if self.config.placement == "system":
-            return user_turn(prompt, self.instruction(attribute))
-        return user_turn(f"{prompt}\n{self.instruction(attribute)}", self.config.plain_system)
+            return with_system(conv, self.instruction(attribute))
+        return with_system(with_user_suffix(conv, self.instruction(attribute)), self.config.plain_system)
 
     # -- features ---------------------------------------------------------------------------
     def features(self, pairs: Sequence[PreferencePair]) -> tuple[np.ndarray, np.ndarray]:
@@ -279,7 +204,9 @@ class Drift(Method):
         phi_l = attribute_features(lp[:, 1:, 1], lp[:, 0, 1])
         return phi_w - phi_l, lp[:, 0, 0] - lp[:, 0, 1]
 
-    def _weights(self, user_id: str) -> np.ndarray:
+    def _weights(self, user_id: str | None) -> np.ndarray:
+        if user_id is None:
+            raise NotFittedError(self.name, None)
         if user_id not in self.weights:
             st = self.require_state(user_id)["state"]
             self.weights[user_id], self.fit_info[user_id] = st["weights"], st["fit"]
@@ -322,11 +249,12 @@ class Drift(Method):
             m = m / self.config.beta + base_gap
         return m.tolist()
 
-    def generate(self, user_id: str, prompts: Sequence[str],
+    def generate(self, user_id: str | None, conversations: Sequence[str | Messages],
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
         from prefsteer.backends.sampling import seeded_generator
 
         config = config or GenerationConfig()
+        convs = as_conversations(conversations)
         w = self._weights(user_id)
         backends = {id(self.backend): self.backend, id(self.drift_backend): self.drift_backend}.values()
         lock_step = all("start_decoding" in b.capabilities for b in backends)
@@ -341,44 +269,43 @@ class Drift(Method):
         if lock_step:
             texts = []
             gen = seeded_generator(config)  # on the CPU: the combined logits are moved there to sample
-            for prompt in prompts:  # one prompt at a time: its 1 + n branches are the batch
-                base = user_turn(prompt)
-                branches = [self.context(prompt)] + [self.context(prompt, a) for a in attrs]
-                texts.append(decode_branches(self.backend, self.drift_backend, base, branches, weights,
+            for conv in convs:  # one conversation at a time: its 1 + n branches are the batch
+                branches = [self.context(conv)] + [self.context(conv, a) for a in attrs]
+                texts.append(decode_branches(self.backend, self.drift_backend, conv, branches, weights,
                                              self.config.beta, config, gen))
         else:
-            texts = self._generate_guided(prompts, attrs, weights, config)
+            texts = self._generate_guided(convs, attrs, weights, config)
         secs = time.perf_counter() - start
         return [MethodOutput(t, [a.name for a in attrs], {"generation": secs},
                              {"weights": dict(zip([a.name for a in attrs], weights))}) for t in texts]
 
 
-    def _generate_guided(self, prompts: Sequence[str], attrs: list[Attribute], weights: list[float],
+    def _generate_guided(self, convs: Sequence[Messages], attrs: list[Attribute], weights: list[float],
                          config: GenerationConfig) -> list[str]:
-        """All prompts in one `generate` call on an engine that runs the mixture itself
+        """All conversations in one `generate` call on an engine that runs the mixture itself
         (``guide_branches``), with the same contexts and step limit as `decode_branches`."""
         b, small = self.backend, self.drift_backend
         if not attrs:  # nothing to mix: the plain base distribution
-            return [g.text for g in b.generate([user_turn(p) for p in prompts], config)]
+            return [g.text for g in b.generate(list(convs), config)]
         rows, steps = [], []
-        for prompt in prompts:
-            base_ids = b.encode_context(user_turn(prompt))
-            if small is not b and small.encode_context(user_turn(prompt)) != base_ids:
+        for conv in convs:
+            base_ids = b.encode_context(conv)
+            if small is not b and small.encode_context(conv) != base_ids:
                 raise OptionError("`drift_backend` has to share the backend's tokenizer for generation")
-            plain_ids = small.encode_context(self.context(prompt))
-            branch_ids = [small.encode_context(self.context(prompt, a)) for a in attrs]
+            plain_ids = small.encode_context(self.context(conv))
+            branch_ids = [small.encode_context(self.context(conv, a)) for a in attrs]
             shared = small is b and plain_ids == base_ids
             rows.append({"plain_ids": None if shared else plain_ids, "branch_ids": branch_ids})
             steps.append(min(config.max_new_tokens,
                              b.max_context - max(len(c) for c in [base_ids, plain_ids] + branch_ids)))
-        texts: list[str | None] = [None] * len(prompts)
+        texts: list[str | None] = [None] * len(convs)
         for n in sorted(set(steps)):  # one call per step limit (normally one call)
             idx = [i for i, s in enumerate(steps) if s == n]
             if n < 1:
                 raise OptionError(f"prompt {idx[0]} leaves no room to generate in the model's "
                                   f"{b.max_context} tokens")
             guide = DriftGuide(weights, self.config.beta, small.fingerprint, [rows[i] for i in idx])
-            gens = b.generate([user_turn(prompts[i]) for i in idx], replace(config, max_new_tokens=n), guide=guide)
+            gens = b.generate([convs[i] for i in idx], replace(config, max_new_tokens=n), guide=guide)
             for i, g in zip(idx, gens):
                 texts[i] = g.text
         return texts

@@ -5,6 +5,10 @@ The system prompt lists the user's past choices, oldest first, at most ``max_pai
 than the budget is cut to it, so the prompt is never empty when the user has pairs). A pair's margin
 is log p(chosen | system, prompt) - log p(rejected | system, prompt).
 
+In a conversation that has a system prompt of its own, the caller's system prompt comes first and
+the history follows it after a blank line, so the caller's instructions keep their place and the
+user's choices are read as context for them.
+
     >>> base = BasePrompt(backend, memory=Memory("memory.db"), max_pairs=50)
     >>> base.fit("alice", pairs)                   # stores the system prompt for alice
     >>> base.margins("alice", test_pairs)          # > 0: chosen ranked first
@@ -15,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from prefsteer.backends.base import GenerationConfig, require, user_turn
+from prefsteer.backends.base import GenerationConfig, Messages, require
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import Method, MethodOutput, config_from_options, register_method
+from prefsteer.methods.base import (Method, MethodOutput, NotFittedError, as_conversations, config_from_options,
+                                    register_method, with_system)
 from prefsteer.methods.plain import plain_margins, timed_generate
 
 MAX_PAIRS = 200
@@ -69,9 +74,12 @@ class BasePrompt(Method):
     ids of the pairs it holds."""
 
     config_class = BaseConfig
+    resources = ("memory", "scorer")
+    fits_on_demand = True
 
-    def __init__(self, backend, memory=None, config: BaseConfig | None = None, **options):
+    def __init__(self, backend, memory=None, scorer=None, config: BaseConfig | None = None, **options):
         super().__init__(backend, memory=memory, **options)
+        self.scorer = scorer
         self.config = config_from_options(BaseConfig, options, "base", config)
         self.max_pairs, self.max_chars = self.config.max_pairs, self.config.max_chars
         self.systems: dict[str, str] = {}   # user -> system prompt, this process's copy of the state
@@ -84,11 +92,20 @@ class BasePrompt(Method):
         self.save_state(user_id, {"system": system, "pairs_in_prompt": n,
                                   "pair_ids": [p.pair_id for p in pairs[:n]]}, n_pairs=len(pairs))
 
-    def system(self, user_id: str) -> str:
+    def system(self, user_id: str | None) -> str:
+        if user_id is None:
+            raise NotFittedError(self.name, None)
         if user_id not in self.systems:
             st = self.require_state(user_id)["state"]
             self.systems[user_id], self.n_pairs[user_id] = st["system"], st["pairs_in_prompt"]
         return self.systems[user_id]
+
+    def feedback(self, user_id: str, pairs: Sequence[PreferencePair]) -> str:
+        """The history prompt is rebuilt from every stored pair (no model call)."""
+        if self.memory is None:
+            return super().feedback(user_id, pairs)
+        self.fit(user_id, self.memory.pairs(user_id))
+        return "refit"
 
     def describe_state(self, state: dict) -> dict:
         return {"pairs_in_prompt": state["pairs_in_prompt"], "pair_ids": state["pair_ids"],
@@ -96,12 +113,13 @@ class BasePrompt(Method):
 
     def margins(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[float]:
         require(self.backend, "score", "the base method's margins")
-        return plain_margins(self.options.get("scorer") or self.backend, pairs, self.system(user_id))
+        return plain_margins(self.scorer or self.backend, pairs, self.system(user_id))
 
-    def generate(self, user_id: str, prompts: Sequence[str],
+    def generate(self, user_id: str | None, conversations: Sequence[str | Messages],
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
         system = self.system(user_id)
         require(self.backend, "generate", "the base method")
-        gens, secs = timed_generate(self.backend, [user_turn(p, system) for p in prompts], config)
+        contexts = [with_system(c, system) for c in as_conversations(conversations)]
+        gens, secs = timed_generate(self.backend, contexts, config)
         return [MethodOutput(g.text, [], {"generation": secs}, {"pairs_in_prompt": self.n_pairs[user_id]})
                 for g in gens]

@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from prefsteer.backends.base import GenerationConfig, ScoreRequest, require, user_turn
+from prefsteer.backends.base import GenerationConfig, Messages, ScoreRequest, require, user_turn
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import Method, MethodOutput, register_method
+from prefsteer.methods.base import Method, MethodOutput, as_conversations, register_method
 
 
 def plain_margins(scorer, pairs: Sequence[PreferencePair], system: str | None = None) -> list[float]:
@@ -37,10 +37,13 @@ class PlainConfig:
 @register_method("none")
 class Plain(Method):
     config_class = PlainConfig
+    resources = ("memory", "scorer")
+    per_user = False
 
-    def __init__(self, backend, memory=None, **options: Any):
+    def __init__(self, backend, memory=None, scorer=None, config: PlainConfig | None = None, **options: Any):
         super().__init__(backend, memory=memory, **options)
-        self.config = PlainConfig()
+        self.scorer = scorer
+        self.config = config or PlainConfig()
 
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:
         pass  # nothing to learn, nothing to store
@@ -54,10 +57,10 @@ class Plain(Method):
 
     def margins(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[float]:
         require(self.backend, "score", "the none method's margins")
-        return plain_margins(self.options.get("scorer") or self.backend, pairs)
+        return plain_margins(self.scorer or self.backend, pairs)
 
-    def generate(self, user_id: str, prompts: Sequence[str],
+    def generate(self, user_id: str | None, conversations: Sequence[str | Messages],
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
         require(self.backend, "generate", "the none method")
-        gens, secs = timed_generate(self.backend, [user_turn(p) for p in prompts], config)
+        gens, secs = timed_generate(self.backend, as_conversations(conversations), config)
         return [MethodOutput(g.text, [], {"generation": secs}) for g in gens]

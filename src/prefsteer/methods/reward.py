@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from prefsteer.backends.base import AdapterSpec, GenerationConfig, require, user_turn
+from prefsteer.backends.base import AdapterSpec, GenerationConfig, Messages, require
 from prefsteer.errors import PrefsteerError
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import Method, MethodOutput, NotFittedError, config_from_options, register_method
+from prefsteer.methods.base import (Method, MethodOutput, NotFittedError, as_conversation, as_conversations,
+                                    config_from_options, register_method, with_system)
 
 if TYPE_CHECKING:
     import torch
@@ -105,6 +106,8 @@ class Reward(Method):
     (where each user's adapter and head are stored, as one safetensors file)."""
 
     config_class = RewardConfig
+    resources = ("memory", "progress")
+    extra_options = ("system",)
 
     def __init__(self, backend, memory=None, config: RewardConfig | None = None, system: str | None = None,
                  progress: bool = False, **options: Any):
@@ -125,8 +128,8 @@ class Reward(Method):
         c = self.config
         return AdapterSpec(r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=tuple(c.target_modules))
 
-    def _sequence(self, prompt: str, response: str) -> list[int]:
-        ctx = self.backend.encode_context(user_turn(prompt, self.system))
+    def _sequence(self, conversation: str | Messages, response: str) -> list[int]:
+        ctx = self.backend.encode_context(with_system(as_conversation(conversation), self.system))
         return truncate(ctx, self.backend.encode_continuation(response), self.config.max_length)
 
     @staticmethod
@@ -231,8 +234,8 @@ class Reward(Method):
                    "head.weight": state["head"]["weight"].contiguous()}
         self.save_state(user_id, info, files={WEIGHTS_FILE: save(tensors)}, n_pairs=len(pairs))
 
-    def rewards(self, user_id: str, items: Sequence[tuple[str, str]]) -> list[float]:
-        """r(x, y) of each (prompt, response) under the user's reward model."""
+    def rewards(self, user_id: str | None, items: Sequence[tuple[str | Messages, str]]) -> list[float]:
+        """r(x, y) of each (prompt or conversation, response) under the user's reward model."""
         import torch
 
         state = self._state(user_id)
@@ -257,11 +260,13 @@ class Reward(Method):
         r = self.rewards(user_id, [(p.prompt, y) for p in pairs for y in (p.chosen, p.rejected)])
         return [w - l for w, l in zip(r[0::2], r[1::2])]
 
-    def generate(self, user_id: str, prompts: Sequence[str],
+    def generate(self, user_id: str | None, conversations: Sequence[str | Messages],
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
-        """Best-of-n: n candidates sampled from the base model (temperature, top-k and top-p from
-        the method's options; length and seed from ``config``), the highest reward wins."""
+        """Best-of-n: n candidates sampled from the base model for each conversation (temperature,
+        top-k and top-p from the method's options; length and seed from ``config``), the highest
+        reward over the whole conversation wins."""
         c = self.config
+        prompts = as_conversations(conversations)
         self._state(user_id)  # not fitted: fail before sampling
         require(self.backend, "generate", "the reward method's candidates")
         config = config or GenerationConfig()
@@ -269,7 +274,7 @@ class Reward(Method):
                                   temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
                                   seed=config.seed if config.seed is not None else c.seed)
         start = time.perf_counter()
-        gens = self.backend.generate([user_turn(p, self.system) for p in prompts for _ in range(c.n)], sample)
+        gens = self.backend.generate([with_system(p, self.system) for p in prompts for _ in range(c.n)], sample)
         gen_secs = time.perf_counter() - start
         items = [(p, gens[i * c.n + j].text) for i, p in enumerate(prompts) for j in range(c.n)]
         r = np.array(self.rewards(user_id, items)).reshape(len(prompts), c.n)

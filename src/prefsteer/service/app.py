@@ -30,6 +30,9 @@ class Settings:
     auth: bool = field(default=True, metadata={"help": "require API keys (off only on loopback)"})
     model_id: str | None = field(default=None, metadata={"help": "the model name /v1/models lists"})
     exact: dict[str, Any] = field(default_factory=dict, metadata={"help": "ExactConfig options"})
+    default_method: str = field(default="exact", metadata={
+        "help": "the method that answers a request with a user and no `prefsteer.method`, and that "
+                "learns each feedback pair as it arrives"})
     default_max_tokens: int = field(default=200, metadata={"help": "max_tokens when a request gives none"})
     max_tokens_limit: int = field(default=2048, metadata={"help": "the largest max_tokens accepted"})
     max_prompt_chars: int = field(default=32_000, metadata={"help": "characters of all messages together"})

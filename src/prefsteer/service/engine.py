@@ -1,6 +1,7 @@
 """What every request shares: the backend (loaded once), the embedder, the attribute library, a
-memory connection per thread, method objects per thread, and a lock per user that deletion and the
-feedback worker take so that a deleted user's job cannot write the user back."""
+memory connection per thread, method objects per thread (built by the method registry), the chat
+serving object, and a lock per user that deletion and the feedback worker take so that a deleted
+user's job cannot write the user back."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from prefsteer.memory import Memory
 
 class Engine:
     def __init__(self, settings, backend, embedder, library):
+        from prefsteer.service.serving import ChatServing
+
         self.settings, self.backend, self.embedder, self.library = settings, backend, embedder, library
+        self.serving = ChatServing(self)
         self._local = threading.local()
         self._user_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
@@ -31,31 +35,32 @@ class Engine:
                 self._memories.append(m)
         return m
 
-    def exact(self, memory: Memory | None = None):
-        """EXACT over ``memory`` (default: this thread's), built once per thread."""
-        from prefsteer.methods.exact import Exact, ExactConfig
+    def defaults(self, name: str) -> dict[str, Any]:
+        """The service's options for method ``name``: its EXACT options (`serve --preset ...`) for
+        the methods whose configuration takes them all."""
+        import dataclasses
 
-        if memory is not None:
-            return Exact(self.backend, memory=memory, embedder=self.embedder, library=self.library,
-                         config=ExactConfig(**self.settings.exact))
-        e = getattr(self._local, "exact", None)
-        if e is None:
-            e = self._local.exact = self.exact(self.memory)
-        return e
-
-    def method(self, name: str, options: dict[str, Any]):
-        """A registered method with ``options``, built once per thread and options."""
         from prefsteer.methods import get_method_class
 
+        cfg = get_method_class(name).config_class
+        fields = {f.name for f in dataclasses.fields(cfg)} if cfg is not None else set()
+        return dict(self.settings.exact) if self.settings.exact and set(self.settings.exact) <= fields else {}
+
+    def method(self, name: str, options: dict[str, Any] | None = None, memory: Memory | None = None):
+        """The registered method ``name`` with ``options`` over ``memory`` (the feedback worker's
+        connection), or over this thread's connection, built once per thread and options."""
+        from prefsteer.methods.registry import Resources, build
+
+        options = dict(options or {})
+        if memory is not None:
+            res = Resources(memory=memory, embedder=self.embedder, library=self.library)
+            return build(name, self.backend, res, options, defaults=self.defaults(name))
         cache = getattr(self._local, "methods", None)
         if cache is None:
             cache = self._local.methods = {}
         key = (name, json.dumps(options, sort_keys=True))
         if key not in cache:
-            kw: dict[str, Any] = dict(options)
-            if name in ("drift",):
-                kw["library"] = self.library
-            cache[key] = get_method_class(name)(self.backend, memory=self.memory, **kw)
+            cache[key] = self.method(name, options, self.memory)
         return cache[key]
 
     # -- across threads -----------------------------------------------------------------------

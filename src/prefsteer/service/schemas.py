@@ -8,7 +8,10 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-METHODS = ("exact", "cliper", "drift", "base", "none")
+from prefsteer.methods import available_methods
+
+# every registered method, as the schema's enum (a method registered later is served too)
+MethodName = Literal[tuple(available_methods())]  # type: ignore[valid-type]
 
 
 class _Strict(BaseModel):
@@ -39,8 +42,9 @@ class StreamOptions(_Strict):
 
 class PrefsteerOptions(_Strict):
     user_id: Optional[str] = Field(None, description="whose preferences steer the answer (else `user`)")
-    method: Optional[Literal["exact", "cliper", "drift", "base", "none"]] = Field(
-        None, description="personalization method (default: exact when a user is given, else none)")
+    method: Optional[MethodName] = Field(
+        None, description="personalization method (default: the service's, exact, when a user is given, "
+                          "else none)")
     prefs: Optional[Union[dict[str, float], str]] = Field(None, description="cliper: preference -> weight")
     alpha: Optional[float] = Field(None, ge=0, description="cliper: guidance strength")
 

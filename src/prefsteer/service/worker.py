@@ -1,11 +1,12 @@
 """The feedback worker: one background thread that indexes queued feedback, job by job.
 
 A job names the pairs a feedback request stored (they are in the memory before the request was
-answered). For each pair EXACT selects attributes and publishes the pair's entry in one
-transaction (`Exact.add_feedback`), so the user's retrievable index only ever gains whole entries.
-A pair whose selection is already stored is skipped: a job interrupted by a crash or a stop goes
-back to the queue and resumes where it was. Other methods the user has fitted are then told of the
-new pairs (`Method.feedback`: Drift refits, the rest mark their state stale).
+answered). The service's method (`Settings.default_method`, EXACT unless told otherwise) takes them
+one pair at a time (`Method.feedback`: EXACT selects attributes and publishes the pair's entry in
+one transaction, so the user's retrievable index only ever gains whole entries, and a pair already
+selected costs nothing: a job interrupted by a crash or a stop goes back to the queue and resumes
+where it was). Every other method the user has a state for is then told of the new pairs, each the
+way it can (Drift refits, the rest mark their state stale).
 
     >>> w = Worker(engine); w.start(); w.notify(); ...; w.stop()
 """
@@ -31,7 +32,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self.current: str | None = None
         self._memory = None
-        self._exact = None
+        self._method = None
 
     def start(self) -> None:
         from prefsteer.memory import Memory
@@ -80,11 +81,10 @@ class Worker:
         mem, user, jid = self._memory, job["user_id"], job["job_id"]
         if not store.update_job(mem, jid, status="running", started=job["started"] or time.time()):
             return
-        if self._exact is None:
-            self._exact = self.engine.exact(mem)
-        exact = self._exact
-        cid = exact.config_id
-        indexed = 0
+        if self._method is None:
+            self._method = self.engine.method(self.engine.settings.default_method, memory=mem)
+        method = self._method
+        indexed, actions = 0, set()
         for pid in job["pair_ids"]:
             if self._stop.is_set():  # graceful stop: what is done is saved; the rest resumes later
                 store.update_job(mem, jid, status="queued", done=indexed)
@@ -95,29 +95,27 @@ class Worker:
                 pair = next((p for p in mem.pairs(user) if p.pair_id == pid), None)
                 if pair is None:
                     raise RuntimeError(f"pair {pid} of the job is not in the memory")
-                if mem.selection(user, pid, cid) is None:
-                    exact.add_feedback(pair)
+                actions.add(method.feedback(user, [pair]))
                 indexed += 1
                 store.update_job(mem, jid, done=indexed)
-        result = {"exact": {"indexed": indexed, "entries": len(mem.entries(user))}}
-        result.update(self._other_methods(user, job["pair_ids"]))
+        result = {method.name: {"indexed": indexed, "result": ", ".join(sorted(actions)),
+                                "entries": len(mem.entries(user))}}
+        result.update(self._other_methods(user, job["pair_ids"], skip=method.name))
         store.update_job(mem, jid, status="done", done=indexed, finished=time.time(), result=result)
 
-    def _other_methods(self, user: str, pair_ids: list[str]) -> dict:
+    def _other_methods(self, user: str, pair_ids: list[str], skip: str) -> dict:
         """Tell the user's other fitted methods of the new pairs (each the way it can)."""
+        from prefsteer.methods import available_methods
+
         out: dict = {}
         mem = self._memory
-        names = sorted({s["method"] for s in mem.method_states(user)} - {"exact", "exact-global", "none"})
+        names = sorted({s["method"] for s in mem.method_states(user)} & set(available_methods()) - {skip})
         if not names:
             return out
         pairs = [p for p in mem.pairs(user) if p.pair_id in set(pair_ids)]
         for name in names:
             def tell(name=name):
-                from prefsteer.methods import get_method_class
-
-                kw = {"library": self.engine.library} if name == "drift" else {}
-                m = get_method_class(name)(self.engine.backend, memory=mem, **kw)
-                return m.feedback(user, pairs)
+                return self.engine.method(name, memory=mem).feedback(user, pairs)
             done, err = call_quietly(tell)
             out[name] = {"result": done} if err is None else {"error": err}
         return out

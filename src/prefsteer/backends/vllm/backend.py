@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from prefsteer.backends.base import (Generation, GenerationConfig, Guide, Messages, Score, ScoreRequest,
                                      UnsupportedOperation)
+from prefsteer.backends.guides import kind_of
 from prefsteer.backends.tokenization import ChatTokenization, end_of_turn_ids
 from prefsteer.backends.vllm.side import GUIDE_KEY
 from prefsteer.errors import InputError
@@ -447,12 +448,8 @@ class VLLMBackend(ChatTokenization):
         desc = dict(describe())
         if desc.get("fingerprint") != self.side_fingerprint:
             side = f"the side model that guides vLLM here ('{self.side_spec['model'] or self.source['model']}')"
-            if desc.get("kind") == "drift":
-                raise InputError(f"Drift's branches are decoded by the model {desc.get('fingerprint')}, but {side} "
-                                 f"is {self.side_fingerprint}: pass that model as `side_model`", field="guide")
-            raise InputError(f"the guide's classifier heads were trained for the model {desc.get('fingerprint')}, "
-                             f"but {side} is {self.side_fingerprint}: train heads for it (`prefsteer cliper "
-                             "train`) or pass the model they were trained for as `side_model`", field="guide")
+            raise InputError(kind_of(desc).mismatch.format(fingerprint=desc.get("fingerprint"), side=side,
+                                                           side_fingerprint=self.side_fingerprint), field="guide")
         desc["side"] = dict(self.side_spec)
         return desc
 

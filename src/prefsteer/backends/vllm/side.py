@@ -30,6 +30,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+# check_description: re-exported (the processor's check of a request's description)
+from prefsteer.backends.guides import check_description, guide_kind, kind_of  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 GUIDE_KEY = "prefsteer_guide"  # where a request's guide description travels in SamplingParams.extra_args
@@ -99,28 +102,17 @@ class _Slot:
 class _Request:
     side: str                 # the side model's key
     desc_key: str             # the guide's key
-    kind: str                 # "cliper" or "drift"
+    kind: str                 # the guide's kind ("cliper", "drift": `prefsteer.backends.guides`)
     prompt_len: int | None    # tokens of the request's prompt (what a branch's prefix replaces)
     slots: list[_Slot]
     plain: bool = False       # drift: the first slot is the plain branch (else the request is)
 
 
-def check_description(desc: Any) -> None:
-    """Raise ValueError unless ``desc`` is a guide description this module runs (CLIPer's or Drift's)."""
-    from prefsteer.methods.cliper.guidance import check_description as check_cliper
-    from prefsteer.methods.drift import check_drift_description
-
-    kind = desc.get("kind", "cliper") if isinstance(desc, dict) else None
-    if kind == "drift":
-        check_drift_description(desc)
-    else:
-        check_cliper(desc)
-
-
 class GuidedRequests:
     """The guided requests of one engine, each with its side-model rows and its guide.
 
-    Two kinds of guide (the description's ``kind``):
+    Each description's ``kind`` names how its guide is rebuilt, which rows it keeps and how it mixes
+    (`prefsteer.backends.guides`); the built-in kinds:
     * ``cliper``: one row per request, reading the request's own tokens; `CliperGuide` turns its last
       hidden state and the engine's logits into guided logits.
     * ``drift``: one row per attribute branch (and one for the plain branch when it is not the
@@ -157,19 +149,13 @@ class GuidedRequests:
         return f"{self.side_key(desc['side'])}#{desc.get('kind', 'cliper')}#{desc['key']}"
 
     def guide(self, desc: dict):
-        from prefsteer.methods.cliper.guidance import CliperGuide
-        from prefsteer.methods.drift import DriftGuide
-
         key = self.guide_key(desc)
         if key not in self.guides:
             side = self.side(desc["side"])
             if side.fingerprint != desc["fingerprint"]:
                 raise ValueError(f"the guide was made for the model {desc['fingerprint']}; the "
                                  f"side model {desc['side'].get('model') or 'default'} is {side.fingerprint}")
-            if desc.get("kind") == "drift":
-                self.guides[key] = DriftGuide.from_description(desc)
-            else:
-                self.guides[key] = CliperGuide.from_description(desc, side.token_embeddings())
+            self.guides[key] = kind_of(desc).build(desc, side)
         return self.guides[key]
 
     # -- requests ----------------------------------------------------------------------------
@@ -177,15 +163,9 @@ class GuidedRequests:
         """A request enters (its rows are prefilled at its first `apply`). A Drift request needs
         ``prompt_len``, the length of its prompt, which its branches' contexts stand in for."""
         self.guide(desc)  # loads the side model and checks the fingerprint now
-        kind = desc.get("kind", "cliper")
-        if kind == "drift":
-            if prompt_len is None:
-                raise ValueError("a Drift request needs its prompt's length")
-            plain = desc.get("plain_ids") is not None
-            prefixes = ([list(desc["plain_ids"])] if plain else []) + [list(b) for b in desc["branch_ids"]]
-        else:
-            plain, prefixes = False, [None]
-        self.requests[key] = _Request(self.side_key(desc["side"]), self.guide_key(desc), kind, prompt_len,
+        kind = kind_of(desc)
+        plain, prefixes = kind.prefixes(desc, prompt_len)
+        self.requests[key] = _Request(self.side_key(desc["side"]), self.guide_key(desc), kind.name, prompt_len,
                                       [_Slot(p) for p in prefixes], plain)
 
     def retain(self, keys) -> None:
@@ -233,16 +213,7 @@ class GuidedRequests:
         for (dk, plain), rows in by_guide.items():
             idx = torch.tensor([i for i, _ in rows], device=logits.device)
             hidden = torch.stack([torch.stack([s.group.hidden[s.row] for s in r.slots]) for _, r in rows])  # (B, S, d)
-            guide, kind = self.guides[dk], rows[0][1].kind
-            if kind == "drift":
-                side = self.sides[rows[0][1].side]
-                with torch.inference_mode():
-                    branch = side.lm_head(hidden.to(side.lm_head.weight.dtype)).float().to(logits.device)  # (B, S, V)
-                if branch.shape[-1] != logits.shape[-1]:
-                    raise ValueError(f"the side model has {branch.shape[-1]} logits, the engine {logits.shape[-1]}")
-                own = logits[idx].float()
-                mixed = guide.combine(own, branch[:, 0] if plain else own, branch[:, 1:] if plain else branch)
-            else:
-                mixed = guide(hidden[:, 0].to(logits.device), logits[idx].float(), None)
+            r = rows[0][1]
+            mixed = guide_kind(r.kind).step(self.guides[dk], self.sides[r.side], hidden, logits[idx], plain)
             logits[idx] = mixed.to(logits.dtype)
         return logits

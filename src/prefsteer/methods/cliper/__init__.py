@@ -9,8 +9,11 @@
 
 ``prefs`` names the classifiers (``concise``, ``humor``, ``formal``, ``empathetic``, ``helpful``,
 any classifier trained with ``prefsteer cliper train``, and ``personal``: the user's own, once
-fitted; it is stored in the memory, so any process serves it). Without ``prefs``, a fitted user is guided by their personal classifier alone; with
-``alpha=0`` the output is exactly plain decoding.
+fitted; it is stored in the memory, so any process serves it). Without a user, ``prefs`` alone
+guides (the shipped classifiers); for a user whose personal classifier is stored, it joins the mix
+with weight 1 unless ``prefs`` names it with another weight. With ``alpha=0`` the output is exactly
+plain decoding. Guidance reads the whole conversation: the classifiers score each candidate token
+on the model's hidden state over the full chat context.
 
 ``margins`` is the personal classifier's mean log-odds over the chosen answer's tokens minus the
 same over the rejected answer's tokens (each read under the pair's prompt). The head is trained on
@@ -23,9 +26,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from prefsteer.backends.base import GenerationConfig, require, user_turn
+from prefsteer.backends.base import GenerationConfig, Messages, require
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import Method, MethodOutput, NotFittedError, config_from_options, register_method
+from prefsteer.methods.base import (Method, MethodOutput, NotFittedError, as_conversations, config_from_options,
+                                    register_method)
 
 DEFAULT_ALPHA = 0.5  # `prefsteer cliper calibrate` (all five preferences) on SmolLM2-135M-Instruct: results/cliper/README.md
 DEFAULT_TOP_K = 20
@@ -40,7 +44,8 @@ class CliperConfig:
         "help": "classifiers and weights, e.g. 'concise=1,humor=0.5' ('personal': the user's own; "
                 "default: the personal one alone)"})
     alpha: float = field(default=DEFAULT_ALPHA, metadata={"help": "guidance strength (0: plain decoding)"})
-    top_k: int = field(default=DEFAULT_TOP_K, metadata={"help": "candidate tokens re-scored per step"})
+    top_k: int = field(default=DEFAULT_TOP_K, metadata={"help": "candidate tokens re-scored per step",
+                                                        "flag": "top-k-guidance"})
     personal_rank: int = field(default=4, metadata={"help": "rank of the personal classifier's bilinear term"})
     personal_steps: int = field(default=200, metadata={"help": "training steps of the personal classifier"})
     personal_weight_decay: float = field(default=0.05, metadata={
@@ -65,6 +70,8 @@ class Cliper(Method):
     (extra directories holding classifiers); ``memory`` (where personal classifiers are stored)."""
 
     config_class = CliperConfig
+    resources = ("memory", "classifier_dirs")
+    option_prefix = ""  # --prefs, --alpha, --top-k-guidance, --personal-rank, ...
 
     def __init__(self, backend, memory=None, config: CliperConfig | None = None,
                  classifier_dirs: Sequence[str] | None = None, **options: Any):
@@ -179,8 +186,8 @@ class Cliper(Method):
         from prefsteer.methods.cliper.guidance import CliperGuide
 
         prefs = dict(self.prefs)
-        if not prefs and self._stored_head(user_id) is not None:
-            prefs = {"personal": 1.0}
+        if "personal" not in prefs and self._stored_head(user_id) is not None:
+            prefs["personal"] = 1.0
         if not prefs:
             return None, prefs
         require(self.backend, "token_embeddings", "cliper's guidance")
@@ -189,7 +196,7 @@ class Cliper(Method):
                             self.backend.token_embeddings())
         return guide, prefs
 
-    def generate(self, user_id: str, prompts: Sequence[str],
+    def generate(self, user_id: str | None, conversations: Sequence[str | Messages],
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
         guide, prefs = self.guide_for(user_id)
         if guide is None:
@@ -199,7 +206,7 @@ class Cliper(Method):
         if self.alpha != 0:
             require(self.backend, "guide", "cliper's guided decoding")
         start = time.perf_counter()
-        gens = self.backend.generate([user_turn(p) for p in prompts], config,
+        gens = self.backend.generate(as_conversations(conversations), config,
                                      guide=None if self.alpha == 0 else guide)
         secs = time.perf_counter() - start
         extra = {"prefs": prefs, "alpha": self.alpha, "top_k": self.top_k}

@@ -27,6 +27,10 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+# the bank folded from the heads, which an engine runs, is the guide kind's (beside the backends)
+from prefsteer.backends.guides.cliper import HeadBank  # noqa: F401  (re-exported)
+from prefsteer.errors import PrefsteerError
+
 FORMAT = "prefsteer-cliper-head-v1"
 
 
@@ -66,70 +70,6 @@ class PreferenceHead(nn.Module):
         h = (h - self.mu_h) / self.sd_h
         e = (e - self.mu_e) / self.sd_e
         return h @ self.u + e @ self.v + ((h @ self.A) * (e @ self.B)).sum(-1) + self.b
-
-
-class HeadBank:
-    """Several heads stacked so that one call scores every preference for every candidate."""
-
-    def __init__(self, heads: Sequence[PreferenceHead]):
-        if not heads:
-            raise ValueError("a HeadBank needs at least one classifier")
-        d = {h.hidden_size for h in heads}
-        if len(d) != 1:
-            raise ValueError(f"classifiers of different hidden sizes cannot be combined: {sorted(d)}")
-        r = max(h.rank for h in heads)
-        self.names = [h.name for h in heads]
-        self.n_heads = len(heads)
-        # the models the heads were trained for (their sidecars' fingerprints; "" where none is recorded)
-        self.fingerprints = sorted({str(h.meta.get("fingerprint") or "") for h in heads})
-
-        def pad(m: torch.Tensor) -> torch.Tensor:  # (d, r_i) -> (d, r): zero columns change nothing
-            return torch.nn.functional.pad(m, (0, r - m.shape[1]))
-        with torch.no_grad():
-            # standardisation folded into the weights: u·(h-μ)/σ = (u/σ)·h - u·μ/σ
-            self.U = torch.stack([h.u / h.sd_h for h in heads])                    # (P, d)
-            self.Vw = torch.stack([h.v / h.sd_e for h in heads])                   # (P, d)
-            self.A = torch.stack([pad(h.A) / h.sd_h[:, None] for h in heads])      # (P, d, r)
-            self.B = torch.stack([pad(h.B) / h.sd_e[:, None] for h in heads])      # (P, d, r)
-            self.a0 = torch.stack([(h.mu_h / h.sd_h) @ pad(h.A) for h in heads])   # (P, r)
-            self.b0 = torch.stack([(h.mu_e / h.sd_e) @ pad(h.B) for h in heads])   # (P, r)
-            self.c = torch.stack([h.b - (h.u * h.mu_h / h.sd_h).sum()
-                                  - (h.v * h.mu_e / h.sd_e).sum() for h in heads])  # (P,)
-        # one matrix for every linear map of h, one for e: a single matmul each per step
-        self.Wh = torch.cat([self.U.T, self.A.permute(1, 0, 2).reshape(self.U.shape[1], -1)], 1)
-        self.We = torch.cat([self.Vw.T, self.B.permute(1, 0, 2).reshape(self.U.shape[1], -1)], 1)
-        self.r = r                                    # Wh, We: (d, P + P*r)
-
-    _TENSORS = ("Wh", "We", "a0", "b0", "c")
-
-    def state(self) -> dict[str, Any]:
-        """What `from_state` rebuilds the bank from: the folded tensors, names and fingerprints."""
-        return {"tensors": {k: getattr(self, k).detach().contiguous() for k in self._TENSORS},
-                "names": list(self.names), "fingerprints": list(self.fingerprints), "rank": self.r}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "HeadBank":
-        """The bank `state` describes (the same `logits`, without the heads it was folded from)."""
-        bank = cls.__new__(cls)
-        t = state["tensors"]
-        for k in cls._TENSORS:
-            setattr(bank, k, t[k])
-        bank.names, bank.fingerprints = list(state["names"]), list(state["fingerprints"])
-        bank.n_heads, bank.r = int(t["c"].shape[0]), int(state["rank"])
-        if bank.Wh.shape[1] != bank.n_heads * (1 + bank.r):
-            raise ValueError(f"a head bank of {bank.n_heads} heads of rank {bank.r} needs "
-                             f"{bank.n_heads * (1 + bank.r)} columns, the state has {bank.Wh.shape[1]}")
-        return bank
-
-    def logits(self, hidden: torch.Tensor, cand_emb: torch.Tensor) -> torch.Tensor:
-        """hidden (B, d), cand_emb (B, k, d) -> log-odds (B, P, k)."""
-        P, r = self.n_heads, self.r
-        hw = hidden @ self.Wh                                 # (B, P + P*r)
-        ew = cand_emb @ self.We                               # (B, k, P + P*r)
-        hu, ha = hw[:, :P], hw[:, P:].unflatten(-1, (P, r)) - self.a0         # (B, P), (B, P, r)
-        ev, eb = ew[..., :P], ew[..., P:].unflatten(-1, (P, r)) - self.b0  # (B, k, P), (B, k, P, r)
-        bil = torch.einsum("bpr,bkpr->bpk", ha, eb)           # (B, P, k)
-        return hu[:, :, None] + ev.transpose(1, 2) + bil + self.c[None, :, None]
 
 
 # -- saving and loading -------------------------------------------------------------------------
@@ -212,12 +152,42 @@ def load_classifier(name: str, fingerprint: str, dirs: Iterable[str | Path] | No
             return read_classifier(sidecar)
         others.append(f"{sidecar} (for {meta.get('fingerprint')})")
     if others:
-        raise ValueError(f"the classifier '{name}' was trained for another model: "
-                         f"{'; '.join(others)}; this backend's fingerprint is {fingerprint}. "
-                         f"Train one for it with `prefsteer cliper train --prefs {name} --model ...`")
-    raise FileNotFoundError(f"no classifier '{name}' for model {fingerprint} (looked in "
-                            f"{', '.join(str(p) for p in _search_roots(dirs))}); train one with "
-                            f"`prefsteer cliper train --prefs {name}`")
+        problem = (f"the classifier '{name}' was trained for another model: {'; '.join(others)}; "
+                   f"this backend's fingerprint is {fingerprint}")
+    else:
+        problem = (f"no classifier '{name}' for model {fingerprint} (looked in "
+                   f"{', '.join(str(p) for p in _search_roots(dirs))})")
+    raise ClassifierNotFoundError(name, fingerprint, problem, sorted(_available_or_none(fingerprint, dirs)))
+
+
+class ClassifierNotFoundError(PrefsteerError, FileNotFoundError, ValueError):
+    """No classifier of that name for this model (none at all, or only for other models). The
+    message lists the heads this model has (``available``) and how to train the missing one."""
+
+    def __init__(self, name: str, fingerprint: str, problem: str, available: Sequence[str]):
+        from prefsteer.methods.cliper.prefs import PREFERENCES
+
+        self.name, self.fingerprint, self.available = name, fingerprint, list(available)
+        have = ", ".join(self.available) or "none"
+        if name in PREFERENCES:
+            todo = (f"train one for it with `prefsteer cliper train --prefs {name}` and the same --backend "
+                    f"and --model (it is saved to {user_classifier_dir() / fingerprint_slug(fingerprint)}, "
+                    "where CLIPer looks)")
+        else:
+            todo = (f"put a classifier trained for this model in {user_classifier_dir()} ($PREFSTEER_CLIPER_DIR) "
+                    f"or pass its folder in `classifier_dirs` (`prefsteer cliper train` trains the built-in "
+                    f"preferences: {', '.join(PREFERENCES)})")
+        super().__init__(f"{problem}. Classifiers for this model: {have}. To use '{name}', {todo}")
+
+    def __str__(self) -> str:  # OSError's own str would do, but be explicit: the message alone
+        return str(self.args[0])
+
+
+def _available_or_none(fingerprint: str, dirs: Iterable[str | Path] | None) -> list[str]:
+    try:
+        return list(available_classifiers(fingerprint, dirs))
+    except OSError:
+        return []
 
 
 def _search_roots(dirs: Iterable[str | Path] | None) -> list[Path]:

@@ -49,6 +49,15 @@ def canonical_name(name: str) -> str:
     return ALIASES.get(key, key)
 
 
+def _bad(message: str) -> ValueError:
+    """`InputError` (a `PrefsteerError` and a ValueError) about the ``prefs`` option."""
+    from prefsteer.errors import InputError
+
+    err = InputError(message)
+    err.field = "prefs"
+    return err
+
+
 def parse_prefs(spec: str | Mapping[str, float] | None, *, known: set[str] | None = None,
                 allow_personal: bool = True) -> dict[str, float]:
     """``"concise=1,humor=0.5"`` or ``{"concise": 1}`` -> ``{name: weight}``, validated.
@@ -67,27 +76,27 @@ def parse_prefs(spec: str | Mapping[str, float] | None, *, known: set[str] | Non
             try:
                 weight = float(w) if w.strip() else 1.0
             except ValueError:
-                raise ValueError(f"`prefs`: weight of '{name.strip()}' (={w.strip()!r}) is not a "
+                raise _bad(f"`prefs`: weight of '{name.strip()}' (={w.strip()!r}) is not a "
                                  "number; expected e.g. 'concise=1,humor=0.5'") from None
             items.append((name, weight))
     elif isinstance(spec, Mapping):
         items = [(str(k), float(v)) for k, v in spec.items()]
     else:
-        raise ValueError(f"`prefs` has to be a string like 'concise=1,humor=0.5' or a dict, "
+        raise _bad(f"`prefs` has to be a string like 'concise=1,humor=0.5' or a dict, "
                          f"not {type(spec).__name__}")
     allowed = set(PREFERENCES) | set(known or ()) | ({PERSONAL} if allow_personal else set())
     out: dict[str, float] = {}
     for name, weight in items:
         key = canonical_name(name)
         if not key:
-            raise ValueError("`prefs`: empty preference name; expected e.g. 'concise=1,humor=0.5'")
+            raise _bad("`prefs`: empty preference name; expected e.g. 'concise=1,humor=0.5'")
         if key not in allowed:
-            raise ValueError(f"`prefs`: unknown preference '{name.strip()}'; known: "
+            raise _bad(f"`prefs`: unknown preference '{name.strip()}'; known: "
                              f"{', '.join(sorted(allowed))}")
         if weight != weight or weight in (float("inf"), float("-inf")):
-            raise ValueError(f"`prefs`: weight of '{key}' (={weight}) has to be a finite number")
+            raise _bad(f"`prefs`: weight of '{key}' (={weight}) has to be a finite number")
         if key in out:
-            raise ValueError(f"`prefs`: preference '{key}' given twice")
+            raise _bad(f"`prefs`: preference '{key}' given twice")
         out[key] = weight
     return out
 

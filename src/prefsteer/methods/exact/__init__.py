@@ -1,6 +1,7 @@
 """EXACT as a method: index a user's pairs (Algorithm 1), retrieve and inject (Algorithm 2).
 
     >>> exact = Exact(backend, memory=Memory("memory.db"), embedder=load_embedder())
+    >>> memory.add_pairs(pairs)                    # the caller stores the pairs
     >>> exact.fit("alice", pairs)                  # resumable; publishes alice's index at the end
     >>> exact.generate("alice", ["Write a TL;DR of ..."])[0].attributes
     ['Concise', 'Direct', 'Formal']
@@ -17,14 +18,15 @@ import numpy as np
 
 from prefsteer.attributes import (PLACEMENTS, RENDER_STYLES, AttributeLibrary, attribute_conversation,
                                   load_library)
-from prefsteer.backends.base import GenerationConfig, ScoreRequest, require
+from prefsteer.backends.base import GenerationConfig, Messages, ScoreRequest, require
 from prefsteer.retrieval import Embedder, load_embedder, nearest
 from prefsteer.methods.exact.select import (OBJECTIVES, SELECTORS, Selection, greedy_select, make_objective,
                                             screened_greedy_select)
-from prefsteer.errors import PrefsteerError
-from prefsteer.memory import Entry, Memory, ScoreCache, sha, with_id
+from prefsteer.backends.cache import ScoreCache
+from prefsteer.memory import Entry, Memory, sha, with_id
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import Method, MethodOutput, config_from_options, register_method
+from prefsteer.methods.base import (Method, MethodOutput, NotFittedError, as_conversations, config_from_options,
+                                    last_user_turn, register_method)
 from prefsteer.methods.plain import timed_generate
 
 log = logging.getLogger(__name__)
@@ -116,30 +118,28 @@ class ExactConfig:
         return "described" if self.describe else self.render
 
 
-SCOPES = ("all", "given", "replace")
 
 
 @register_method("exact")
 class Exact(Method):
-    """``scope`` says what a user's retrievable memory is built from after `fit`: ``"all"`` the
-    user's stored pairs, old and new (adding pairs adds to the memory: `prefsteer index`),
-    ``"given"`` only the pairs of this fit (an evaluation split's training pairs; the others stay
-    stored), ``"replace"`` only these, and the user's other pairs are deleted (`index --replace`)."""
+    """`fit` builds the user's retrievable memory from exactly the pairs it is given (the caller
+    stores them: `prefsteer index` passes all the user's stored pairs, an evaluation split only its
+    training pairs); `feedback` adds pairs one by one without touching the others."""
 
     config_class = ExactConfig
+    resources = ("memory", "embedder", "library", "progress")
+    option_prefix = ""  # --k, --mode, --preset, ...
+    selects_per_pair = True
 
     def __init__(self, backend, memory: Memory | None = None, embedder: Embedder | str | None = None,
                  library: AttributeLibrary | str | None = None, config: ExactConfig | None = None,
-                 progress: bool = False, scope: str = "all", **options):
+                 progress: bool = False, **options):
         cfg = config_from_options(ExactConfig, options, self.name or "exact", config)
-        if scope not in SCOPES:
-            raise ValueError(f"`scope` (={scope!r}) has to be one of {', '.join(SCOPES)}")
         super().__init__(backend, **options)
         self.memory = memory if memory is not None else Memory(":memory:")
         self._embedder = embedder
         self.library = library if isinstance(library, AttributeLibrary) else load_library(library)
         self.config = cfg
-        self.scope = scope
         self.scorer = ScoreCache(backend, self.memory)
         self._screen: ScoreCache | None = None
         self.progress = progress
@@ -214,19 +214,14 @@ class Exact(Method):
         s = found[j]
         return Selection(tuple(s["attributes"]), s["objective"], s["base_objective"], s["gains"])
 
-    def _store(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
-        """Store the fit's pairs and return what the user's memory is built from (see ``scope``)."""
-        pairs = [with_id(p) for p in pairs]
-        self.memory.add_pairs(pairs)
-        return self.memory.pairs(user_id) if self.scope == "all" else pairs
-
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:
-        """Index the user's pairs. Each pair's selection is saved as soon as it is made, so an
-        interrupted run resumes where it stopped; the user's retrievable entries are rebuilt (from
-        what ``scope`` says) in one transaction at the end."""
+        """Index the pairs. Each pair's selection is saved as soon as it is made, so an interrupted
+        run resumes where it stopped; the user's retrievable entries are rebuilt from ``pairs`` in
+        one transaction at the end."""
         from tqdm.auto import tqdm
 
-        pool = self._store(user_id, pairs)
+        self.memory.require_user(user_id)  # the caller stores the user's pairs first
+        pool = [with_id(p) for p in pairs]
         self.memory.set_status(user_id, "indexing")
         cid = self.config_id
         best: dict[str, Entry] = {}
@@ -242,22 +237,35 @@ class Exact(Method):
         entries = list(best.values())
         self._embed(entries)
         with self.memory.transaction():
-            if self.scope == "replace":
-                self.memory.forget_pairs(user_id, keep=[p.pair_id for p in pool])
             self.memory.put_entries(user_id, entries, replace_all=True)
             self.memory.set_status(user_id, "ready")
 
+    def length_contexts(self, pair: PreferencePair) -> list[list[dict]]:
+        """The pair's prompt with the k attributes whose rendering is longest, injected as this
+        configuration says: the longest context selection can score."""
+        from prefsteer.attributes import render
+
+        lib = self.library
+        longest = sorted(lib.names, key=lambda n: len(render([n], lib, style=self.config.style)),
+                         reverse=True)[:self.config.k]
+        return [self.attribute_messages(pair.prompt, longest)]
+
+    def learned(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[dict]:
+        """Each pair's stored selection under this configuration (what `feedback` added)."""
+        return [{"user_id": user_id, "prompt": p.prompt, "pair_id": p.pair_id,
+                 **(self.memory.selection(user_id, p.pair_id, self.config_id) or {})} for p in map(with_id, pairs)]
+
+    def warm_up(self) -> None:
+        self.embedder.encode(["warm-up"])
+
     def add_feedback(self, pair: PreferencePair) -> Entry:
-        """Add one pair to the user's memory without re-indexing the others: selected first, then
-        the pair, its selection and its entry are stored in one transaction (a failure stores
-        nothing). A pair already indexed under this configuration is not selected again."""
+        """Index one stored pair without re-indexing the others: selected first, then its selection
+        and its entry are stored in one transaction (a failure stores nothing). A pair already
+        selected under this configuration is not selected again, so a job interrupted midway
+        resumes for the cost of the pairs it had not reached."""
         pair = with_id(pair)
         cid = self.config_id
-        known = self.memory.users()
-        stored = pair.user_id in known and any(
-            (p.pair_id, p.prompt, p.chosen, p.rejected) == (pair.pair_id, pair.prompt, pair.chosen, pair.rejected)
-            for p in self.memory.pairs(pair.user_id))
-        sel = self.memory.selection(pair.user_id, pair.pair_id, cid) if stored else None
+        sel = self.memory.selection(pair.user_id, pair.pair_id, cid)
         if sel is None:
             s = self.select(pair)
             sel = {"attributes": list(s.attributes), "objective": s.objective,
@@ -265,7 +273,6 @@ class Exact(Method):
         entry = Entry(pair.user_id, pair.prompt, pair.pair_id, config_id=cid, **sel)
         self._embed([entry])
         with self.memory.transaction():
-            self.memory.add_pairs([pair])
             self.memory.put_selection(pair.user_id, pair.pair_id, cid, **sel)
             self.memory.put_entries(pair.user_id, [entry])
             if self.memory.user_status(pair.user_id) == "new":
@@ -290,10 +297,12 @@ class Exact(Method):
     # -- online ----------------------------------------------------------------------------
     def retrieve(self, user_id: str, prompts: Sequence[str]) -> list[tuple[Entry, float]]:
         """For each prompt, the user's most similar past prompt (cosine) and its similarity."""
+        if user_id is None:
+            raise NotFittedError(self.name, None)
         entries = [e for e in self.memory.entries(user_id) if e.embedder == self.embedder.name]
         if not entries:
-            raise ValueError(f"user '{user_id}' has no indexed entries for embedder "
-                             f"'{self.embedder.name}': run `prefsteer index` first")
+            self.memory.require_user(user_id)
+            raise NotFittedError(self.name, user_id, hint=f"no memory entries for embedder '{self.embedder.name}'")
         other = {e.config_id for e in entries} - {self.config_id, None, ""}
         if other and (user_id, self.config_id) not in self._warned:
             self._warned.add((user_id, self.config_id))
@@ -311,9 +320,6 @@ class Exact(Method):
 
     def attributes_for(self, user_id: str, prompts: Sequence[str]) -> list[list[str]]:
         return [e.attributes for e, _ in self.retrieve(user_id, prompts)]
-
-    def _inject(self, prompt: str, attrs: Sequence[str]) -> list[dict]:
-        return self.attribute_messages(prompt, attrs)
 
     def attribute_messages(self, prompt: str | Sequence[dict], attrs: Sequence[str]) -> list[dict]:
         """The chat context of ``prompt`` (or of a conversation, a list of messages ending with the
@@ -338,20 +344,28 @@ class Exact(Method):
         attrs = self.attributes_for(user_id, [p.prompt for p in pairs])
         reqs = []
         for p, a in zip(pairs, attrs):
-            msgs = self._inject(p.prompt, a)
+            msgs = self.attribute_messages(p.prompt, a)
             reqs += [ScoreRequest.of(msgs, p.chosen), ScoreRequest.of(msgs, p.rejected)]
         s = self.scorer.score(reqs)
         return [w.logprob - l.logprob for w, l in zip(s[0::2], s[1::2])]
 
-    def generate(self, user_id: str, prompts: Sequence[str],
+    def _retrieved(self, user_id: str | None, prompts: Sequence[str]) -> list[tuple[list[str], dict]]:
+        """For each prompt: the attributes to inject, and what the output reports of where they came from."""
+        return [(list(e.attributes), {"retrieved": {"prompt": e.prompt, "similarity": round(float(sim), 4)}})
+                for e, sim in self.retrieve(user_id, prompts)]
+
+    def generate(self, user_id: str | None, conversations: Sequence[str | Messages],
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
+        """Retrieval on each conversation's last user turn; the attributes are rendered and placed
+        (that turn, or the system prompt) as the configuration says."""
         start = time.perf_counter()
-        attrs = self.attributes_for(user_id, prompts)
-        contexts = [self._inject(p, a) for p, a in zip(prompts, attrs)]
+        convs = as_conversations(conversations)
+        found = self._retrieved(user_id, [last_user_turn(c) for c in convs])
+        contexts = [self.attribute_messages(c, a) for c, (a, _) in zip(convs, found)]
         overhead = time.perf_counter() - start  # embedding + retrieval + injection
         gens, secs = timed_generate(self.backend, contexts, config)
-        return [MethodOutput(g.text, list(a), {"retrieval": overhead, "generation": secs}, self.context_info(c))
-                for g, a, c in zip(gens, attrs, contexts)]
+        return [MethodOutput(g.text, a, {"retrieval": overhead, "generation": secs}, {**self.context_info(c), **why})
+                for g, (a, why), c in zip(gens, found, contexts)]
 
 
 @register_method("exact-global")
@@ -360,10 +374,10 @@ class ExactGlobal(Exact):
     (greedy, or screened greedy in ``mode="screened"``, on the summed objective), injected into
     every prompt. The set is saved with `save_state`, so another process generates without a fit."""
 
+    selects_per_pair = False
+
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:
-        pool = self._store(user_id, pairs)
-        if self.scope == "replace":
-            self.memory.forget_pairs(user_id, keep=[p.pair_id for p in pool])
+        pool = [with_id(p) for p in pairs]
         n = self.config.global_pairs
         subset = list(pool) if not n or n >= len(pool) else \
             [pool[i] for i in np.random.default_rng(0).choice(len(pool), n, replace=False)]
@@ -387,17 +401,21 @@ class ExactGlobal(Exact):
                                   "gains": [float(g) for g in self.selection.gains],
                                   "pairs": [p.pair_id for p in subset]}, n_pairs=len(pool))
 
-    def attributes_for(self, user_id: str, prompts: Sequence[str]) -> list[list[str]]:
+    def attributes_for(self, user_id: str | None, prompts: Sequence[str]) -> list[list[str]]:
+        if user_id is None:
+            raise NotFittedError(self.name, None)
         sets = getattr(self, "global_sets", {})
         if user_id not in sets:
             st = self.load_state(user_id)
             if st is None:
                 self.memory.require_user(user_id)
-                raise PrefsteerError(f"exact-global has not been fitted for user '{user_id}' with these "
-                                     "options: run `prefsteer index --method exact-global` first")
+                raise NotFittedError(self.name, user_id)
             sets[user_id] = list(st["state"]["attributes"])
             self.global_sets = sets
         return [sets[user_id]] * len(prompts)
+
+    def _retrieved(self, user_id: str | None, prompts: Sequence[str]) -> list[tuple[list[str], dict]]:
+        return [(list(a), {}) for a in self.attributes_for(user_id, prompts)]
 
     def feedback(self, user_id: str, pairs: Sequence[PreferencePair]) -> str:
         return Method.feedback(self, user_id, pairs)  # one set over all pairs: fit again
