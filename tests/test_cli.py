@@ -192,12 +192,12 @@ def test_argparse_errors_exit_2_and_a_bug_exits_1_with_its_traceback(tmp_path, c
     assert code == 2 and "invalid choice: 'nope'" in err
     code, _, err = run(capsys, "profile")
     assert code == 2 and "--user" in err
-    import prefsteer.cli as cli_mod
+    import prefsteer.cli.attributes as attributes_cmd
 
     def broken(args, ctx):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(cli_mod, "cmd_attributes", broken)
+    monkeypatch.setattr(attributes_cmd, "cmd_attributes", broken)
     code, _, err = run(capsys, "attributes")
     assert code == 1 and "Traceback" in err and "KeyError: 'a bug'" in err
 

@@ -24,8 +24,6 @@ from typing import Iterable, Sequence
 
 from prefsteer.errors import InputError
 
-DEFAULT_LIBRARY = "exact-table4"
-
 # how an attribute set is written: the paper's bare names first (EXACT's default)
 RENDER_STYLES = ("names", "described", "instruction", "instruction-described")
 # where it goes: appended to the user's turn (the paper), or as (the end of) the system prompt

@@ -29,9 +29,11 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def add_dataclass_args(parser, cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_args(parser, cls: type, prefix: str = "", skip: tuple[str, ...] = (),
+                       defaults: dict[str, Any] | None = None) -> None:
     """One option per field of ``cls`` on ``parser`` (a parser or an argument group); an option
-    not given leaves the attribute unset, so the dataclass's default applies."""
+    not given leaves the attribute unset, so the dataclass's default applies (or the caller's
+    ``defaults``, which the help then shows)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -39,6 +41,7 @@ def add_dataclass_args(parser, cls: type, prefix: str = "", skip: tuple[str, ...
         flag = "--" + (f.metadata.get("flag") or prefix + f.name.replace("_", "-"))
         typ = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
+        default = (defaults or {}).get(f.name, default)
         help_ = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
         kw: dict[str, Any] = {"dest": prefix.replace("-", "_") + f.name, "default": argparse.SUPPRESS,
                               "help": help_}

@@ -14,21 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-from typing import Any
 
 log = logging.getLogger("prefsteer.cliper")
-
-ALL_PREFS = "concise,humor,formal,empathetic,helpful"
-
-
-def _backend(args, ctx):
-    return ctx.backend
 
 
 def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
     """Add ``cliper {train,calibrate,eval}`` to the main parser's ``subparsers``; ``parents`` hold
-    the common options."""
+    the common options. Calibration's and evaluation's options are their config dataclasses'."""
+    from prefsteer.cli.options import add_field_option
+    from prefsteer.evaluation.cliper_calibrate import ALL_PREFS, CalibrationConfig
+    from prefsteer.evaluation.cliper_eval import CliperEvalConfig
+
     top = subparsers.add_parser("cliper", help="CLIPer: train preference classifiers, calibrate alpha, evaluate",
                                 description=__doc__.split("\n\n")[0])
     sub = top.add_subparsers(dest="cliper_command", metavar="SUBCOMMAND", required=True,
@@ -52,34 +48,20 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("calibrate", parents=parents, help="pick alpha on held-out prompts: the largest gain "
                        "in preference strength with perplexity within a bound of plain decoding",
                        description=run_calibrate.__doc__)
-    p.add_argument("--prefs", default=ALL_PREFS, help="preferences, each calibrated alone and averaged "
-                   f"(default: {ALL_PREFS})")
-    p.add_argument("--alphas", default="0,0.5,1,2,4,8", help="the alpha grid")
-    p.add_argument("--ppl-bound", type=float, default=1.5,
-                   help="allowed perplexity ratio to plain decoding (default 1.5: at most 50%% higher)")
-    p.add_argument("--n-prompts", type=int, default=16, help="held-out prompts ('calibration' split)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer")
-    p.add_argument("--top-k", type=int, default=20, help="candidates re-scored per step")
-    p.add_argument("--data", default=None, help="TL;DR comparisons (default: ../shared/data/tldr/batch13.json)")
-    p.add_argument("--classifiers", action="append", default=None, help="extra classifier directory")
+    for name in ("prefs", "alphas", "ppl_bound", "n_prompts", "max_new_tokens", "top_k", "data"):
+        add_field_option(p, CalibrationConfig, name)
+    add_field_option(p, CalibrationConfig, "classifiers", action="append")
     p.add_argument("--plot", default=None, help="write the curve as a PNG here")
     p.add_argument("--out", default=None, help="write the curve and the choice as JSON here")
     p.set_defaults(func=run_calibrate)
 
     p = sub.add_parser("eval", parents=parents, help="strength, fluency and distinctness of guided "
                        "decoding against plain decoding and prompt injection", description=run_eval.__doc__)
-    p.add_argument("--n-prompts", type=int, default=50, help="prompts ('eval' split of the TL;DR posts)")
-    p.add_argument("--max-new-tokens", type=int, default=60, help="tokens per answer")
-    p.add_argument("--alpha", type=float, default=None, help="guidance strength (default: the calibrated one)")
-    p.add_argument("--top-k", type=int, default=20, help="candidates re-scored per step")
-    p.add_argument("--batch-size", type=int, default=8, help="answers generated together")
-    p.add_argument("--data", default=None, help="TL;DR comparisons (default: ../shared/data/tldr/batch13.json)")
-    p.add_argument("--classifiers", action="append", default=None, help="extra classifier directory")
-    p.add_argument("--conditions", default=None, help="only generate these conditions (comma-separated "
-                   "keys such as plain, inject, cliper, cliper:concise+humor); the answers are cached")
-    p.add_argument("--generate-only", action="store_true", help="generate (and cache) answers, no scoring")
-    p.add_argument("--score-only", action="store_true", help="score the cached answers, generate nothing")
-    p.add_argument("--cache", default=None, help="answer cache directory (default ~/.cache/prefsteer/cliper-eval)")
+    for name in ("n_prompts", "max_new_tokens", "alpha", "top_k", "batch_size", "data"):
+        add_field_option(p, CliperEvalConfig, name)
+    add_field_option(p, CliperEvalConfig, "classifiers", action="append")
+    for name in ("conditions", "generate_only", "score_only", "cache"):
+        add_field_option(p, CliperEvalConfig, name)
     p.add_argument("--out", default=None, help="directory for eval.json and eval.md")
     p.set_defaults(func=run_eval)
 
@@ -103,7 +85,7 @@ def run_train(args, ctx) -> int:
     from prefsteer.methods.cliper.train import TrainConfig, train_preferences
 
     prefs = list(parse_prefs(args.prefs, allow_personal=False))
-    backend = _backend(args, ctx)
+    backend = ctx.backend
     out = Path(args.out) if args.out else user_classifier_dir() / fingerprint_slug(backend.fingerprint)
     data_file = Path(args.data_file) if args.data_file else out / "training-answers.jsonl"
     rows = tldr_prompts("train", args.n_prompts, args.data)
@@ -128,10 +110,11 @@ def run_calibrate(args, ctx) -> int:
     with and without a line stating the preference, under the base model) and the base model's
     perplexity of the answer; the choice is the alpha with the largest mean gain over alpha = 0
     whose perplexity stays within --ppl-bound times plain decoding's."""
-    from prefsteer.evaluation.cliper_calibrate import calibrate, format_curve, plot_curve
+    from prefsteer.config import dataclass_from_args
+    from prefsteer.evaluation.cliper_calibrate import CalibrationConfig, calibrate, format_curve, plot_curve
 
-    backend = _backend(args, ctx)
-    res = calibrate(backend, args)
+    backend = ctx.backend
+    res = calibrate(backend, dataclass_from_args(CalibrationConfig, args))
     if args.plot:
         plot_curve(res, args.plot)
     if args.out:
@@ -149,10 +132,11 @@ def run_eval(args, ctx) -> int:
     by scorers that did not train the classifiers (length for conciseness; the base model's
     log-likelihood ratio with and without a line stating the preference for the others), fluency (perplexity
     under the base model) and distinctness (distinct-2, repeated 4-grams)."""
-    from prefsteer.evaluation.cliper_eval import evaluate, format_table
+    from prefsteer.config import dataclass_from_args
+    from prefsteer.evaluation.cliper_eval import CliperEvalConfig, evaluate, format_table
 
-    backend = _backend(args, ctx)
-    res = evaluate(backend, args)
+    backend = ctx.backend
+    res = evaluate(backend, dataclass_from_args(CliperEvalConfig, args))
     if args.out:
         from pathlib import Path
 
@@ -162,14 +146,3 @@ def run_eval(args, ctx) -> int:
         (out / "eval.md").write_text(format_table(res) + "\n", "utf-8")
     _emit(args, res, format_table(res))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m prefsteer.cli.cliper train ...``: the same as ``prefsteer cliper train ...``."""
-    from prefsteer.cli import main as prefsteer_main
-
-    return prefsteer_main(["cliper", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

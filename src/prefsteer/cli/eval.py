@@ -1,9 +1,8 @@
-"""`prefsteer eval`, with its subcommands `report` and `compare` (and the older `eval-report`).
+"""`prefsteer eval`, with its subcommands `report` and `compare`.
 
     prefsteer eval --config quick --json                       # one JSON object; `accuracy` per method
     prefsteer eval --config paper --methods none base exact --seeds 0 --out results/paper
     prefsteer eval report results/paper                        # report.md + PNGs in the run directory
-    prefsteer eval-report results/paper                        # the same
     prefsteer eval compare results/paper results/paper-screened   # how far two runs' selections agree
 """
 
@@ -11,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 
 def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
-    """``eval`` (run a configuration), ``eval report RUN_DIR``, ``eval compare REF OTHER`` and the
-    older spelling ``eval-report RUN_DIR``."""
+    """``eval`` (run a configuration), ``eval report RUN_DIR`` and ``eval compare REF OTHER``."""
     from prefsteer.evaluation.protocol import available_configs
 
     p = subparsers.add_parser("eval", parents=parents, help="run an evaluation configuration (EXACT §6)",
@@ -62,13 +59,6 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
                    help="the other side's search configuration (config_id), when it holds several")
     c.set_defaults(func=cmd_compare)
 
-    r = subparsers.add_parser("eval-report", parents=parents, help="write Markdown tables and PNGs for a run "
-                              "(the same as `eval report`)", description="write Markdown tables and PNGs for an "
-                              "evaluation run")
-    r.add_argument("run_dir", help="a run directory (holding records.jsonl)")
-    r.add_argument("--out", default=None, help="where to write (default: the run directory)")
-    r.set_defaults(func=cmd_report)
-
 
 def default_out(config_name: str, fingerprint: str) -> Path:
     from prefsteer.paths import eval_run_dir
@@ -105,7 +95,7 @@ def cmd_eval(args, ctx) -> int:
     from prefsteer.evaluation import known_answer
 
     if known_answer.is_known_answer(args.config):  # its own protocol: evaluation/known_answer.py
-        return known_answer.cmd_eval(args, ctx)
+        return cmd_known_answer(args, ctx)
     config = load_config(args.config)
     for spec in config.methods:  # an unknown method or option stops the run before the model loads
         spec.check()
@@ -134,4 +124,26 @@ def cmd_eval(args, ctx) -> int:
             if m in summary.get("winrate", {}):
                 line += f"   win-rate vs {config.winrate.reference} {100 * summary['winrate'][m]:.1f}"
             print(line)
+    return 0
+
+
+def cmd_known_answer(args, ctx) -> int:
+    """`prefsteer eval --config known-answer` (``--n-prompts`` for fewer new prompts)."""
+    from prefsteer.evaluation import known_answer
+
+    cfg = known_answer.load_ka_config(args.config)
+    out = Path(args.out) if args.out else default_out(cfg["name"], ctx.backend.fingerprint)
+    say = (lambda s: None) if args.json else print
+    summary = known_answer.run(ctx.backend, cfg, out, embedder=ctx.embedder, n_prompts=args.n_prompts,
+                               variants=args.methods, progress=not args.quiet, log=say)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print((out / known_answer.TABLE).read_text())
+        for v, eff in summary["effects"].items():
+            for user, e in eff.items():
+                print(f"{v}: {known_answer.effect_line(user, e)}")
+        for v, eff in summary["oracle"].items():
+            for user, e in eff.items():
+                print(f"{v}, target injected: {known_answer.effect_line(user, e)}")
     return 0

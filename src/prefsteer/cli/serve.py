@@ -38,7 +38,7 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
     # EXACT's options, unless the common parser already has them
     have = {s for parent in parents for s in parent._option_string_actions}
     sub = argparse.ArgumentParser(add_help=False)
-    add_dataclass_args(sub, ExactConfig, skip=("global_pairs",))
+    add_dataclass_args(sub, ExactConfig, skip=("global_pairs",), defaults={"preset": "product"})
     for action in sub._actions:
         if not any(s in have for s in action.option_strings):
             p._add_action(action)

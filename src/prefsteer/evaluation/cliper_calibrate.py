@@ -7,18 +7,53 @@ stating the preference after the prompt (the evaluation's scorer; not the classi
 model's perplexity of the answer under the plain prompt. The chosen alpha has the largest mean
 strength gain over alpha = 0 (plain decoding) among the alphas whose mean perplexity is at most
 ``ppl_bound`` times plain decoding's.
+
+    >>> res = calibrate(backend, CalibrationConfig(prefs="concise,humor", n_prompts=4))   # doctest: +SKIP
+    >>> res["chosen_alpha"], format_curve(res)                                              # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
+
+from prefsteer.methods.cliper.prefs import PREFERENCES
 
 log = logging.getLogger(__name__)
 
+ALL_PREFS = ",".join(PREFERENCES)  # the built-in preferences: concise,humor,formal,empathetic,helpful
 
-def calibrate(backend, args) -> dict[str, Any]:
+
+@dataclass
+class CalibrationConfig:
+    """What `calibrate` runs (``prefsteer cliper calibrate``'s options)."""
+    prefs: str = field(default=ALL_PREFS, metadata={
+        "help": f"preferences, each calibrated alone and averaged (default: {ALL_PREFS})"})
+    alphas: str = field(default="0,0.5,1,2,4,8", metadata={"help": "the alpha grid"})
+    ppl_bound: float = field(default=1.5, metadata={
+        "help": "allowed perplexity ratio to plain decoding (default 1.5: at most 50% higher)"})
+    n_prompts: int = field(default=16, metadata={"help": "held-out prompts ('calibration' split)"})
+    max_new_tokens: int = field(default=48, metadata={"help": "tokens per answer"})
+    top_k: int = field(default=20, metadata={"help": "candidates re-scored per step"})
+    data: str | None = field(default=None, metadata={
+        "help": "TL;DR comparisons (default: ../shared/data/tldr/batch13.json)"})
+    classifiers: list[str] | None = field(default=None, metadata={"help": "extra classifier directory"})
+
+    def __post_init__(self):
+        from prefsteer.errors import InputError
+
+        if self.ppl_bound < 1:
+            raise InputError(f"`ppl_bound` (={self.ppl_bound}) has to be at least 1", field="--ppl-bound")
+        for name in ("n_prompts", "max_new_tokens", "top_k"):
+            if getattr(self, name) < 1:
+                raise InputError(f"`{name}` (={getattr(self, name)}) has to be at least 1",
+                                 field="--" + name.replace("_", "-"))
+
+
+def calibrate(backend, config: CalibrationConfig) -> dict[str, Any]:
+    """The strength and perplexity curve over ``config.alphas`` on ``backend``, and the chosen alpha."""
     from prefsteer.backends.base import GenerationConfig, user_turn
     from prefsteer.methods.cliper import Cliper
     from prefsteer.methods.cliper.data import tldr_prompts
@@ -26,13 +61,11 @@ def calibrate(backend, args) -> dict[str, Any]:
     from prefsteer.methods.cliper.guidance import check_alpha
     from prefsteer.methods.cliper.prefs import parse_prefs
 
-    prefs = [p for p in parse_prefs(args.prefs, allow_personal=False)]
-    alphas = sorted({check_alpha(float(a)) for a in str(args.alphas).split(",") if a.strip()} | {0.0})
-    if args.ppl_bound < 1:
-        raise ValueError(f"`ppl_bound` (={args.ppl_bound}) has to be at least 1")
-    rows = tldr_prompts("calibration", args.n_prompts, args.data)
+    prefs = [p for p in parse_prefs(config.prefs, allow_personal=False)]
+    alphas = sorted({check_alpha(float(a)) for a in str(config.alphas).split(",") if a.strip()} | {0.0})
+    rows = tldr_prompts("calibration", config.n_prompts, config.data)
     prompts = [r["prompt"] for r in rows]
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    cfg = GenerationConfig(max_new_tokens=config.max_new_tokens)
     ctx = [user_turn(p) for p in prompts]
     t0 = time.perf_counter()
 
@@ -49,8 +82,8 @@ def calibrate(backend, args) -> dict[str, Any]:
     for alpha in alphas[1:]:
         gains, ppls, lengths = {}, [], {}
         for p in prefs:
-            guide, _ = Cliper(backend, prefs={p: 1.0}, alpha=alpha, top_k=args.top_k,
-                              classifier_dirs=getattr(args, "classifiers", None)).guide_for(None)
+            guide, _ = Cliper(backend, prefs={p: 1.0}, alpha=alpha, top_k=config.top_k,
+                              classifier_dirs=config.classifiers).guide_for(None)
             m = score_condition(backend, run(guide), prompts, [p])
             gains[p] = mean(m[f"llr:{p}"]) - base_llr[p]
             ppls.append(mean(m["ppl"]))
@@ -59,11 +92,11 @@ def calibrate(backend, args) -> dict[str, Any]:
         ppl = mean(ppls)
         curve.append({"alpha": alpha, "gain": gains, "mean_gain": mean(list(gains.values())), "ppl": ppl,
                       "ppl_ratio": ppl / base_ppl, "length": lengths})
-    ok = [c for c in curve if c["ppl_ratio"] <= args.ppl_bound]
+    ok = [c for c in curve if c["ppl_ratio"] <= config.ppl_bound]
     best = max(ok, key=lambda c: (c["mean_gain"], -c["alpha"]))
-    return {"chosen_alpha": best["alpha"], "ppl_bound": args.ppl_bound, "prefs": prefs,
+    return {"chosen_alpha": best["alpha"], "ppl_bound": config.ppl_bound, "prefs": prefs,
             "prompts": len(prompts), "post_ids": [r["post_id"] for r in rows],
-            "max_new_tokens": args.max_new_tokens, "top_k": args.top_k, "fingerprint": backend.fingerprint,
+            "max_new_tokens": config.max_new_tokens, "top_k": config.top_k, "fingerprint": backend.fingerprint,
             "strength": "base-model LLR per token, with vs without '(Your answer should be <description>.)'",
             "seconds": round(time.perf_counter() - t0, 1), "curve": curve}
 

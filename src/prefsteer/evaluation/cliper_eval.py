@@ -15,6 +15,9 @@ attributes with their descriptions appended to the user's turn) and ``cliper`` (
 
 Generated answers are cached in ``<cache>/answers.jsonl`` keyed by condition, so the job can run in
 pieces (``--conditions``) and resume.
+
+    >>> res = evaluate(backend, CliperEvalConfig(n_prompts=8, conditions="plain,cliper:concise"))  # doctest: +SKIP
+    >>> print(format_table(res))                                                                   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -23,12 +26,34 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from prefsteer.paths import cliper_answers_dir
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CliperEvalConfig:
+    """What `evaluate` runs (``prefsteer cliper eval``'s options)."""
+    n_prompts: int = field(default=50, metadata={"help": "prompts ('eval' split of the TL;DR posts)"})
+    max_new_tokens: int = field(default=60, metadata={"help": "tokens per answer"})
+    alpha: float | None = field(default=None, metadata={
+        "help": "guidance strength (default: the calibrated one)"})
+    top_k: int = field(default=20, metadata={"help": "candidates re-scored per step"})
+    batch_size: int = field(default=8, metadata={"help": "answers generated together"})
+    data: str | None = field(default=None, metadata={
+        "help": "TL;DR comparisons (default: ../shared/data/tldr/batch13.json)"})
+    classifiers: list[str] | None = field(default=None, metadata={"help": "extra classifier directory"})
+    conditions: str | None = field(default=None, metadata={
+        "help": "only generate these conditions (comma-separated keys such as plain, inject, cliper, "
+                "cliper:concise+humor); the answers are cached"})
+    generate_only: bool = field(default=False, metadata={"help": "generate (and cache) answers, no scoring"})
+    score_only: bool = field(default=False, metadata={"help": "score the cached answers, generate nothing"})
+    cache: str | None = field(default=None, metadata={
+        "help": "answer cache directory (default ~/.cache/prefsteer/cliper-eval)"})
 
 SINGLES = ["concise", "humor", "formal", "empathetic", "helpful"]
 PAIRS = ["concise+humor", "helpful+humor"]
@@ -148,39 +173,40 @@ def _median(xs):
     return xs[len(xs) // 2] if xs else float("nan")
 
 
-def evaluate(backend, args) -> dict[str, Any]:
+def evaluate(backend, config: CliperEvalConfig) -> dict[str, Any]:
+    """Generate (or take from the cache) and score the conditions ``config`` asks for on ``backend``."""
     from prefsteer.methods.cliper import DEFAULT_ALPHA
     from prefsteer.methods.cliper.data import tldr_prompts
 
-    alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
-    rows = tldr_prompts("eval", args.n_prompts, args.data)
+    alpha = DEFAULT_ALPHA if config.alpha is None else config.alpha
+    rows = tldr_prompts("eval", config.n_prompts, config.data)
     prompts = [r["prompt"] for r in rows]
-    cache_dir = Path(getattr(args, "cache", None) or cliper_answers_dir())
+    cache_dir = Path(config.cache or cliper_answers_dir())
     cache_dir.mkdir(parents=True, exist_ok=True)
     answers_file = cache_dir / "answers.jsonl"
     cache = _load_cache(answers_file)
-    wanted = [c for c in conditions() if not getattr(args, "conditions", None)
-              or any(c[0] == k or c[1] == k for k in args.conditions.split(","))]
+    wanted = [c for c in conditions() if not config.conditions
+              or any(c[0] == k or c[1] == k for k in config.conditions.split(","))]
     for key, method, prefs in wanted:
         row = cache.get(key)
         fresh = (row is not None and row["fingerprint"] == backend.fingerprint and row["max_new_tokens"]
-                 == args.max_new_tokens and len(row["texts"]) == len(prompts)
-                 and (method != "cliper" or (row["alpha"] == alpha and row["top_k"] == args.top_k)))
-        if not fresh and getattr(args, "score_only", False):
+                 == config.max_new_tokens and len(row["texts"]) == len(prompts)
+                 and (method != "cliper" or (row["alpha"] == alpha and row["top_k"] == config.top_k)))
+        if not fresh and config.score_only:
             cache.pop(key, None)
             continue
         if not fresh:
             log.info("generating %s", key)
-            row = generate_condition(backend, key, method, prefs, prompts, max_new_tokens=args.max_new_tokens,
-                                     alpha=alpha, top_k=args.top_k, batch_size=args.batch_size,
-                                     classifier_dirs=getattr(args, "classifiers", None))
+            row = generate_condition(backend, key, method, prefs, prompts, max_new_tokens=config.max_new_tokens,
+                                     alpha=alpha, top_k=config.top_k, batch_size=config.batch_size,
+                                     classifier_dirs=config.classifiers)
             cache[key] = row
             with answers_file.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             log.info("%s: %.0fs", key, row["seconds"])
-    if getattr(args, "generate_only", False):
+    if config.generate_only:
         return {"generated": [c[0] for c in wanted]}
-    if getattr(args, "conditions", None):  # score only what was asked for
+    if config.conditions:  # score only what was asked for
         cache = {k: v for k, v in cache.items() if k in {c[0] for c in wanted}}
     # scoring: every condition under the plain prompt; strength for the preferences it concerns
     import hashlib
@@ -222,8 +248,8 @@ def evaluate(backend, args) -> dict[str, Any]:
                     entry[f"llr:{p}"] = m[f"llr:{p}"]["mean"]
             table.append(entry)
     return {"settings": {"prompts": len(prompts), "split": "eval (post-id hash buckets 8-9)",
-                         "post_ids": [r["post_id"] for r in rows], "max_new_tokens": args.max_new_tokens,
-                         "decoding": "greedy", "alpha": alpha, "top_k": args.top_k,
+                         "post_ids": [r["post_id"] for r in rows], "max_new_tokens": config.max_new_tokens,
+                         "decoding": "greedy", "alpha": alpha, "top_k": config.top_k,
                          "fingerprint": backend.fingerprint,
                          "scorer": "base model; strength = LLR/token with vs without the line "
                                    "'(Your answer should be <description>.)' after the prompt; concise: "

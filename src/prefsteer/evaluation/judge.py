@@ -136,12 +136,3 @@ def compare(judge: Judge, history: Sequence[PreferencePair], prompt: str, method
     first = judge.prefer_a(history, prompt, method_text, reference_text)
     second = -judge.prefer_a(history, prompt, reference_text, method_text)
     return prompt_winrate(first, second), first, second
-
-
-def make_judge(kind: str, backend=None, url: str | None = None, model: str | None = None,
-               max_pairs: int = 10, max_chars: int = 6000) -> Judge:
-    if kind == "local":
-        return LocalJudge(backend, max_pairs, max_chars)
-    if kind == "openai":
-        return OpenAIJudge(url or "", model or "", max_pairs=max_pairs, max_chars=max_chars)
-    raise ValueError(f"`judge` (={kind!r}) has to be 'local' or 'openai'")

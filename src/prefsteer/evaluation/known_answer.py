@@ -419,27 +419,3 @@ def table(records: Sequence[dict], info: dict) -> str:
             top = sorted(counts.items(), key=lambda kv: -kv[1])[:5]
             lines.append(f"- {v} / {user}: " + ", ".join(f"{a} {c}" for a, c in top))
     return "\n".join(lines) + "\n"
-
-
-def cmd_eval(args, ctx) -> int:
-    """`prefsteer eval --config known-answer` (``--n-prompts`` for fewer new prompts)."""
-    cfg = load_ka_config(args.config)
-    out = Path(args.out) if args.out else None
-    if out is None:
-        from prefsteer.paths import eval_run_dir
-
-        out = eval_run_dir(cfg["name"], ctx.backend.fingerprint)
-    say = (lambda s: None) if args.json else print
-    summary = run(ctx.backend, cfg, out, embedder=ctx.embedder, n_prompts=getattr(args, "n_prompts", None),
-                  variants=args.methods, progress=not args.quiet, log=say)
-    if args.json:
-        print(json.dumps(summary, indent=2, default=str))
-    else:
-        print((out / TABLE).read_text())
-        for v, eff in summary["effects"].items():
-            for user, e in eff.items():
-                print(f"{v}: {effect_line(user, e)}")
-        for v, eff in summary["oracle"].items():
-            for user, e in eff.items():
-                print(f"{v}, target injected: {effect_line(user, e)}")
-    return 0

@@ -13,8 +13,6 @@ from typing import Sequence
 from prefsteer.evaluation.metrics import summarize
 from prefsteer.evaluation.runner import RUN_INFO, read_records
 
-PAPER_EXACT = {"Llama-3.1-8B": 65.12, "Gemma-2-9B-it": 66.01, "Qwen2.5-7B": 60.28}
-
 
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.2f}"

@@ -45,8 +45,7 @@ from prefsteer.attributes import Attribute, AttributeLibrary, load_library
 from prefsteer.backends.base import GenerationConfig, Messages, ScoreRequest, UnsupportedOperation, require
 from prefsteer.types import PreferencePair
 # Drift's step as data (what an engine in another process runs) is the guide kind's, re-exported here
-from prefsteer.backends.guides.drift import (DRIFT_GUIDE_FORMAT, DriftGuide, check_drift_description,  # noqa: F401
-                                             combine_logits)
+from prefsteer.backends.guides.drift import DriftGuide, check_drift_description, combine_logits  # noqa: F401
 from prefsteer.methods.base import (Method, MethodOutput, NotFittedError, OptionError, as_conversation,
                                     as_conversations, config_from_options, register_method, with_system,
                                     with_user_suffix)

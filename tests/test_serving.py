@@ -1,0 +1,136 @@
+"""The chat dispatch without a server: `ChatServing.answer` on the fake backend.
+
+Each test builds the engine the service builds (settings, backend, embedder, library) and calls
+the serving object directly, so what is checked is the dispatch itself: which method answers,
+what the answer reports, and which HTTP error a method's exception becomes (by its type).
+"""
+
+import pytest
+
+from prefsteer.attributes import load_library
+from prefsteer.backends.fake import FakeBackend
+from prefsteer.memory import Memory
+from prefsteer.methods import base as method_base
+from prefsteer.methods.base import Method, MethodOutput, NotFittedError
+from prefsteer.methods.registry import Resources, build
+from prefsteer.retrieval import HashEmbedder
+from prefsteer.service.app import Settings
+from prefsteer.service.auth import Tenant
+from prefsteer.service.engine import Engine
+from prefsteer.service.errors import ApiError
+from prefsteer.service.schemas import ChatCompletionRequest, PrefsteerOptions
+from prefsteer.types import PreferencePair
+
+LOCAL = Tenant(None)
+PAIRS = [PreferencePair("ann", f"tell me about my {t}", f"funny joke lol about the {t}",
+                        f"dear sir regards about the {t}", f"p{i}") for i, t in enumerate("dog cat car".split())]
+CONV = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "tell me about my dog"}]
+
+
+@pytest.fixture
+def eng(tmp_path):
+    settings = Settings(db=str(tmp_path / "m.db"), backend="fake", auth=False, worker=False,
+                        exact={"k": 1, "preset": "product"})
+    e = Engine(settings, FakeBackend(), HashEmbedder(), load_library())
+    yield e
+    e.close()
+
+
+def fit(eng, name, **options):
+    mem = Memory(eng.settings.db)
+    mem.add_pairs(PAIRS)
+    res = Resources(memory=mem, embedder=eng.embedder, library=eng.library)
+    build(name, eng.backend, res, {**eng.defaults(name), **options}).fit("ann", PAIRS)
+    mem.close()
+
+
+def ask(eng, method=None, user="ann", messages=CONV, unchecked=False, **prefsteer):
+    """The request as validated by the schema (``unchecked``: a method name the schema does not list)."""
+    fields = {"user_id": user, "method": method, "prefs": None, "alpha": None, **prefsteer}
+    opts = PrefsteerOptions.model_construct(**fields) if unchecked else PrefsteerOptions(**fields)
+    req = ChatCompletionRequest(model="fake", messages=messages, max_tokens=6)
+    req.prefsteer = opts
+    return eng.serving.answer(LOCAL, req)
+
+
+def test_the_plain_model_answers_a_conversation(eng):
+    a = ask(eng, "none", user=None)
+    assert a.info.method == "none" and a.text.strip() and a.prompt_tokens == eng.backend.count_tokens(CONV)
+    assert a.finish_reason in ("stop", "length") and a.completion_tokens <= 6
+
+
+def test_a_user_gets_the_service_method_with_what_it_retrieved(eng):
+    fit(eng, "exact")
+    a = ask(eng)
+    assert a.info.method == "exact" and a.info.attributes
+    assert a.info.retrieved["prompt"] == "tell me about my dog" and 0 < a.info.retrieved["similarity"] <= 1
+    assert set(a.info.timings) >= {"retrieval", "generation"}
+
+
+def test_a_user_without_feedback_gets_the_plain_model_unless_a_method_was_asked(eng):
+    a = ask(eng, user="newcomer")
+    assert a.info.method == "none" and "no feedback stored" in a.info.note
+    with pytest.raises(ApiError) as info:
+        ask(eng, "exact", user="newcomer")
+    assert info.value.status == 404
+
+
+def test_a_stored_but_unlearned_user_gets_plain_or_409(eng):
+    fit(eng, "base")  # stored pairs, no EXACT entries
+    a = ask(eng)
+    assert a.info.method == "none" and "not learned yet" in a.info.note
+    with pytest.raises(ApiError) as info:
+        ask(eng, "drift")
+    assert (info.value.status, info.value.code, info.value.param) == (409, "not_fitted", "prefsteer.method")
+
+
+def test_a_method_that_needs_a_user_without_one_is_a_400(eng):
+    with pytest.raises(ApiError) as info:
+        ask(eng, "exact-global", user=None)
+    assert (info.value.status, info.value.param) == (400, "prefsteer.user_id")
+
+
+def test_an_option_of_another_method_is_named(eng):
+    with pytest.raises(ApiError) as info:
+        ask(eng, "exact", prefs="concise=1")
+    assert (info.value.status, info.value.param) == (400, "prefsteer.prefs")
+
+
+def test_base_builds_its_history_prompt_on_first_use(eng):
+    Memory(eng.settings.db).add_pairs(PAIRS)  # stored by a feedback request; never fitted
+    a = ask(eng, "base")
+    assert a.info.method == "base" and a.prompt_tokens == eng.backend.count_tokens(CONV)
+    assert eng.method("base").profile("ann")["fitted"]
+
+
+def test_errors_are_mapped_by_type_never_by_message(eng, monkeypatch):
+    """A method whose NotFittedError says nothing the route could match still becomes a 409."""
+
+    class Odd(Method):
+        name = "odd"
+
+        def fit(self, user_id, pairs):
+            pass
+
+        def margins(self, user_id, pairs):
+            return []
+
+        def generate(self, user_id, conversations, config=None):
+            raise NotFittedError("odd", user_id, hint="zzz")
+
+    class Fine(Odd):
+        def generate(self, user_id, conversations, config=None):
+            return [MethodOutput("fine", ["X"], {"generation": 0.5}, {"retrieved": {"prompt": "p"}})]
+
+    monkeypatch.setitem(method_base._REGISTRY, "odd", f"{__name__}:_ODD")
+    monkeypatch.setitem(method_base._REGISTRY, "fine", f"{__name__}:_FINE")
+    monkeypatch.setitem(globals(), "_ODD", Odd)
+    monkeypatch.setitem(globals(), "_FINE", Fine)
+    Memory(eng.settings.db).add_pairs(PAIRS)
+    with pytest.raises(ApiError) as info:
+        ask(eng, "odd", unchecked=True)
+    assert (info.value.status, info.value.code) == (409, "not_fitted")
+    a = ask(eng, "fine", unchecked=True)
+    assert (a.text, a.info.attributes, a.info.retrieved, a.info.timings) == ("fine", ["X"], {"prompt": "p"},
+                                                                             {"generation": 0.5})
