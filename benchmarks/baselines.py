@@ -41,7 +41,8 @@ def main() -> None:
     from prefsteer.attributes import load_library
     from prefsteer.backends import GenerationConfig, load_backend
     from prefsteer.data.loaders import group_by_user, load_pairs
-    from prefsteer.methods import get_method_class
+    from prefsteer.memory import Memory
+    from prefsteer.methods.registry import Resources, build
 
     backend = load_backend("hf", threads=args.threads or None)
     users = group_by_user(load_pairs(args.data))
@@ -56,7 +57,9 @@ def main() -> None:
                           "max_length": args.max_length, "n": args.n}}
     rows = []
     for name in args.methods:
-        method = get_method_class(name)(backend, **options[name])
+        memory = Memory(":memory:")  # a fresh one per method: nothing cached between them
+        memory.add_pairs(train)  # the caller stores the pairs, then the method learns from them
+        method = build(name, backend, Resources(memory=memory), options[name])
         t0 = time.perf_counter()
         method.fit(user, train)
         t1 = time.perf_counter()

@@ -42,13 +42,14 @@ def main(args: argparse.Namespace) -> None:
     from prefsteer.backends import GenerationConfig, load_backend
     from prefsteer.data import group_by_user, load_pairs
     from prefsteer.memory import Memory
-    from prefsteer.methods.exact import Exact
+    from prefsteer.methods.registry import Resources, build
 
     backend = load_backend("hf", model=args.model, threads=args.threads)
     mem = Memory(Path(tempfile.mkdtemp()) / "bench.db")
-    exact = Exact(backend, memory=mem)
+    exact = build("exact", backend, Resources(memory=mem))
     with resources.as_file(resources.files("prefsteer.resources").joinpath("demo_pairs.jsonl")) as f:
         for user, ps in group_by_user(load_pairs(f)).items():
+            mem.add_pairs(ps)  # the caller stores the pairs, then the method learns from them
             exact.fit(user, ps)
     exact.embedder.encode(["warm-up"])  # model load is start-up, not per-request cost
 
@@ -63,7 +64,7 @@ def main(args: argparse.Namespace) -> None:
     for prompt in PROMPTS[: args.prompts]:
         start = time.perf_counter()
         attrs = exact.attributes_for("maya", [prompt])[0]
-        context = exact._inject(prompt, attrs)
+        context = exact.attribute_messages(prompt, attrs)
         retrieval = time.perf_counter() - start
         start = time.perf_counter()
         gen = backend.generate([context], config, guide=NoEOS())[0]

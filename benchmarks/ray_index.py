@@ -44,12 +44,13 @@ def main(args: argparse.Namespace) -> int:
     from prefsteer.backends import load_backend
     from prefsteer.data import load_pairs
     from prefsteer.executors import RayExecutor
-    from prefsteer.memory import Memory
-    from prefsteer.methods.exact import Exact, ExactConfig
+    from prefsteer.memory import Memory, with_id
+    from prefsteer.methods.exact import ExactConfig
+    from prefsteer.methods.registry import Resources, build
     from prefsteer.types import PreferencePair
 
     src = load_pairs(args.data)[: args.pairs]
-    pairs = [PreferencePair(f"u{i % 8}", p.prompt, p.chosen, p.rejected) for i, p in enumerate(src)]
+    pairs = [with_id(PreferencePair(f"u{i % 8}", p.prompt, p.chosen, p.rejected)) for i, p in enumerate(src)]
     by_user: dict = {}
     for p in pairs:
         by_user.setdefault(p.user_id, []).append(p)
@@ -72,16 +73,18 @@ def main(args: argparse.Namespace) -> int:
     runs = {}
     for workers in (0, 1, 2):
         db = tmp / f"w{workers}.db"
-        method = Exact(driver, memory=Memory(str(db)), library=lib, config=cfg, embedder="hash")
-        start = time.perf_counter()
+        mem = Memory(str(db))
+        method = build("exact", driver, Resources(memory=mem, library=lib, embedder="hash"), cfg)
         if workers:
             ex = RayExecutor(args.backend, kw, workers=workers)
             ex._start_actors(method)  # the workers' model loads are not indexing time
-            start = time.perf_counter()
-            pools = {u: method._store(u, ps) for u, ps in by_user.items()}
+        start = time.perf_counter()
+        mem.add_pairs(pairs)  # the caller stores the pairs; fit learns from them (`prefsteer index`)
+        pools = {u: mem.pairs(u) for u in by_user}
+        if workers:
             ex.select_missing(method, pools)
-        for u, ps in by_user.items():
-            method.fit(u, ps)
+        for u, pool in pools.items():
+            method.fit(u, pool)
         secs = time.perf_counter() - start
         if workers:
             ex.shutdown()

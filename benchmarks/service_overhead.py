@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> None:
     from prefsteer.backends import GenerationConfig, load_backend
     from prefsteer.data import group_by_user, load_pairs
     from prefsteer.memory import Memory
-    from prefsteer.methods.exact import Exact
+    from prefsteer.methods.registry import Resources, build
     from prefsteer.service import Settings
     from tests.test_service_helpers import thread_server
 
@@ -68,9 +68,10 @@ def main(args: argparse.Namespace) -> None:
     backend = load_backend(args.backend, **({"model": args.model} if args.model else {}))
     db = str(Path(tempfile.mkdtemp(prefix="prefsteer-overhead-")) / "memory.db")
     mem = Memory(db)
-    exact = Exact(backend, memory=mem)
+    exact = build("exact", backend, Resources(memory=mem))  # the service's default EXACT (Settings.exact: {})
     with resources.as_file(resources.files("prefsteer.resources").joinpath("demo_pairs.jsonl")) as f:
         users = group_by_user(load_pairs(f))
+    mem.add_pairs(users[args.user])  # the caller stores the pairs, then the method learns from them
     exact.fit(args.user, users[args.user])
     embedder = exact.embedder
     embedder.encode(["warm-up"])

@@ -6,7 +6,7 @@
   and ``--step-sets`` sets of EXACT's first step on vLLM with and without reading the prefix cache.
 * generation: tokens/s at batch 1, 8 and 32, vLLM plain vs vLLM with EXACT's injection (the
   prompts carry ``Attributes: <...>``, as `Exact.generate` renders them) vs CLIPer's guided decoding
-  (``--cliper-prefs``, alpha ``--cliper-alpha``, top-20: vLLM's logits processor with the side
+  (``--prefs``, alpha ``--alpha``, top-20: vLLM's logits processor with the side
   model, here the same checkpoint as vLLM's) vs Drift's mixture (two active attribute branches,
   decoded as side rows in vLLM's engine), greedy, ``--new-tokens``.
 
@@ -49,8 +49,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="attribute sets of EXACT's first step timed with and without the prefix cache (default 12)")
     p.add_argument("--batches", default="1,8,32", help="generation batch sizes (default 1,8,32)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default 64)")
-    p.add_argument("--cliper-prefs", default="concise=1,humor=0.5", help="CLIPer's classifiers and weights")
-    p.add_argument("--cliper-alpha", type=float, default=2.0, help="CLIPer's guidance strength (default 2.0)")
+    p.add_argument("--prefs", default="concise=1,humor=0.5", help="CLIPer's classifiers and weights")
+    p.add_argument("--alpha", type=float, default=2.0, help="CLIPer's guidance strength (default 2.0)")
     p.add_argument("--dtype", default=None, help="both engines' dtype (default float32 on a CPU, bfloat16 on a GPU)")
     p.add_argument("--machine", default=None, help="how the tables name the machine (default: platform)")
     p.add_argument("--out", default=str(REPO / "results" / "vllm"), help="where the tables go")
@@ -117,14 +117,13 @@ def generation(args, vb, out: dict) -> list[str]:
     from prefsteer.attributes import attribute_messages, load_library
     from prefsteer.backends.base import GenerationConfig, user_turn
 
-    from prefsteer.methods.cliper import Cliper
-    from prefsteer.methods.drift import Drift
+    from prefsteer.methods.registry import build
 
     lib = load_library()
     cfg = GenerationConfig(max_new_tokens=args.new_tokens)
-    guide = Cliper(vb, prefs=args.cliper_prefs, alpha=args.cliper_alpha).guide_for(None)[0]
-    drift = Drift(vb, attributes=list(DRIFT_WEIGHTS))
-    drift.weights["bench"] = dict(DRIFT_WEIGHTS)
+    guide = build("cliper", vb, options={"prefs": args.prefs, "alpha": args.alpha}).guide_for(None)[0]
+    drift = build("drift", vb, options={"attributes": list(DRIFT_WEIGHTS)})
+    drift.weights["bench"] = dict(DRIFT_WEIGHTS)  # set, not fitted: the throughput needs no user
     vb.generate([user_turn("hi")], GenerationConfig(max_new_tokens=4))  # warm-up
     vb.generate([user_turn("hi")], GenerationConfig(max_new_tokens=4), guide=guide)  # loads the side model
 
@@ -152,11 +151,11 @@ def generation(args, vb, out: dict) -> list[str]:
         print(f"batch {b}: " + ", ".join(f"{k} {v['tok_s']:.1f} tok/s" for k, v in res.items()), flush=True)
     sec = out.setdefault(f"generation-{args.new_tokens}tok", {})
     sec["rows"] = rows
-    sec["cliper"] = {"prefs": args.cliper_prefs, "alpha": args.cliper_alpha, "top_k": guide.top_k,
+    sec["cliper"] = {"prefs": args.prefs, "alpha": args.alpha, "top_k": guide.top_k,
                      "side_model": vb.side_spec["model"] or "the embedded default (vLLM's own checkpoint)"}
     sec["drift"] = {"weights": DRIFT_WEIGHTS, "beta": drift.config.beta}
     lines += [f"## Generation throughput (vLLM, greedy, up to {args.new_tokens} new tokens per row)", "",
-              f"CLIPer: prefs {args.cliper_prefs}, alpha {args.cliper_alpha}, top-{guide.top_k}. Drift: weights "
+              f"CLIPer: prefs {args.prefs}, alpha {args.alpha}, top-{guide.top_k}. Drift: weights "
               f"{DRIFT_WEIGHTS}, beta {drift.config.beta} (two attribute branches per request). Both on the side "
               "model = vLLM's own checkpoint (the hf backend in vLLM's engine process).", "",
               "| batch | plain tok/s | EXACT injection tok/s | EXACT / plain | CLIPer tok/s | plain / CLIPer "

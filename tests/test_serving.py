@@ -66,6 +66,17 @@ def test_a_user_gets_the_service_method_with_what_it_retrieved(eng):
     assert a.info.method == "exact" and a.info.attributes
     assert a.info.retrieved["prompt"] == "tell me about my dog" and 0 < a.info.retrieved["similarity"] <= 1
     assert set(a.info.timings) >= {"retrieval", "generation"}
+    assert a.prompt_tokens > eng.backend.count_tokens(CONV)  # the injected attributes are counted
+
+
+def test_each_method_is_served_with_the_options_it_was_indexed_with(tmp_path):
+    settings = Settings(db=str(tmp_path / "m.db"), backend="fake", auth=False, worker=False,
+                        exact={"k": 1}, method_options={"drift": {"beta": 2.5}, "exact": {"k": 2}})
+    e = Engine(settings, FakeBackend(), HashEmbedder(), load_library())
+    assert e.method("drift").config.beta == 2.5 and e.method("exact").config.k == 2
+    assert e.method("exact-global").config.k == 1  # EXACT's service options, where nothing overrides
+    assert e.method("drift", {"beta": 4.0}).config.beta == 4.0  # a request's options go on top
+    e.close()
 
 
 def test_a_user_without_feedback_gets_the_plain_model_unless_a_method_was_asked(eng):
@@ -100,7 +111,8 @@ def test_an_option_of_another_method_is_named(eng):
 def test_base_builds_its_history_prompt_on_first_use(eng):
     Memory(eng.settings.db).add_pairs(PAIRS)  # stored by a feedback request; never fitted
     a = ask(eng, "base")
-    assert a.info.method == "base" and a.prompt_tokens == eng.backend.count_tokens(CONV)
+    # usage counts what the model read: the history prompt too
+    assert a.info.method == "base" and a.prompt_tokens > eng.backend.count_tokens(CONV) + 20
     assert eng.method("base").profile("ann")["fitted"]
 
 
@@ -134,3 +146,17 @@ def test_errors_are_mapped_by_type_never_by_message(eng, monkeypatch):
     a = ask(eng, "fine", unchecked=True)
     assert (a.text, a.info.attributes, a.info.retrieved, a.info.timings) == ("fine", ["X"], {"prompt": "p"},
                                                                              {"generation": 0.5})
+
+
+def test_serve_takes_every_methods_options_and_the_default_method(tmp_path):
+    from prefsteer.cli import Context, make_parser
+    from prefsteer.cli.serve import settings_from_args
+
+    args = make_parser().parse_args(["serve", "--backend", "fake", "--embedder", "hash", "--no-auth",
+                                     "--db", str(tmp_path / "m.db"), "--method", "drift", "--drift-beta", "2",
+                                     "--reward-n", "3", "--k", "2"])
+    s = settings_from_args(args, Context(args))
+    assert s.default_method == "drift"
+    assert s.method_options == {"drift": {"beta": 2.0}, "reward": {"n": 3}, "exact": {"k": 2},
+                                "exact-global": {"k": 2}}
+    assert (s.exact["k"], s.exact["preset"]) == (2, "product")  # the command line's preset

@@ -13,10 +13,9 @@ import argparse
 import dataclasses
 import sys
 
+from prefsteer.cli.options import CLI_DEFAULTS, method_options, method_parser
 
 def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
-    from prefsteer.config import add_dataclass_args
-    from prefsteer.methods.exact import ExactConfig
     from prefsteer.service.app import Settings
 
     help_ = "serve OpenAI-compatible personalized chat, feedback, profiles and deletion over HTTP"
@@ -35,30 +34,26 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
                        help=f"{f.metadata['help']} (default: {defaults[name]})")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: info)")
-    # EXACT's options, unless the common parser already has them
-    have = {s for parent in parents for s in parent._option_string_actions}
-    sub = argparse.ArgumentParser(add_help=False)
-    add_dataclass_args(sub, ExactConfig, skip=("global_pairs",), defaults={"preset": "product"})
-    for action in sub._actions:
-        if not any(s in have for s in action.option_strings):
-            p._add_action(action)
+    # every method's options, as `index` takes them: a user indexed with --drift-beta 2 is served
+    # with it; --method is the method that answers a user when a request names none
+    for action in method_parser()._actions:
+        p._add_action(action)
     p.set_defaults(func=cmd_serve, writes=True)
 
 
 def settings_from_args(args, ctx):
-    from prefsteer.config import dataclass_from_args
-    from prefsteer.methods.exact import ExactConfig
+    from prefsteer.methods import available_methods
+    from prefsteer.methods.registry import method_config
     from prefsteer.service.app import Settings
 
-    from prefsteer.methods.exact import PRODUCT_PRESET
-
-    # the command line's default is EXACT's product preset (--preset paper: the paper's rendering)
-    preset = {} if hasattr(args, "preset") else {"preset": PRODUCT_PRESET}
-    exact = dataclasses.asdict(dataclass_from_args(ExactConfig, args, **preset))
+    options = {name: method_options(args, name) for name in available_methods()}
+    # EXACT's options, with the command line's default preset (the product's; --preset paper: the paper's)
+    exact = dataclasses.asdict(method_config("exact", options["exact"], CLI_DEFAULTS))
     return Settings(
         db=ctx.memory.path, backend=args.backend, model=getattr(args, "model", None),
         embedder=getattr(args, "embedder", None), attributes=getattr(args, "attributes", None),
         host=args.host, auth=not args.no_auth, model_id=args.model_id, exact=exact,
+        default_method=args.method, method_options={n: o for n, o in options.items() if o},
         **{n: getattr(args, n) for n in ("default_max_tokens", "max_tokens_limit", "max_prompt_chars",
                                          "max_pairs_per_request", "max_text_chars", "max_body_bytes")},
         make_backend=lambda: ctx.backend, make_embedder=lambda: ctx.embedder)

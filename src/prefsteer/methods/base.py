@@ -178,6 +178,9 @@ class MethodOutput:
     attributes: list[str] = field(default_factory=list)  # what was injected, where that applies
     timings: dict[str, float] = field(default_factory=dict)  # seconds: e.g. retrieval, generation
     extra: dict[str, Any] = field(default_factory=dict)
+    # the chat context the answer was generated from (the caller's conversation with what the
+    # method added: a history prompt, attributes): what `usage.prompt_tokens` counts
+    context: list[Message] | None = None
 
 
 class Method(ABC):

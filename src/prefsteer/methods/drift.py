@@ -276,7 +276,8 @@ class Drift(Method):
             texts = self._generate_guided(convs, attrs, weights, config)
         secs = time.perf_counter() - start
         return [MethodOutput(t, [a.name for a in attrs], {"generation": secs},
-                             {"weights": dict(zip([a.name for a in attrs], weights))}) for t in texts]
+                             {"weights": dict(zip([a.name for a in attrs], weights))}, conv)
+                for t, conv in zip(texts, convs)]
 
 
     def _generate_guided(self, convs: Sequence[Messages], attrs: list[Attribute], weights: list[float],

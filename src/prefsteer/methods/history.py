@@ -121,5 +121,5 @@ class BasePrompt(Method):
         require(self.backend, "generate", "the base method")
         contexts = [with_system(c, system) for c in as_conversations(conversations)]
         gens, secs = timed_generate(self.backend, contexts, config)
-        return [MethodOutput(g.text, [], {"generation": secs}, {"pairs_in_prompt": self.n_pairs[user_id]})
-                for g in gens]
+        return [MethodOutput(g.text, [], {"generation": secs}, {"pairs_in_prompt": self.n_pairs[user_id]}, ctx)
+                for g, ctx in zip(gens, contexts)]

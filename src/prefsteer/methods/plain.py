@@ -62,5 +62,6 @@ class Plain(Method):
     def generate(self, user_id: str | None, conversations: Sequence[str | Messages],
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
         require(self.backend, "generate", "the none method")
-        gens, secs = timed_generate(self.backend, as_conversations(conversations), config)
-        return [MethodOutput(g.text, [], {"generation": secs}) for g in gens]
+        contexts = as_conversations(conversations)
+        gens, secs = timed_generate(self.backend, contexts, config)
+        return [MethodOutput(g.text, [], {"generation": secs}, context=ctx) for g, ctx in zip(gens, contexts)]

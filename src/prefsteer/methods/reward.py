@@ -282,5 +282,6 @@ class Reward(Method):
         picks = best_of(r)
         return [MethodOutput(gens[i * c.n + j].text, [], {"generation": gen_secs, "reward": rank_secs},
                              {"rewards": r[i].tolist(), "chosen_index": j,
-                              "candidates": [g.text for g in gens[i * c.n: (i + 1) * c.n]]})
+                              "candidates": [g.text for g in gens[i * c.n: (i + 1) * c.n]]},
+                             with_system(prompts[i], self.system))
                 for i, j in enumerate(picks)]

@@ -30,6 +30,8 @@ class Settings:
     auth: bool = field(default=True, metadata={"help": "require API keys (off only on loopback)"})
     model_id: str | None = field(default=None, metadata={"help": "the model name /v1/models lists"})
     exact: dict[str, Any] = field(default_factory=dict, metadata={"help": "ExactConfig options"})
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
+        "help": "each method's options (name -> options), as the methods were indexed with"})
     default_method: str = field(default="exact", metadata={
         "help": "the method that answers a request with a user and no `prefsteer.method`, and that "
                 "learns each feedback pair as it arrives"})

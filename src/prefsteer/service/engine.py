@@ -37,14 +37,16 @@ class Engine:
 
     def defaults(self, name: str) -> dict[str, Any]:
         """The service's options for method ``name``: its EXACT options (`serve --preset ...`) for
-        the methods whose configuration takes them all."""
+        the methods whose configuration takes them all, then the method's own
+        (`Settings.method_options`); a request's options go on top."""
         import dataclasses
 
         from prefsteer.methods import get_method_class
 
         cfg = get_method_class(name).config_class
         fields = {f.name for f in dataclasses.fields(cfg)} if cfg is not None else set()
-        return dict(self.settings.exact) if self.settings.exact and set(self.settings.exact) <= fields else {}
+        exact = self.settings.exact if self.settings.exact and set(self.settings.exact) <= fields else {}
+        return {**exact, **self.settings.method_options.get(name, {})}
 
     def method(self, name: str, options: dict[str, Any] | None = None, memory: Memory | None = None):
         """The registered method ``name`` with ``options`` over ``memory`` (the feedback worker's

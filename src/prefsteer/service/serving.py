@@ -185,6 +185,8 @@ class ChatServing:
             method, info.method = self._method(PLAIN, {}), PLAIN
             info.note = "this user's feedback is not learned yet: the plain model answered"
             out = self._generate(method, uid, msgs, config)
+        if out.context is not None:  # what the model read: the method's additions counted too
+            prompt_tokens = eng.backend.count_tokens(out.context)
         info.attributes = list(out.attributes)
         info.retrieved = out.extra.get("retrieved")
         info.timings.update({k: round(v, 6) for k, v in out.timings.items()})

@@ -206,8 +206,8 @@ class Cliper(Method):
         if self.alpha != 0:
             require(self.backend, "guide", "cliper's guided decoding")
         start = time.perf_counter()
-        gens = self.backend.generate(as_conversations(conversations), config,
-                                     guide=None if self.alpha == 0 else guide)
+        contexts = as_conversations(conversations)
+        gens = self.backend.generate(contexts, config, guide=None if self.alpha == 0 else guide)
         secs = time.perf_counter() - start
         extra = {"prefs": prefs, "alpha": self.alpha, "top_k": self.top_k}
-        return [MethodOutput(g.text, [], {"generation": secs}, dict(extra)) for g in gens]
+        return [MethodOutput(g.text, [], {"generation": secs}, dict(extra), ctx) for g, ctx in zip(gens, contexts)]

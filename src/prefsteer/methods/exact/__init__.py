@@ -364,7 +364,7 @@ class Exact(Method):
         contexts = [self.attribute_messages(c, a) for c, (a, _) in zip(convs, found)]
         overhead = time.perf_counter() - start  # embedding + retrieval + injection
         gens, secs = timed_generate(self.backend, contexts, config)
-        return [MethodOutput(g.text, a, {"retrieval": overhead, "generation": secs}, {**self.context_info(c), **why})
+        return [MethodOutput(g.text, a, {"retrieval": overhead, "generation": secs}, {**self.context_info(c), **why}, c)
                 for g, (a, why), c in zip(gens, found, contexts)]
 
 
