@@ -8,7 +8,8 @@ with the same library and EXACT options (a method serves the state it was fitted
 openai client sends one conversation (a system prompt, three user turns, two assistant turns) with
 ``extra_body={"prefsteer": {"user_id": U, "method": M}}`` for each method and none, greedy, plus
 CLIPer without a user (``"prefs": "concise=1"``). Drift, reward and CLIPer are indexed with their
-default options: the service builds them with their defaults, and those options decide the state.
+default options (`prefsteer serve` takes the same method options as `index`; a state is served
+only under the options it was fitted with).
 
 Writes results/conversations/conversations.json (each answer, the service's prefsteer info, usage,
 wall seconds, the indexing runs) and README.md (the table and the conditions), and prints the table.

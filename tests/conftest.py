@@ -33,3 +33,21 @@ def hf_backend():
 
     # float32 on any device: the tolerances below hold for float32 (a GPU would default to bfloat16)
     return TransformersBackend(batch_size=8, dtype="float32")
+
+
+# Two tiers. The README's `pytest -q` is the fast loop: pyproject's addopts select `-m "not slow"`
+# (a later `-m` on the command line replaces it). `.ci/run` runs that, then `pytest -q -m slow`.
+# Slow: every test of the real embedded model (it requests the session fixture `hf_backend`, or is
+# marked `model`, e.g. the CLI's real-model runs and the hf half of a parametrized backend fixture),
+# and the model-free tests named below (results/tests/README.md has the timings).
+SLOW_TESTS = (
+    "tests/test_service_web.py::",  # a headless chromium (only where one is installed: CI)
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own `-m` selection reads the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if ("hf_backend" in getattr(item, "fixturenames", ()) or item.get_closest_marker("model")
+                or item.nodeid.startswith(SLOW_TESTS)):
+            item.add_marker(pytest.mark.slow)

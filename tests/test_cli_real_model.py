@@ -25,7 +25,7 @@ OPTIONS = {
     "none": [], "base": [], "exact": ["--k", "1"], "exact-global": ["--k", "1"],
     "drift": ["--drift-attributes", "Concise", "Humor"],
     "reward": ["--reward-epochs", "1", "--reward-n", "2"],
-    "cliper": ["--cliper-personal-steps", "20"],
+    "cliper": ["--personal-steps", "20"],
 }
 
 
