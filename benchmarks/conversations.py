@@ -107,9 +107,10 @@ def report(result: dict) -> str:
              "`extra_body={\"prefsteer\": {\"user_id\": ..., \"method\": ...}}`; the last row is CLIPer without "
              "a user (`\"prefs\": \"concise=1\"`). Full answers and the service's `prefsteer` info (attributes, "
              "retrieved memory, timings) are in conversations.json.", "", *table(result["answers"]), "",
-             "Prompt tokens are the service's `usage.prompt_tokens`: the request's messages, the same for every "
-             "method; what a method adds (Base's history system prompt, EXACT's attribute line, Drift's attribute "
-             "branches, Reward's n candidates) is not counted there.", "",
+             "Prompt tokens are the service's `usage.prompt_tokens`: the context the model read, the request's "
+             "messages with what the method added to them (Base's history in the system prompt, EXACT's "
+             "attribute sentence); Drift's attribute branches and Reward's other candidates are extra compute "
+             "beside that context, not counted.", "",
              "Conditions:", "",
              f"- model: {c['model']} (`--backend {c['backend']}`), embedder: {c['embedder']}; greedy "
              f"(temperature 0), max_tokens {c['max_tokens']}, one request at a time after one warm-up request",

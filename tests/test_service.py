@@ -383,3 +383,44 @@ def test_other_methods_through_the_service(svc):
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="fake", messages=msgs,
                                   extra_body={"prefsteer": {"user_id": "mt-nobody", "method": "exact"}})
+
+
+def test_every_method_answers_a_multi_turn_conversation_through_the_openai_client(svc, monkeypatch, tmp_path):
+    """A system prompt and three user turns, answered by each registered method for a user fitted
+    with it (fitted here on the service's database, as `prefsteer index` does)."""
+    from prefsteer.backends.fake import FakeBackend
+    from prefsteer.methods import available_methods
+    from prefsteer.methods.registry import Resources, build
+    from prefsteer.retrieval import HashEmbedder
+    from prefsteer.types import PreferencePair
+
+    monkeypatch.setenv("PREFSTEER_CLIPER_DIR", str(tmp_path / "cliper"))
+    uid = store.internal_user("A", "mt-all")
+    pairs = [PreferencePair(uid, p["prompt"], p["chosen"], p["rejected"]) for p in PAIRS]
+    mem = Memory(svc["db"])
+    mem.add_pairs(pairs)
+    res = Resources(memory=mem, embedder=HashEmbedder())
+    for name in available_methods():
+        build(name, FakeBackend(), res, {}).fit(uid, pairs)  # the service's options: every default
+    mem.close()
+    conv = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "I want to get fit."},
+            {"role": "assistant", "content": "Great goal. Running or the gym?"},
+            {"role": "user", "content": "Running. How do I start?"},
+            {"role": "assistant", "content": "Slowly, a few times a week."},
+            {"role": "user", "content": "And how can I sleep better after a run?"}]
+    c = client(svc, "A")
+    plain = c.chat.completions.create(model="fake", messages=conv, max_tokens=8)
+    answers = {}
+    for name in available_methods():
+        out = c.chat.completions.create(model="fake", messages=conv, max_tokens=8,
+                                        extra_body={"prefsteer": {"user_id": "mt-all", "method": name}})
+        info = out.model_extra["prefsteer"]
+        assert info["method"] == name and out.choices[0].message.content.strip(), name
+        answers[name] = out
+    assert answers["none"].choices[0].message.content == plain.choices[0].message.content
+    # EXACT retrieves on the last user turn: the sleep question, not the first turn
+    assert answers["exact"].model_extra["prefsteer"]["retrieved"]["prompt"] == "How can I sleep better?"
+    # what a method adds to the context is counted in the usage
+    for name in ("base", "exact", "exact-global"):
+        assert answers[name].usage.prompt_tokens > plain.usage.prompt_tokens, name

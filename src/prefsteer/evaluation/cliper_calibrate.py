@@ -55,7 +55,7 @@ class CalibrationConfig:
 def calibrate(backend, config: CalibrationConfig) -> dict[str, Any]:
     """The strength and perplexity curve over ``config.alphas`` on ``backend``, and the chosen alpha."""
     from prefsteer.backends.base import GenerationConfig, user_turn
-    from prefsteer.methods.cliper import Cliper
+    from prefsteer.methods.registry import Resources, build
     from prefsteer.methods.cliper.data import tldr_prompts
     from prefsteer.evaluation.cliper_eval import score_condition
     from prefsteer.methods.cliper.guidance import check_alpha
@@ -82,8 +82,9 @@ def calibrate(backend, config: CalibrationConfig) -> dict[str, Any]:
     for alpha in alphas[1:]:
         gains, ppls, lengths = {}, [], {}
         for p in prefs:
-            guide, _ = Cliper(backend, prefs={p: 1.0}, alpha=alpha, top_k=config.top_k,
-                              classifier_dirs=config.classifiers).guide_for(None)
+            cliper = build("cliper", backend, Resources(classifier_dirs=list(config.classifiers or [])),
+                           {"prefs": {p: 1.0}, "alpha": alpha, "top_k": config.top_k})
+            guide, _ = cliper.guide_for(None)
             m = score_condition(backend, run(guide), prompts, [p])
             gains[p] = mean(m[f"llr:{p}"]) - base_llr[p]
             ppls.append(mean(m["ppl"]))

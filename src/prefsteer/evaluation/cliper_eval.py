@@ -124,10 +124,11 @@ def generate_condition(backend, key: str, method: str, prefs: list[str], prompts
     else:
         ctx = [user_turn(p) for p in prompts]
     if method == "cliper":
-        from prefsteer.methods.cliper import Cliper
+        from prefsteer.methods.registry import Resources, build
 
-        guide, _ = Cliper(backend, prefs={p: 1.0 for p in prefs}, alpha=alpha, top_k=top_k,
-                          classifier_dirs=classifier_dirs).guide_for(None)
+        cliper = build("cliper", backend, Resources(classifier_dirs=list(classifier_dirs or [])),
+                       {"prefs": {p: 1.0 for p in prefs}, "alpha": alpha, "top_k": top_k})
+        guide, _ = cliper.guide_for(None)
     t0 = time.perf_counter()
     answers = []
     for s in range(0, len(ctx), batch_size):

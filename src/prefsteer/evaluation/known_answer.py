@@ -286,7 +286,7 @@ def run(backend, cfg: dict, out_dir: str | Path, *, embedder=None, n_prompts: in
     from prefsteer.attributes import load_library
     from prefsteer.backends.base import GenerationConfig, user_turn
     from prefsteer.memory import Memory
-    from prefsteer.methods.exact import Exact, ExactConfig
+    from prefsteer.methods.registry import Resources, build
 
     out = Path(out_dir)
     library = load_library()
@@ -315,8 +315,8 @@ def run(backend, cfg: dict, out_dir: str | Path, *, embedder=None, n_prompts: in
         texts = backend.generate([user_turn(p) for p in suite.prompts], gen_cfg)
         plain = {p: g.text for p, g in zip(suite.prompts, texts)}
     for spec in specs:
-        exact = Exact(backend, memory=memory, embedder=embedder, library=library,
-                      config=ExactConfig(k=cfg.get("k", 3), **spec.get("kwargs", {})), progress=progress)
+        exact = build("exact", backend, Resources(memory=memory, embedder=embedder, library=library, progress=progress),
+                      {"k": cfg.get("k", 3), **spec.get("kwargs", {})})
         t0 = time.perf_counter()
         if oracle and generate and suite.prompts:  # the ceiling: the target itself injected
             for user, target in suite.targets.items():

@@ -20,9 +20,10 @@ Per-user state lives in the memory (`Memory.put_method_state`), keyed by user, m
 `state_id` (the model fingerprint, chat template and the method's options), so a method fitted in
 one process generates for that user in any other: `load_state` reads what `save_state` wrote.
 `profile` says what was learned and `feedback` takes new pairs the way the method can (EXACT
-indexes them, Drift refits, others mark their state stale). Serving a user with no stored state
-(or a method that needs a user, without one) raises `NotFittedError`; an option the method does not have raises `UnknownOptionError` (checked
-against ``config_class`` when the method is built, or by `config_from_options`).
+indexes them, Base and Drift refit, others mark their state stale). Serving a user with no stored
+state (or, for a method that needs a user, no user) raises `NotFittedError`; an option the method
+does not have raises `UnknownOptionError` (checked against ``config_class`` when the method is
+built, or by `config_from_options`). Methods are built by `prefsteer.methods.registry.build`.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ class Method(ABC):
     option_prefix: ClassVar[str | None] = None
     # the method's options as a dataclass whose fields carry their help text (None: no options)
     config_class: ClassVar[type | None] = None
-    # keyword options taken besides the config's fields (read from ``self.options``)
+    # keyword options taken besides the config's fields, passed to the constructor (Reward's ``system``)
     extra_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backend: Backend, memory: "Memory | None" = None, **options: Any):
