@@ -79,11 +79,7 @@ def cmd_index(args, ctx: Context) -> int:
     for user, ps in by_user.items():
         pool = mem.pairs(user)
         method.fit(user, pool)
-        row = {"user_id": user, "pairs": len(ps), "stored_pairs": len(pool)}
-        entries = len(mem.entries(user))
-        if entries:
-            row["entries"] = entries
-        report.append(row)
+        report.append({"user_id": user, "pairs": len(ps), "stored_pairs": len(pool), **method.summary(user)})
     secs = time.perf_counter() - start
     out = {"db": mem.path, "method": args.method, "users": report, "seconds": round(secs, 2)}
     if ray_stats is not None:
@@ -97,6 +93,7 @@ def cmd_index(args, ctx: Context) -> int:
                  f"into {mem.path}"]
         for r in report:
             extra = f", {r['entries']} distinct prompts" if "entries" in r else ""
+            extra += f", attributes {', '.join(r['attributes'])}" if "attributes" in r else ""
             lines.append(f"  {r['user_id']}: {r['pairs']} pairs ({r['stored_pairs']} stored){extra}")
         if "score_cache" in out:
             lines.append(f"  score cache: {out['score_cache']['hits']} hits, {out['score_cache']['misses']} model calls")

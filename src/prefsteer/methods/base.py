@@ -265,6 +265,10 @@ class Method(ABC):
         """What the method learned from each of ``pairs``, pair by pair, where it learns per pair."""
         return []
 
+    def summary(self, user_id: str) -> dict[str, Any]:
+        """A few counts of what the method holds for the user, for `prefsteer index`'s report."""
+        return {}
+
     def warm_up(self) -> None:
         """Load what the first request would otherwise wait for (so that timings are per request)."""
 

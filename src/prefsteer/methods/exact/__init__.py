@@ -258,6 +258,9 @@ class Exact(Method):
     def warm_up(self) -> None:
         self.embedder.encode(["warm-up"])
 
+    def summary(self, user_id: str) -> dict:
+        return {"entries": len(self.memory.entries(user_id))}
+
     def add_feedback(self, pair: PreferencePair) -> Entry:
         """Index one stored pair without re-indexing the others: selected first, then its selection
         and its entry are stored in one transaction (a failure stores nothing). A pair already
@@ -419,6 +422,9 @@ class ExactGlobal(Exact):
 
     def feedback(self, user_id: str, pairs: Sequence[PreferencePair]) -> str:
         return Method.feedback(self, user_id, pairs)  # one set over all pairs: fit again
+
+    def summary(self, user_id: str) -> dict:
+        return {"attributes": self.attributes_for(user_id, [""])[0]}
 
     def profile(self, user_id: str) -> dict:
         return Method.profile(self, user_id)
