@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.test_service_helpers import free_port, start_process, stop_process, wait_http  # noqa: E402
+
 DEMO = REPO / "src" / "prefsteer" / "resources" / "demo_pairs.jsonl"
 FITTED = ["base", "exact", "exact-global", "cliper", "drift", "reward"]
 CONVERSATION = [
@@ -59,28 +61,6 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(REPO / "results" / "conversations"), help="where the results go")
     p.add_argument("--keep", action="store_true", help="keep the run's memory and server log (a temporary folder)")
     return p
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(base: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefsteer serve exited {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"prefsteer serve did not answer in {timeout:.0f}s: {log.read_text()[-2000:]}")
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -156,10 +136,10 @@ def main(args: argparse.Namespace) -> int:
     base = f"http://127.0.0.1:{port}"
     serve = [*cli, "serve", *common, *exact_opts, "--no-auth", "--host", "127.0.0.1", "--port", str(port),
              "--log-level", "warning"]
-    proc = subprocess.Popen(serve, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = start_process(serve, log)
     rows = []
     try:
-        wait_http(base, proc, log)
+        wait_http(base, proc, log, timeout=600)
         client = OpenAI(base_url=base + "/v1", api_key="unused", timeout=900, max_retries=0)
         model = client.models.list().data[0].id
         client.chat.completions.create(model=model, messages=CONVERSATION[-1:], max_tokens=4, temperature=0)  # warm-up
@@ -185,13 +165,7 @@ def main(args: argparse.Namespace) -> int:
                          "usage": d["usage"], "prefsteer": d.get("prefsteer")})
             print(f"{label}: {wall:.1f}s", file=sys.stderr, flush=True)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
     total = time.perf_counter() - started
 
     # 4. the results
