@@ -340,6 +340,9 @@ class Memory:
     def users(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT user_id FROM users ORDER BY user_id")]
 
+    def has_user(self, user_id: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM users WHERE user_id=?", (user_id,)).fetchone() is not None
+
     def user_status(self, user_id: str) -> str:
         row = self.conn.execute("SELECT status FROM users WHERE user_id=?", (user_id,)).fetchone()
         if row is None:

@@ -35,7 +35,7 @@ def fitted_methods(mem, user: str) -> list[str]:
     for a new user or one it has indexed, and every method the user has a state for."""
     from prefsteer.methods import available_methods
 
-    known = user in mem.users()
+    known = mem.has_user(user)
     names = [FEEDBACK_METHOD] if not known or mem.entries(user) else []
     if known:
         names += [r["method"] for r in mem.method_states(user) if r["method"] not in names]

@@ -65,7 +65,6 @@ def current_tenant(request: Request, eng=Depends(engine)) -> Tenant:
 def known_user(eng, tenant: Tenant, user_id: str) -> str:
     """The internal id of the tenant's existing user, else the 404 that says nothing about others."""
     uid = tenant.user(user_id)
-    row = eng.memory.conn.execute("SELECT 1 FROM users WHERE user_id=?", (uid,)).fetchone()
-    if row is None:
+    if not eng.memory.has_user(uid):
         raise not_found_user(user_id)
     return uid

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from prefsteer.backends.base import GenerationConfig, UnsupportedOperation
-from prefsteer.errors import PrefsteerError, UnknownUserError
+from prefsteer.errors import PrefsteerError
 from prefsteer.methods.base import ConversationError, NotFittedError, UnknownOptionError
 from prefsteer.service.errors import ApiError, not_found_user
 from prefsteer.service.schemas import (ChatCompletion, ChatCompletionRequest, Choice, PrefsteerInfo,
@@ -128,14 +128,6 @@ def _finish(eng, text: str, n_tokens: int | None, prompt_tokens: int, config, st
     return Answer(text, n_tokens, prompt_tokens, reason, info)
 
 
-def _known_user(eng, uid: str) -> bool:
-    try:
-        eng.memory.user_status(uid)
-    except UnknownUserError:
-        return False
-    return True
-
-
 class ChatServing:
     """Answers chat requests with the engine's backend and whichever method a request names."""
 
@@ -166,7 +158,7 @@ class ChatServing:
         method = self._method(name, options)
         uid = tenant.user(user_id) if user_id else None
         info = PrefsteerInfo(method=name, user_id=user_id)
-        if uid is not None and method.per_user and not _known_user(eng, uid):
+        if uid is not None and method.per_user and not eng.memory.has_user(uid):
             if explicit:
                 raise not_found_user(user_id)
             method, info.method = self._method(PLAIN, {}), PLAIN

@@ -98,8 +98,7 @@ class Worker:
                 actions.add(method.feedback(user, [pair]))
                 indexed += 1
                 store.update_job(mem, jid, done=indexed)
-        result = {method.name: {"indexed": indexed, "result": ", ".join(sorted(actions)),
-                                "entries": len(mem.entries(user))}}
+        result = {method.name: {"indexed": indexed, "result": ", ".join(sorted(actions)), **method.summary(user)}}
         result.update(self._other_methods(user, job["pair_ids"], skip=method.name))
         store.update_job(mem, jid, status="done", done=indexed, finished=time.time(), result=result)
 
