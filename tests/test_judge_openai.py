@@ -33,7 +33,10 @@ HISTORY = [PreferencePair("u", "How do I boil an egg?", "Boil it 9 minutes.", "E
 
 
 class LengthJudgeBackend(FakeBackend):
-    """The fake model, except that it answers a judge's question: the shorter response wins."""
+    """The fake model, except that it answers a judge's question: the shorter response wins. It
+    only generates whole answers (no ``stream``): the service falls back to `generate`."""
+
+    capabilities = FakeBackend.capabilities - {"stream"}
 
     def generate(self, contexts, config=None, *, guide=None):
         outs = []

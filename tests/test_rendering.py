@@ -19,19 +19,24 @@ INSTRUCTION = "Answer in a way that is: "
 
 @pytest.fixture
 def seen(monkeypatch):
-    """Every context FakeBackend.generate and count_tokens receive, in order."""
+    """Every context FakeBackend.generate (or stream, the service's way) and count_tokens receive, in order."""
     got = {"generate": [], "count": []}
-    gen, count = FakeBackend.generate, FakeBackend.count_tokens
+    gen, stream, count = FakeBackend.generate, FakeBackend.stream, FakeBackend.count_tokens
 
     def generate(self, contexts, *a, **kw):
         got["generate"] += [list(c) for c in contexts]
         return gen(self, contexts, *a, **kw)
+
+    def streamed(self, context, *a, **kw):
+        got["generate"].append(list(context))
+        return stream(self, context, *a, **kw)
 
     def count_tokens(self, messages, continuation=""):
         got["count"].append(list(messages))
         return count(self, messages, continuation)
 
     monkeypatch.setattr(FakeBackend, "generate", generate)
+    monkeypatch.setattr(FakeBackend, "stream", streamed)
     monkeypatch.setattr(FakeBackend, "count_tokens", count_tokens)
     return got
 

@@ -418,6 +418,12 @@ def test_every_method_answers_a_multi_turn_conversation_through_the_openai_clien
         info = out.model_extra["prefsteer"]
         assert info["method"] == name and out.choices[0].message.content.strip(), name
         answers[name] = out
+        # streamed as it is decoded: the same text, the same usage
+        chunks = list(c.chat.completions.create(
+            model="fake", messages=conv, max_tokens=8, stream=True, stream_options={"include_usage": True},
+            extra_body={"prefsteer": {"user_id": "mt-all", "method": name}}))
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == out.choices[0].message.content and chunks[-1].usage == out.usage, name
     assert answers["none"].choices[0].message.content == plain.choices[0].message.content
     # EXACT retrieves on the last user turn: the sleep question, not the first turn
     assert answers["exact"].model_extra["prefsteer"]["retrieved"]["prompt"] == "How can I sleep better?"

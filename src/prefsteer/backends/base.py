@@ -10,6 +10,11 @@ them imports an engine or reaches into a backend's model object.
 * ``generate``: text for each chat context, greedy or sampled. Guided decoding:
   ``generate(..., guide=fn)`` calls ``fn`` at every step with the last hidden state and the
   next-token logits, and decodes from what it returns (CLIPer).
+* ``stream``: one context decoded together with every other streamed request (continuous
+  batching), its tokens handed out as they are decoded (`prefsteer.backends.streaming.TokenStream`,
+  cancellable; `EngineBusy` when the engine is full). Its ``guide`` is a callable guide or, for the
+  engines that decode branch rows beside a request, a `DriftGuide` of one row. The service answers
+  through it; scripts can keep the blocking ``generate``.
 * ``start_decoding``: several contexts decoded in lock step, the caller choosing every next token
   from all rows' logits (Drift mixes one plain and n attribute branches this way).
 * ``guide_branches``: for an engine whose logits live in another process (vLLM), where a guide has
@@ -41,6 +46,8 @@ from prefsteer.errors import PrefsteerError
 
 if TYPE_CHECKING:  # torch stays out of `import prefsteer`
     import torch
+
+    from prefsteer.backends.streaming import TokenStream
 
 # torch.set_float32_matmul_precision's settings, offered by `--matmul-precision` and checked by the backend
 MATMUL_PRECISIONS = ("highest", "high", "medium")
@@ -108,7 +115,7 @@ Guide = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor
 
 
 # the optional operations a backend may lack; the rest of the protocol is required
-OPERATIONS = ("score", "generate", "guide", "guide_branches", "start_decoding", "hidden_states",
+OPERATIONS = ("score", "generate", "stream", "guide", "guide_branches", "start_decoding", "hidden_states",
               "token_embeddings", "adapter", "cast")
 
 
@@ -211,6 +218,10 @@ class Backend(Protocol):
     @property
     def hidden_size(self) -> int:
         """d, the width of the last hidden state."""
+
+    def stream(self, context: Messages, config: GenerationConfig | None = None, *,
+               guide: Any = None) -> "TokenStream":
+        """Decode ``context`` among the engine's other requests; its tokens arrive on the stream."""
 
     # -- tokenization ---------------------------------------------------------------------------
     def encode_context(self, messages: Messages) -> list[int]:

@@ -6,7 +6,8 @@ already present in the context, so text mentioned in the prompt (an attribute su
 raises the probability of the same words in the reply: enough structure for EXACT's objective,
 retrieval and guidance to behave measurably.
 
-Every operation of the protocol is here: lock-step decoding (`start_decoding`) over the same
+Every operation of the protocol is here: lock-step decoding (`start_decoding`) and streamed,
+continuously batched decoding (`stream`, through `FakeBatch`) over the same
 next-token function, and a trainable low-rank adapter on the embedding table (`adapter`), so that
 Drift and Reward run on it as they do on the transformers backend.
 
@@ -29,6 +30,7 @@ import torch
 
 from prefsteer.backends.base import (OPERATIONS, AdapterSpec, Generation, GenerationConfig, Guide, Messages,
                                      Score, ScoreRequest, local_guide)
+from prefsteer.backends.scheduler import ScheduledStreaming
 
 _WORD = re.compile(r"[a-z0-9]+")
 _WORDS = ("the a and to of in is it that was i you my he she we they for on with this but not so "
@@ -38,12 +40,13 @@ _WORDS = ("the a and to of in is it that was i you my he she we they for on with
           "girlfriend boyfriend friend job work money school dog cat car house family").split()
 
 
-class FakeBackend:
+class FakeBackend(ScheduledStreaming):
     name = "fake"
     capabilities: frozenset[str] = frozenset(OPERATIONS) - {"guide_branches"}
 
     def __init__(self, vocab_size: int = 2048, hidden_size: int = 16, context_bonus: float = 2.0,
-                 seed: int = 0, max_context: int = 4096, dtype: Any = None, **_: Any):
+                 seed: int = 0, max_context: int = 4096, dtype: Any = None, step_seconds: float = 0.0,
+                 max_batch_rows: int | None = None, max_waiting: int | None = None, **_: Any):
         if vocab_size < len(_WORDS) + 2:
             raise ValueError(f"`vocab_size` (={vocab_size}) has to be at least {len(_WORDS) + 2}")
         self.vocab_size, self.hidden_size, self.context_bonus = vocab_size, hidden_size, context_bonus
@@ -64,6 +67,10 @@ class FakeBackend:
         # id -> word for decoding: known words keep their own id, other ids print as "w<id>"
         self._id2word = {self._word_id(w): w for w in _WORDS}
         self._casts: dict[str, FakeBackend] = {}
+        if step_seconds < 0:
+            raise ValueError(f"`step_seconds` (={step_seconds}) has to be non-negative")
+        self.step_seconds = float(step_seconds)  # a streamed step's simulated time (concurrency tests)
+        self.set_stream_limits(max_batch_rows, max_waiting)
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -189,6 +196,9 @@ class FakeBackend:
             o.seconds = secs
         return outs
 
+    def _row_batch(self) -> FakeBatch:
+        return FakeBatch(self)
+
     # -- lock-step decoding and adapters --------------------------------------------------------
     def start_decoding(self, contexts: Sequence[Messages]) -> "FakeDecodeSession":
         return FakeDecodeSession(self, [self.encode_context(m) for m in contexts])
@@ -199,6 +209,35 @@ class FakeBackend:
         """A low-rank delta on the embedding table; the backend's own weights are never written,
         so score and generate are unaffected inside the block."""
         yield FakeAdapter(self, spec, state)
+
+
+class FakeBatch:
+    """The fake model's rows for the `Scheduler` (`Backend.stream`): no cache, each output reads its
+    row whole; a step takes the backend's ``step_seconds``, as a real model's forward would."""
+
+    def __init__(self, backend: FakeBackend):
+        self.backend = backend
+        self.seqs: list[list[int]] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.seqs)
+
+    def add(self, prompts: Sequence[Sequence[int]]) -> None:
+        self.seqs += [list(p) for p in prompts]
+
+    def keep(self, rows: Sequence[int]) -> None:
+        self.seqs = [self.seqs[i] for i in rows]
+
+    def step(self, tokens: Sequence[int]) -> None:
+        if self.backend.step_seconds:
+            time.sleep(self.backend.step_seconds)
+        for seq, t in zip(self.seqs, tokens, strict=True):
+            seq.append(int(t))
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, logits = zip(*(self.backend.next_logits(torch.tensor([s])) for s in self.seqs))
+        return torch.cat(hidden), torch.cat(logits)
 
 
 class FakeDecodeSession:

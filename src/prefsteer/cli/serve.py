@@ -32,6 +32,14 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
         f = next(f for f in dataclasses.fields(Settings) if f.name == name)
         p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name],
                        help=f"{f.metadata['help']} (default: {defaults[name]})")
+    g = p.add_argument_group(
+        "admission", "Concurrent answers are decoded together, one batch row each (a Drift answer takes 1 + "
+        "its branches); a request waits while the batch is full, and is refused with 503 and Retry-After "
+        "when the waiting requests are at their bound too.")
+    for name in ("max_batch_rows", "max_waiting"):
+        f = next(f for f in dataclasses.fields(Settings) if f.name == name)
+        g.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name],
+                       help=f"{f.metadata['help']} (default: {defaults[name]})")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: info)")
     # every method's options, as `index` takes them: a user indexed with --drift-beta 2 is served
@@ -55,7 +63,8 @@ def settings_from_args(args, ctx):
         host=args.host, auth=not args.no_auth, model_id=args.model_id, exact=exact,
         default_method=args.method, method_options={n: o for n, o in options.items() if o},
         **{n: getattr(args, n) for n in ("default_max_tokens", "max_tokens_limit", "max_prompt_chars",
-                                         "max_pairs_per_request", "max_text_chars", "max_body_bytes")},
+                                         "max_pairs_per_request", "max_text_chars", "max_body_bytes",
+                                         "max_batch_rows", "max_waiting")},
         make_backend=lambda: ctx.backend, make_embedder=lambda: ctx.embedder)
 
 

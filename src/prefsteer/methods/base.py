@@ -8,13 +8,20 @@ registered by name:
         config_class = MineConfig             # a dataclass: its fields become --mine-<field> options
         def fit(self, user_id, pairs): ...    # learns, then self.save_state(user_id, {...})
         def margins(self, user_id, pairs): ...
-        def generate(self, user_id, conversations, config=None): ...
+        def decodings(self, user_id, conversations, config): ...   # context + guide per answer
 
 A conversation is what OpenAI's chat API sends: a list of ``{"role", "content"}`` messages (system,
 user, assistant) ending with the user's turn. ``generate`` answers each one; a plain string is the
 one-line convenience for a single user turn (`as_conversations` turns it into one, so every method
 has one path). The caller stores a user's pairs in the memory; ``fit`` learns from the pairs it is
 given and stores only its own state.
+
+A method says how it answers as data: `decodings` gives, per conversation, the context the model
+reads and the guide that steers it (`Decoding`). From that one description ``generate`` decodes a
+batch (blocking, for scripts and the evaluator) and ``stream`` hands one answer to the backend's
+engine, which decodes it among other requests and gives its text as it comes (`AnswerStream`), so
+the two give the same text. A method whose answer is not one decoding (Reward picks the best of
+several samples) overrides ``generate`` instead, and its stream gives the answer whole.
 
 Per-user state lives in the memory (`Memory.put_method_state`), keyed by user, method and
 `state_id` (the model fingerprint, chat template and the method's options), so a method fitted in
@@ -30,15 +37,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar, Iterator, Sequence
 
-from prefsteer.backends.base import Backend, GenerationConfig, Message, Messages
+from prefsteer.backends.base import Backend, GenerationConfig, Message, Messages, require
 from prefsteer.errors import PrefsteerError
 from prefsteer.types import PreferencePair
 
 if TYPE_CHECKING:
+    from prefsteer.backends.streaming import TokenStream
     from prefsteer.memory import Memory
 
 # resources the evaluator hands to every method whose constructor takes ``**options``
@@ -184,6 +193,83 @@ class MethodOutput:
     context: list[Message] | None = None
 
 
+@dataclass
+class Decoding:
+    """An answer that is one decoding of the backend: the chat context the model reads, the guide
+    that steers it (None, a callable guide, or a `DriftGuide` of one row), and what the method
+    reports beside the text. `Method.generate` decodes a batch of these, `Method.stream` one."""
+    context: list[Message]
+    guide: Any = None
+    attributes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def output(self, text: str = "") -> MethodOutput:
+        return MethodOutput(text, list(self.attributes), dict(self.timings), dict(self.extra), self.context)
+
+
+class AnswerStream:
+    """A method's answer as the backend decodes it (`Method.stream`).
+
+    ``output`` (the attributes, the context, the timings so far) is known before the first token.
+    Iterating (``for piece in s`` from a thread, ``async for`` from an event loop) gives the text
+    piece by piece; at the end ``output.text`` is the whole text, ``token_ids`` its tokens and
+    ``finish_reason`` "stop", "length" or "cancelled". ``cancel()`` stops the decoding at the
+    engine's next step. An answer that is not one decoding (`Method.decodings` gives None) comes
+    whole, as one piece, with ``finish_reason`` and ``token_ids`` None."""
+
+    def __init__(self, output: MethodOutput, backend: Backend, tokens: "TokenStream | None" = None):
+        from prefsteer.backends.streaming import TextDeltas
+
+        self.output, self.backend, self.tokens = output, backend, tokens
+        self._text = TextDeltas(backend.decode_tokens)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return None if self.tokens is None else self.tokens.finish_reason
+
+    @property
+    def token_ids(self) -> list[int] | None:
+        return None if self.tokens is None else self.tokens.token_ids
+
+    def cancel(self) -> None:
+        if self.tokens is not None:
+            self.tokens.cancel()
+
+    def _pieces(self, ids: list[int] | None) -> str:
+        if ids is None:  # the end
+            piece = self._text.flush()
+            self.output.text = self._text.text
+            return piece
+        return self._text.feed(ids)
+
+    def __iter__(self) -> Iterator[str]:
+        if self.tokens is None:
+            yield self.output.text
+            return
+        for ids in self.tokens:
+            if piece := self._pieces(ids):
+                yield piece
+        if piece := self._pieces(None):
+            yield piece
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        if self.tokens is None:
+            yield self.output.text
+            return
+        async for ids in self.tokens:
+            if piece := self._pieces(ids):
+                yield piece
+        if piece := self._pieces(None):
+            yield piece
+
+    def text(self) -> str:
+        """Read to the end: the whole answer."""
+        for _ in self:
+            pass
+        return self.output.text
+
+
 class Method(ABC):
     name: str = ""
     # the shared resources (fields of `prefsteer.methods.registry.Resources`) the constructor takes
@@ -294,10 +380,47 @@ class Method(ABC):
     def margins(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[float]:
         """For each pair, score(chosen) - score(rejected) under this method: > 0 ranks chosen first."""
 
-    @abstractmethod
+    def decodings(self, user_id: str | None, conversations: list[list[Message]],
+                  config: GenerationConfig) -> list[Decoding] | None:
+        """Each answer as one decoding of the backend (`Decoding`), for conversations already read by
+        `as_conversations`; None for a method whose answer is not one decoding (Reward picks the
+        best of several samples), which then overrides `generate` and streams its answer whole."""
+        return None
+
     def generate(self, user_id: str | None, conversations: "Sequence[str | Messages]",
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
-        """The answer to each conversation for the user (`as_conversations` reads them)."""
+        """The answer to each conversation for the user (`as_conversations` reads them): the
+        method's `decodings`, decoded by the backend in one call per guide."""
+        require(self.backend, "generate", f"the {self.name} method")
+        config = config or GenerationConfig()
+        plans = self.decodings(user_id, as_conversations(conversations), config)
+        if plans is None:
+            raise NotImplementedError(f"method '{self.name}' gives no decodings: it has to override generate")
+        outs: list[MethodOutput | None] = [None] * len(plans)
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(plans):
+            groups.setdefault(id(p.guide), []).append(i)
+        for idx in groups.values():
+            start = time.perf_counter()
+            gens = self.backend.generate([plans[i].context for i in idx], config, guide=plans[idx[0]].guide)
+            secs = time.perf_counter() - start
+            for i, g in zip(idx, gens):
+                outs[i] = plans[i].output(g.text)
+                outs[i].timings["generation"] = secs
+        return outs  # type: ignore[return-value]
+
+    def stream(self, user_id: str | None, conversation: "str | Messages",
+               config: GenerationConfig | None = None) -> AnswerStream:
+        """The answer to one conversation as the backend decodes it, among the engine's other
+        requests (`Backend.stream`); the same text as `generate`'s. On a backend without ``stream``,
+        or for a method whose answer is not one decoding, the answer is generated and comes whole."""
+        config = config or GenerationConfig()
+        conv = as_conversation(conversation)
+        plans = self.decodings(user_id, [conv], config) if "stream" in self.backend.capabilities else None
+        if plans is None:
+            return AnswerStream(self.generate(user_id, [conv], config)[0], self.backend)
+        plan = plans[0]
+        return AnswerStream(plan.output(), self.backend, self.backend.stream(plan.context, config, guide=plan.guide))
 
 
 _REGISTRY: dict[str, str] = {}

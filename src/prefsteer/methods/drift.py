@@ -46,7 +46,7 @@ from prefsteer.backends.base import GenerationConfig, Messages, ScoreRequest, Un
 from prefsteer.types import PreferencePair
 # Drift's step as data (what an engine in another process runs) is the guide kind's, re-exported here
 from prefsteer.backends.guides.drift import DriftGuide, check_drift_description, combine_logits  # noqa: F401
-from prefsteer.methods.base import (Method, MethodOutput, NotFittedError, OptionError, as_conversation,
+from prefsteer.methods.base import (Decoding, Method, MethodOutput, NotFittedError, OptionError, as_conversation,
                                     as_conversations, config_from_options, register_method, with_system,
                                     with_user_suffix)
 
@@ -279,6 +279,30 @@ class Drift(Method):
                              {"weights": dict(zip([a.name for a in attrs], weights))}, conv)
                 for t, conv in zip(texts, convs)]
 
+
+    def decodings(self, user_id: str | None, conversations: list[Messages],
+                  config: GenerationConfig) -> list[Decoding] | None:
+        """Each conversation with its branches as a `DriftGuide` of one row, for an engine that
+        decodes them beside the request (`Backend.stream`); None when the branches are on another
+        model than the backend (`drift_backend`), which only lock-step decoding serves."""
+        if self.drift_backend is not self.backend:
+            return None
+        w = self._weights(user_id)
+        active = active_branches(w.tolist(), self.config.threshold, self.config.top_m)
+        attrs = [self.library.attributes[i] for i in active]
+        weights = [float(w[i]) for i in active]
+        names = [a.name for a in attrs]
+        plans = []
+        for conv in conversations:
+            guide = None
+            if attrs:
+                b = self.backend
+                plain_ids = b.encode_context(self.context(conv))
+                row = {"plain_ids": None if plain_ids == b.encode_context(conv) else plain_ids,
+                       "branch_ids": [b.encode_context(self.context(conv, a)) for a in attrs]}
+                guide = DriftGuide(weights, self.config.beta, b.fingerprint, [row])
+            plans.append(Decoding(list(conv), guide, names, extra={"weights": dict(zip(names, weights))}))
+        return plans
 
     def _generate_guided(self, convs: Sequence[Messages], attrs: list[Attribute], weights: list[float],
                          config: GenerationConfig) -> list[str]:

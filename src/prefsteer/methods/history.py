@@ -21,9 +21,9 @@ from typing import Sequence
 
 from prefsteer.backends.base import GenerationConfig, Messages, require
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import (Method, MethodOutput, NotFittedError, as_conversations, config_from_options,
-                                    register_method, with_system)
-from prefsteer.methods.plain import plain_margins, timed_generate
+from prefsteer.methods.base import (Decoding, Method, NotFittedError, config_from_options, register_method,
+                                    with_system)
+from prefsteer.methods.plain import plain_margins
 
 MAX_PAIRS = 200
 MAX_CHARS = 20_000
@@ -115,11 +115,8 @@ class BasePrompt(Method):
         require(self.backend, "score", "the base method's margins")
         return plain_margins(self.scorer or self.backend, pairs, self.system(user_id))
 
-    def generate(self, user_id: str | None, conversations: Sequence[str | Messages],
-                 config: GenerationConfig | None = None) -> list[MethodOutput]:
+    def decodings(self, user_id: str | None, conversations: list[Messages],
+                  config: GenerationConfig) -> list[Decoding]:
         system = self.system(user_id)
-        require(self.backend, "generate", "the base method")
-        contexts = [with_system(c, system) for c in as_conversations(conversations)]
-        gens, secs = timed_generate(self.backend, contexts, config)
-        return [MethodOutput(g.text, [], {"generation": secs}, {"pairs_in_prompt": self.n_pairs[user_id]}, ctx)
-                for g, ctx in zip(gens, contexts)]
+        return [Decoding(with_system(c, system), extra={"pairs_in_prompt": self.n_pairs[user_id]})
+                for c in conversations]

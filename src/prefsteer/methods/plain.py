@@ -5,13 +5,12 @@ It learns nothing, so it stores nothing: `generate` works for any user, fitted o
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from prefsteer.backends.base import GenerationConfig, Messages, ScoreRequest, require, user_turn
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import Method, MethodOutput, as_conversations, register_method
+from prefsteer.methods.base import Decoding, Method, register_method
 
 
 def plain_margins(scorer, pairs: Sequence[PreferencePair], system: str | None = None) -> list[float]:
@@ -21,12 +20,6 @@ def plain_margins(scorer, pairs: Sequence[PreferencePair], system: str | None = 
         reqs += [ScoreRequest.of(msgs, p.chosen), ScoreRequest.of(msgs, p.rejected)]
     s = scorer.score(reqs)
     return [w.logprob - l.logprob for w, l in zip(s[0::2], s[1::2])]
-
-
-def timed_generate(backend, contexts, config: GenerationConfig | None, **kw) -> tuple[list, float]:
-    start = time.perf_counter()
-    gens = backend.generate(contexts, config, **kw)
-    return gens, time.perf_counter() - start
 
 
 @dataclass
@@ -59,9 +52,6 @@ class Plain(Method):
         require(self.backend, "score", "the none method's margins")
         return plain_margins(self.scorer or self.backend, pairs)
 
-    def generate(self, user_id: str | None, conversations: Sequence[str | Messages],
-                 config: GenerationConfig | None = None) -> list[MethodOutput]:
-        require(self.backend, "generate", "the none method")
-        contexts = as_conversations(conversations)
-        gens, secs = timed_generate(self.backend, contexts, config)
-        return [MethodOutput(g.text, [], {"generation": secs}, context=ctx) for g, ctx in zip(gens, contexts)]
+    def decodings(self, user_id: str | None, conversations: list[Messages],
+                  config: GenerationConfig) -> list[Decoding]:
+        return [Decoding(list(c)) for c in conversations]

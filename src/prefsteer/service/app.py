@@ -42,6 +42,11 @@ class Settings:
     max_text_chars: int = field(default=16_000, metadata={"help": "characters of a pair's prompt/chosen/rejected"})
     max_body_bytes: int = field(default=2 << 20, metadata={"help": "request body size"})
     worker: bool = field(default=True, metadata={"help": "index feedback in a background thread"})
+    max_batch_rows: int = field(default=32, metadata={
+        "help": "rows the engine decodes at once: concurrent answers are decoded together in one batch, "
+                "each taking one row (a Drift answer 1 + its branches); a request waits for a place"})
+    max_waiting: int = field(default=64, metadata={
+        "help": "answers waiting for a place in the batch; past that a request gets 503 with Retry-After"})
     # how to build the model and embedder (the CLI passes its own; default: by the names above)
     make_backend: Callable[[], Any] | None = None
     make_embedder: Callable[[], Any] | None = None
@@ -53,9 +58,10 @@ class Settings:
             raise ValueError(f"--no-auth is allowed only on a loopback address (127.0.0.1, ::1, localhost), "
                              f"not on {self.host!r}: create keys with `prefsteer keys create --tenant T`")
         for name in ("default_max_tokens", "max_tokens_limit", "max_prompt_chars", "max_pairs_per_request",
-                     "max_text_chars", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` (={getattr(self, name)}) has to be at least 1")
+                     "max_text_chars", "max_body_bytes", "max_batch_rows", "max_waiting"):
+            least = 0 if name == "max_waiting" else 1
+            if getattr(self, name) < least:
+                raise ValueError(f"`{name}` (={getattr(self, name)}) has to be at least {least}")
 
 
 def _load(settings: Settings):

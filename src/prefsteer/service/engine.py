@@ -23,6 +23,8 @@ class Engine:
         self._user_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
         self._memories: list[Memory] = []
+        if "stream" in getattr(backend, "capabilities", ()):  # the engine's admission bounds (`serve --help`)
+            backend.set_stream_limits(settings.max_batch_rows, settings.max_waiting)
 
     # -- per thread ---------------------------------------------------------------------------
     @property

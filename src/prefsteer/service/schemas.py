@@ -201,6 +201,7 @@ _ERROR_DESCRIPTIONS = {
     409: "the user's feedback is not indexed yet, or the method is not fitted",
     413: "a size limit: body, prompt, pairs per request, text length, context",
     422: "the user id does not match the user id format",
+    503: "the engine is full (rows decoding and requests waiting at their bounds): retry after `Retry-After` s",
 }
 
 

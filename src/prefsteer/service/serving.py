@@ -11,25 +11,33 @@ answers by type, never by message text.
 A user with no stored feedback, or whose feedback is not learned yet, gets the plain model when no
 method was asked for, and ``prefsteer.note`` says why; asking for a method makes that an error.
 
-With ``stream`` the answer is generated first and then sent as OpenAI's ``chat.completion.chunk``
-events, ending with ``data: [DONE]``.
+Every answer is decoded through the backend's engine (`Method.stream` -> `Backend.stream`), which
+decodes it together with the other requests it holds. With ``stream`` each text piece goes out as
+an OpenAI ``chat.completion.chunk`` event as soon as it is decoded, ending with ``data: [DONE]``; a
+client that disconnects cancels its decoding. Without, the same pieces are gathered into one
+``chat.completion`` (the same text). ``stop`` sequences are found as the text grows, and end the
+decoding. An engine with no room left is a 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, AsyncIterator
 
 from prefsteer.backends.base import GenerationConfig, UnsupportedOperation
+from prefsteer.backends.streaming import EngineBusy
 from prefsteer.errors import PrefsteerError
-from prefsteer.methods.base import ConversationError, NotFittedError, UnknownOptionError
+from prefsteer.methods.base import AnswerStream, ConversationError, NotFittedError, UnknownOptionError
 from prefsteer.service.errors import ApiError, not_found_user
 from prefsteer.service.schemas import (ChatCompletion, ChatCompletionRequest, Choice, PrefsteerInfo,
                                        PrefsteerOptions, ResponseMessage, Usage)
+
+log = logging.getLogger("prefsteer.service")
 
 PLAIN = "none"  # the method that answers when no personalization applies
 
@@ -104,11 +112,6 @@ def _messages(req: ChatCompletionRequest, settings) -> list[dict]:
 
 # -- answering -------------------------------------------------------------------------------
 
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[: min(cuts)], True) if cuts else (text, False)
-
-
 def _check_context(eng, ctx: list[dict], config: GenerationConfig) -> int:
     n = eng.backend.count_tokens(ctx)
     if n + config.max_new_tokens > eng.backend.max_context:
@@ -118,14 +121,64 @@ def _check_context(eng, ctx: list[dict], config: GenerationConfig) -> int:
     return n
 
 
-def _finish(eng, text: str, n_tokens: int | None, prompt_tokens: int, config, stops, info) -> Answer:
-    if n_tokens is None:
-        n_tokens = len(eng.backend.encode_continuation(text))
-    text, stopped = _cut_at_stop(text, stops)
-    reason = "stop" if stopped or n_tokens < config.max_new_tokens else "length"
-    if stopped:
-        n_tokens = len(eng.backend.encode_continuation(text))
-    return Answer(text, n_tokens, prompt_tokens, reason, info)
+class StopScan:
+    """Finds the request's ``stop`` sequences in a text that arrives piece by piece: `feed` gives
+    what can be sent now, holding back an ending that may be the start of a stop sequence."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held, self.text, self.hit = stops, "", "", False
+
+    def feed(self, piece: str) -> str:
+        if self.hit:
+            return ""
+        buf = self.held + piece
+        cuts = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.hit, self.held = True, ""
+            out = buf[: min(cuts)]
+        else:
+            keep = max((n for s in self.stops for n in range(1, len(s)) if buf.endswith(s[:n])), default=0)
+            out, self.held = buf[: len(buf) - keep], buf[len(buf) - keep:]
+        self.text += out
+        return out
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        self.text += out
+        return out
+
+
+@dataclass
+class Reply:
+    """A request being answered: the method's answer stream and what the answer will report."""
+    stream: AnswerStream
+    info: PrefsteerInfo
+    prompt_tokens: int
+    config: GenerationConfig
+    stops: list[str]
+    scan: StopScan = field(init=False)
+
+    def __post_init__(self):
+        self.scan = StopScan(self.stops)
+
+    def piece(self, piece: str) -> str:
+        """What to send of ``piece``; a stop sequence ends the decoding."""
+        out = self.scan.feed(piece)
+        if self.scan.hit:
+            self.stream.cancel()
+        return out
+
+    def answer(self, eng) -> Answer:
+        """The whole answer, once the stream has been read to its end (or stopped)."""
+        text, ids = self.scan.text, self.stream.token_ids
+        if self.scan.hit:
+            n, reason = len(eng.backend.encode_continuation(text)), "stop"
+        elif self.stream.finish_reason in ("stop", "length"):
+            n, reason = len(ids), self.stream.finish_reason
+        else:  # an answer that came whole
+            n = len(eng.backend.encode_continuation(text))
+            reason = "stop" if n < self.config.max_new_tokens else "length"
+        return Answer(text, n, self.prompt_tokens, reason, self.info)
 
 
 class ChatServing:
@@ -143,7 +196,10 @@ class ChatServing:
         except PrefsteerError as e:
             raise ApiError(400, f"method '{name}': {e}", param="prefsteer", code="invalid_value") from None
 
-    def answer(self, tenant, req: ChatCompletionRequest) -> Answer:
+    def start(self, tenant, req: ChatCompletionRequest) -> Reply:
+        """Check the request, pick and build the method, and hand the conversation to the engine:
+        the reply's stream gives the answer as it is decoded. Every error a request can cause is
+        raised here, before the first token."""
         eng = self.engine
         s = eng.settings
         _refuse_unsupported(req)
@@ -165,7 +221,7 @@ class ChatServing:
             info.note = "no feedback stored for this user yet: the plain model answered"
         prompt_tokens = _check_context(eng, msgs, config)
         try:
-            out = self._generate(method, uid, msgs, config)
+            stream = self._stream(method, uid, msgs, config)
         except NotFittedError as e:
             if e.user_id is None:
                 raise ApiError(400, f"method '{name}' needs a user: set `user` or `prefsteer.user_id`",
@@ -176,24 +232,28 @@ class ChatServing:
                                     "for queued feedback)", param="prefsteer.method", code="not_fitted") from None
             method, info.method = self._method(PLAIN, {}), PLAIN
             info.note = "this user's feedback is not learned yet: the plain model answered"
-            out = self._generate(method, uid, msgs, config)
-        if out.context is not None:  # what the model read: the method's additions counted too
+            stream = self._stream(method, uid, msgs, config)
+        out = stream.output
+        if out.context is not None:  # what the model reads: the method's additions counted too
             prompt_tokens = eng.backend.count_tokens(out.context)
         info.attributes = list(out.attributes)
         info.retrieved = out.extra.get("retrieved")
         info.timings.update({k: round(v, 6) for k, v in out.timings.items()})
-        return _finish(eng, out.text, None, prompt_tokens, config, stops, info)
+        return Reply(stream, info, prompt_tokens, config, stops)
 
-    def _generate(self, method, uid, msgs, config):
+    def _stream(self, method, uid, msgs, config):
         try:
             try:
-                return method.generate(uid, [msgs], config)[0]
+                return method.stream(uid, msgs, config)
             except NotFittedError as e:
                 # a state built from the stored pairs alone (Base's history prompt) is built now
                 if not (method.fits_on_demand and e.user_id is not None and uid is not None):
                     raise
                 method.fit(uid, self.engine.memory.pairs(uid))
-                return method.generate(uid, [msgs], config)[0]
+                return method.stream(uid, msgs, config)
+        except EngineBusy as e:
+            raise ApiError(503, f"the server is busy: {e}; retry after {e.retry_after:g} s", code="overloaded",
+                           headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
         except UnsupportedOperation as e:
             raise ApiError(400, str(e), param="prefsteer.method", code="unsupported_method") from None
         except ConversationError as e:
@@ -203,47 +263,69 @@ class ChatServing:
         except PrefsteerError as e:
             raise ApiError(400, f"method '{method.name}': {e}", param="prefsteer", code="invalid_value") from None
 
+    def answer(self, tenant, req: ChatCompletionRequest) -> Answer:
+        """The whole answer (blocking: read from the engine as it decodes)."""
+        reply = self.start(tenant, req)
+        start = time.perf_counter()
+        try:
+            for piece in reply.stream:
+                reply.piece(piece)
+                if reply.scan.hit:
+                    break
+        finally:
+            reply.stream.cancel()  # a no-op once the stream has ended
+        reply.scan.flush()
+        reply.info.timings.setdefault("generation", round(time.perf_counter() - start, 6))
+        return reply.answer(self.engine)
+
     # -- shaping the answer ------------------------------------------------------------------
     def completion(self, a: Answer) -> ChatCompletion:
-        return _completion(self.engine, a)
+        eng = self.engine
+        return ChatCompletion(
+            id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()), model=eng.model_id,
+            system_fingerprint=eng.system_fingerprint,
+            choices=[Choice(index=0, message=ResponseMessage(content=a.text), finish_reason=a.finish_reason)],
+            usage=Usage(prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens,
+                        total_tokens=a.prompt_tokens + a.completion_tokens),
+            prefsteer=a.info)
 
-    def events(self, a: Answer, include_usage: bool) -> Iterator[str]:
-        return _events(self.engine, a, include_usage)
+    async def events(self, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+        """OpenAI's ``chat.completion.chunk`` events, one per text piece as the engine decodes it,
+        read without holding a thread; a client that goes away cancels the decoding (Starlette
+        cancels this generator when the connection closes)."""
+        eng = self.engine
+        cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
 
+        def chunk(delta: dict, finish: str | None = None, **more) -> str:
+            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": eng.model_id,
+                   "system_fingerprint": eng.system_fingerprint,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **more}
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-def _completion(eng, a: Answer) -> ChatCompletion:
-    return ChatCompletion(
-        id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()), model=eng.model_id,
-        system_fingerprint=eng.system_fingerprint,
-        choices=[Choice(index=0, message=ResponseMessage(content=a.text), finish_reason=a.finish_reason)],
-        usage=Usage(prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens,
-                    total_tokens=a.prompt_tokens + a.completion_tokens),
-        prefsteer=a.info)
-
-
-def _pieces(text: str) -> list[str]:
-    return re.findall(r"\s*\S+|\s+$", text) or [""]
-
-
-def _events(eng, a: Answer, include_usage: bool) -> Iterator[str]:
-    cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
-
-    def chunk(delta: dict, finish: str | None = None, **more) -> str:
-        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": eng.model_id,
-               "system_fingerprint": eng.system_fingerprint,
-               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **more}
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    yield chunk({"role": "assistant", "content": ""}, prefsteer=a.info.model_dump())
-    for piece in _pieces(a.text):
-        yield chunk({"content": piece})
-    yield chunk({}, a.finish_reason)
-    if include_usage:
-        usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
-                 "total_tokens": a.prompt_tokens + a.completion_tokens}
-        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": eng.model_id,
-               "choices": [], "usage": usage}
-        yield f"data: {json.dumps(obj)}\n\n"
-    yield "data: [DONE]\n\n"
-
-
+        start = time.perf_counter()
+        try:
+            yield chunk({"role": "assistant", "content": ""}, prefsteer=reply.info.model_dump())
+            try:
+                async for piece in reply.stream:
+                    if out := reply.piece(piece):
+                        yield chunk({"content": out})
+                    if reply.scan.hit:
+                        break
+            except Exception as e:  # the engine failed after the answer began: say so in the stream
+                log.exception("a streamed answer failed")
+                yield f"data: {json.dumps(ApiError(500, f'generation failed: {type(e).__name__}').body())}\n\n"
+                return
+            if out := reply.scan.flush():
+                yield chunk({"content": out})
+            reply.info.timings.setdefault("generation", round(time.perf_counter() - start, 6))
+            a = reply.answer(eng)
+            yield chunk({}, a.finish_reason)
+            if include_usage:
+                usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
+                         "total_tokens": a.prompt_tokens + a.completion_tokens}
+                obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": eng.model_id,
+                       "choices": [], "usage": usage}
+                yield f"data: {json.dumps(obj)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            reply.stream.cancel()  # the client left (or a stop sequence ended it): free the batch row

@@ -32,8 +32,13 @@ prefix that all prompts of a batch share (Base's serialized history) is run once
 through the same cascade, so its keys and values are neither recomputed nor stored, nor copied at
 each step, per row.
 
+Serving (``stream``) decodes concurrent requests together: the `Scheduler` of
+`prefsteer.backends.scheduler` owns the model for them and `batch.KVBatch` keeps their rows on one
+key/value cache that rows join (prefilled between steps) and leave, each with its own guide and
+sampling settings; a request's greedy tokens are those of ``generate``.
+
 Modules: `backend` (the class, identity, tokenization, threads), `attention`, `planner`,
-`scoring`, `decode`, `adapter` (LoRA), `lock`; loading and casting helpers live in
+`scoring`, `decode`, `batch` (the streamed rows), `adapter` (LoRA), `lock`; loading and casting helpers live in
 `prefsteer.backends.loading`.
 
     >>> from prefsteer.backends.hf import TransformersBackend

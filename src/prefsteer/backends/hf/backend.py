@@ -33,7 +33,9 @@ import torch
 from prefsteer.backends.base import (MATMUL_PRECISIONS, OPERATIONS, AdapterSpec, Generation, GenerationConfig,
                                      Guide, Messages, Score, ScoreRequest, local_guide)
 from prefsteer.backends.hf import attention, decode, planner, scoring
+from prefsteer.backends.hf.batch import KVBatch
 from prefsteer.backends.hf.lock import ModelLock
+from prefsteer.backends.scheduler import ScheduledStreaming
 from prefsteer.backends.sampling import seeded_generator
 from prefsteer.backends.tokenization import ChatTokenization, end_of_turn_ids
 from prefsteer.errors import InputError
@@ -68,14 +70,15 @@ def fix_matmul_precision(precision: str) -> None:
             torch.set_float32_matmul_precision(precision)
 
 
-class TransformersBackend(ChatTokenization):
+class TransformersBackend(ScheduledStreaming, ChatTokenization):
     name = "hf"
     capabilities = frozenset(OPERATIONS) - {"guide_branches"}  # Drift decodes through start_decoding
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: Any = None,
                  batch_size: int = 32, threads: int | None = None, cache_dir: str | None = None,
                  share_prefix: bool = True, restrict_logits: bool = True,
-                 matmul_precision: str | None = None, **_: Any):
+                 matmul_precision: str | None = None, max_batch_rows: int | None = None,
+                 max_waiting: int | None = None, **_: Any):
         from prefsteer.backends.loading import load_model
 
         if batch_size < 1:
@@ -107,6 +110,7 @@ class TransformersBackend(ChatTokenization):
         gc = getattr(self.model, "generation_config", None)
         self.eos_ids = end_of_turn_ids(self.tokenizer, gc.eos_token_id if gc is not None else None)
         self._init_state()
+        self.set_stream_limits(max_batch_rows, max_waiting)
 
     def _bind_model(self) -> None:
         self.config = self.model.config
@@ -116,6 +120,7 @@ class TransformersBackend(ChatTokenization):
     def _init_state(self) -> None:
         """The per-backend mutable state, each part with its lock (a cast copy gets its own)."""
         self._lock = ModelLock()
+        self._scheduler = None  # `stream`'s, built at its first request (a cast copy has its own)
         self._init_tokenization()
         self._prefix_memo = scoring.PrefixMemo()
         self._casts: dict[torch.dtype, TransformersBackend] = {}  # see `cast`
@@ -274,6 +279,9 @@ class TransformersBackend(ChatTokenization):
         for o in outs:
             o.seconds = secs
         return outs  # type: ignore[return-value]
+
+    def _row_batch(self) -> KVBatch:
+        return KVBatch(self)
 
     def start_decoding(self, contexts: Sequence[Messages]) -> decode.Rows:
         """Prefill ``contexts`` left-padded on one key/value cache; the session's ``logits()`` are

@@ -22,14 +22,12 @@ exactly that per-token evidence, and the mean keeps longer answers from winning 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from prefsteer.backends.base import GenerationConfig, Messages, require
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import (Method, MethodOutput, NotFittedError, as_conversations, config_from_options,
-                                    register_method)
+from prefsteer.methods.base import Decoding, Method, NotFittedError, config_from_options, register_method
 
 DEFAULT_ALPHA = 0.5  # `prefsteer cliper calibrate` (all five preferences) on SmolLM2-135M-Instruct: results/cliper/README.md
 DEFAULT_TOP_K = 20
@@ -196,8 +194,8 @@ class Cliper(Method):
                             self.backend.token_embeddings())
         return guide, prefs
 
-    def generate(self, user_id: str | None, conversations: Sequence[str | Messages],
-                 config: GenerationConfig | None = None) -> list[MethodOutput]:
+    def decodings(self, user_id: str | None, conversations: list[Messages],
+                  config: GenerationConfig) -> list[Decoding]:
         guide, prefs = self.guide_for(user_id)
         if guide is None:
             raise NotFittedError(self.name, user_id, hint=(
@@ -205,9 +203,5 @@ class Cliper(Method):
                 "or fit the user's personal classifier"))
         if self.alpha != 0:
             require(self.backend, "guide", "cliper's guided decoding")
-        start = time.perf_counter()
-        contexts = as_conversations(conversations)
-        gens = self.backend.generate(contexts, config, guide=None if self.alpha == 0 else guide)
-        secs = time.perf_counter() - start
         extra = {"prefs": prefs, "alpha": self.alpha, "top_k": self.top_k}
-        return [MethodOutput(g.text, [], {"generation": secs}, dict(extra), ctx) for g, ctx in zip(gens, contexts)]
+        return [Decoding(c, None if self.alpha == 0 else guide, extra=dict(extra)) for c in conversations]

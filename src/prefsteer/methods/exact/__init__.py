@@ -25,9 +25,8 @@ from prefsteer.methods.exact.select import (OBJECTIVES, SELECTORS, Selection, gr
 from prefsteer.backends.cache import ScoreCache
 from prefsteer.memory import Entry, Memory, sha, with_id
 from prefsteer.types import PreferencePair
-from prefsteer.methods.base import (Method, MethodOutput, NotFittedError, as_conversations, config_from_options,
-                                    last_user_turn, register_method)
-from prefsteer.methods.plain import timed_generate
+from prefsteer.methods.base import (Decoding, Method, NotFittedError, config_from_options, last_user_turn,
+                                    register_method)
 
 log = logging.getLogger(__name__)
 
@@ -357,18 +356,16 @@ class Exact(Method):
         return [(list(e.attributes), {"retrieved": {"prompt": e.prompt, "similarity": round(float(sim), 4)}})
                 for e, sim in self.retrieve(user_id, prompts)]
 
-    def generate(self, user_id: str | None, conversations: Sequence[str | Messages],
-                 config: GenerationConfig | None = None) -> list[MethodOutput]:
+    def decodings(self, user_id: str | None, conversations: list[Messages],
+                  config: GenerationConfig) -> list[Decoding]:
         """Retrieval on each conversation's last user turn; the attributes are rendered and placed
         (that turn, or the system prompt) as the configuration says."""
         start = time.perf_counter()
-        convs = as_conversations(conversations)
-        found = self._retrieved(user_id, [last_user_turn(c) for c in convs])
-        contexts = [self.attribute_messages(c, a) for c, (a, _) in zip(convs, found)]
+        found = self._retrieved(user_id, [last_user_turn(c) for c in conversations])
+        contexts = [self.attribute_messages(c, a) for c, (a, _) in zip(conversations, found)]
         overhead = time.perf_counter() - start  # embedding + retrieval + injection
-        gens, secs = timed_generate(self.backend, contexts, config)
-        return [MethodOutput(g.text, a, {"retrieval": overhead, "generation": secs}, {**self.context_info(c), **why}, c)
-                for g, (a, why), c in zip(gens, found, contexts)]
+        return [Decoding(c, None, a, {"retrieval": overhead}, {**self.context_info(c), **why})
+                for (a, why), c in zip(found, contexts)]
 
 
 @register_method("exact-global")

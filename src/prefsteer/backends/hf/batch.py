@@ -1,0 +1,94 @@
+"""`KVBatch`: the rows a `Scheduler` decodes together, on one key/value cache that rows join and leave.
+
+Rows are left-padded: every row's newest key is in the cache's last column, and ``mask`` (R, K)
+marks each row's real keys. Joining rows are prefilled on their own cache (left-padded among
+themselves) and then laid beside the running rows, the shorter of the two caches padded on the left
+with masked zero keys; leaving rows are dropped from every layer, and columns that no remaining row
+uses are cut off the left. Positions are each row's own (its count of real tokens), so a row's
+numbers do not depend on the rows beside it beyond the padding's masked keys.
+
+Every forward holds the backend's model lock shared, so an adapter block waits between steps.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from prefsteer.backends.hf.planner import left_pad
+
+
+def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """``t`` with ``n`` zeros before its entries along ``dim`` (a negative dim)."""
+    if n == 0:
+        return t
+    pad = [0, 0] * (-dim - 1) + [n, 0]
+    return F.pad(t, pad)
+
+
+class KVBatch:
+    def __init__(self, b):
+        self.b = b
+        self.cache = None
+        self.mask: torch.Tensor | None = None    # (R, K) 1 for a real key
+        self.pos: torch.Tensor | None = None     # (R, 1) position of each row's last token
+        self.hidden: torch.Tensor | None = None  # (R, d) last hidden state of each row
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def add(self, prompts: Sequence[Sequence[int]]) -> None:
+        from transformers import DynamicCache
+
+        b = self.b
+        ids, mask = left_pad(prompts, b.pad_id)
+        ids, mask = ids.to(b.device), mask.to(b.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=b.config)
+        with b._lock.shared("a streamed request"), torch.inference_mode():
+            hidden = b.extend(cache, input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
+        if not self.rows:
+            self.cache, self.mask, self.pos, self.hidden = cache, mask, positions[:, -1:], hidden
+            return
+        K_run, K_new = self.mask.shape[1], mask.shape[1]
+        K = max(K_run, K_new)
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, K - K_run, -2), _pad_left(new.keys, K - K_new, -2)])
+            old.values = torch.cat([_pad_left(old.values, K - K_run, -2), _pad_left(new.values, K - K_new, -2)])
+        self.mask = torch.cat([_pad_left(self.mask, K - K_run, -1), _pad_left(mask, K - K_new, -1)])
+        self.pos = torch.cat([self.pos, positions[:, -1:]])
+        self.hidden = torch.cat([self.hidden, hidden])
+
+    def keep(self, rows: Sequence[int]) -> None:
+        if len(rows) == self.rows:
+            return
+        if not rows:
+            self.cache = self.mask = self.pos = self.hidden = None
+            return
+        idx = torch.tensor(list(rows), device=self.mask.device)
+        self.mask, self.pos, self.hidden = self.mask[idx], self.pos[idx], self.hidden[idx]
+        used = self.mask.any(0)
+        first = int(used.int().argmax())  # columns before it hold no remaining row's keys
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[idx, :, first:]
+            layer.values = layer.values[idx, :, first:]
+        self.mask = self.mask[:, first:]
+
+    def step(self, tokens: Sequence[int]) -> None:
+        b = self.b
+        R = self.rows
+        if len(tokens) != R:
+            raise ValueError(f"{len(tokens)} tokens for {R} rows (one per row)")
+        with b._lock.shared("a streamed request"), torch.inference_mode():
+            self.mask = torch.cat([self.mask, torch.ones((R, 1), dtype=self.mask.dtype, device=self.mask.device)], 1)
+            self.pos = self.pos + 1
+            ids = torch.tensor(list(tokens), dtype=torch.long, device=self.mask.device)[:, None]
+            out = b.extend(self.cache, input_ids=ids, attention_mask=self.mask, position_ids=self.pos)
+            self.hidden = out.last_hidden_state[:, -1]
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.b._lock.shared("a streamed request"), torch.inference_mode():
+            return self.hidden.float(), self.b.lm_head(self.hidden).float()

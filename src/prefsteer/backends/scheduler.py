@@ -1,0 +1,300 @@
+"""Continuous batching for a backend that decodes in this process (transformers, fake).
+
+A `Scheduler` owns the backend's model for streamed requests: one thread runs a loop in which
+requests that arrived join the running batch at a step boundary (their prompts are prefilled
+together, beside the rows already decoding), then every row of every request is decoded one token
+in a single forward, and a request's rows leave the batch when it ends (end of turn,
+``max_new_tokens``, or a caller that cancelled). Each request keeps its own sampling settings and
+random generator, and its own guide:
+
+* a callable guide (CLIPer's `CliperGuide`) gets that request's last hidden state, logits and token
+  ids, exactly as in ``Backend.generate``;
+* a `DriftGuide` with one row brings its branch contexts as extra rows of the same batch (the plain
+  branch, unless it is the request's own context, and one per attribute); they are fed the tokens
+  the request accepts, and the request's next token comes from `DriftGuide.combine` over its rows.
+
+So a request's greedy tokens are the ones it would get alone: the rows of a batch are left-padded
+and masked (tests/test_streaming.py checks the equality, rows of different lengths).
+
+The model-specific part is a `RowBatch` (`prefsteer.backends.hf.batch.KVBatch` on a key/value
+cache, `prefsteer.backends.fake.FakeBatch`): add rows (prefill), keep some rows, feed one token per
+row, and give every row's last hidden state and next-token logits.
+
+Admission: at most ``max_rows`` rows decode at once (a request needing more than that runs when the
+batch is otherwise empty) and at most ``max_waiting`` requests wait for a place; past that,
+``submit`` raises `EngineBusy`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from prefsteer.backends.base import GenerationConfig, UnsupportedOperation
+from prefsteer.backends.guides.drift import DriftGuide
+from prefsteer.backends.sampling import sample_next, seeded_generator
+from prefsteer.backends.streaming import EngineBusy, TokenStream
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ROWS = 32
+DEFAULT_MAX_WAITING = 64
+
+
+class RowBatch(Protocol):
+    rows: int
+
+    def add(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Prefill ``prompts`` as new rows after the existing ones."""
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (ascending indices), dropping the others."""
+
+    def step(self, tokens: Sequence[int]) -> None:
+        """Feed one token to every row."""
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's last hidden state (R, d) and next-token logits (R, V), float32."""
+
+
+@dataclass
+class _Request:
+    stream: TokenStream
+    prompts: list[list[int]]       # its rows: its own context first, then Drift's branches
+    config: GenerationConfig
+    guide: Any
+    plain_row: bool                # Drift: the second row is the plain branch
+    steps: int                     # tokens to decode at most
+    generator: torch.Generator | None
+    ids: list[int] = field(default_factory=list)  # its context and the tokens so far (a guide reads them)
+    new: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts)
+
+    def next_logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """(1, V) logits to choose the next token from, given the request's rows' outputs."""
+        own = logits[:1]
+        if self.guide is None:
+            return own
+        if isinstance(self.guide, DriftGuide):
+            plain = logits[1:2] if self.plain_row else own
+            branches = logits[2:] if self.plain_row else logits[1:]
+            return self.guide.combine(own, plain, branches[None])
+        ids = torch.tensor([self.ids], device=logits.device)
+        return self.guide(hidden[:1], own, ids)
+
+
+class Scheduler:
+    """Decodes streamed requests of one backend together (see the module's docstring)."""
+
+    def __init__(self, backend, make_batch, *, max_rows: int = DEFAULT_MAX_ROWS,
+                 max_waiting: int = DEFAULT_MAX_WAITING, device: Any = "cpu"):
+        if max_rows < 1 or max_waiting < 0:
+            raise ValueError(f"`max_rows` (={max_rows}) has to be at least 1 and `max_waiting` "
+                             f"(={max_waiting}) non-negative")
+        self.backend, self.make_batch = backend, make_batch
+        self.max_rows, self.max_waiting, self.device = max_rows, max_waiting, device
+        self._cond = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._active: list[_Request] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.steps = 0  # decode steps run (a step decodes one token for every row)
+        self.peak_rows = 0
+
+    # -- the callers' side ------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], config: GenerationConfig, guide: Any = None) -> TokenStream:
+        """Queue one request (its context's token ids); its tokens arrive on the returned stream."""
+        b = self.backend
+        prompts, plain_row = [list(prompt)], False
+        if guide is not None and not callable(guide):
+            if not isinstance(guide, DriftGuide):
+                raise UnsupportedOperation(b.name, "guide_branches", "a guide given as data other than Drift's")
+            if len(guide.rows) != 1:
+                raise ValueError(f"a streamed request takes a Drift guide of one row, not {len(guide.rows)}")
+            if guide.fingerprint != b.fingerprint:
+                raise UnsupportedOperation(b.name, "guide_branches", "Drift's branches on another model")
+            row = guide.rows[0]
+            plain_row = row["plain_ids"] is not None
+            prompts += ([row["plain_ids"]] if plain_row else []) + row["branch_ids"]
+        steps = min(config.max_new_tokens, b.max_context - max(len(p) for p in prompts))
+        if steps < 1:
+            raise ValueError(f"the context leaves no room to generate in the model's {b.max_context} tokens")
+        stream = TokenStream(on_cancel=self._wake)
+        req = _Request(stream, prompts, config, guide, plain_row, steps,
+                       seeded_generator(config, self.device), list(prompt))
+        with self._cond:
+            if self._closed:
+                raise EngineBusy("the engine is shutting down", retry_after=5)
+            if self._queued(req) > self.max_waiting:
+                raise EngineBusy(f"the engine is full: {self._rows()} rows decoding (at most {self.max_rows}) "
+                                 f"and {self._queued()} requests waiting for a place (at most {self.max_waiting})")
+            self._waiting.append(req)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=f"prefsteer-{b.name}-scheduler",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return stream
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"rows": self._rows(), "requests": len(self._active), "waiting": len(self._waiting),
+                    "max_rows": self.max_rows, "max_waiting": self.max_waiting, "steps": self.steps,
+                    "peak_rows": self.peak_rows}
+
+    def close(self) -> None:
+        """Cancel everything and stop the loop."""
+        with self._cond:
+            self._closed = True
+            for r in list(self._waiting) + self._active:
+                r.stream.cancelled = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _rows(self) -> int:
+        return sum(r.rows for r in self._active)
+
+    def _queued(self, newcomer: _Request | None = None) -> int:
+        """Waiting requests (with ``newcomer``) that the batch has no room for now (under self._cond)."""
+        rows, queued = self._rows(), 0
+        for r in list(self._waiting) + ([newcomer] if newcomer else []):
+            if queued or (rows + r.rows > self.max_rows and rows):
+                queued += 1
+            else:
+                rows += r.rows
+        return queued
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _admit(self) -> list[_Request]:
+        """Move waiting requests into the batch while their rows fit (under self._cond)."""
+        new, rows = [], self._rows()
+        while self._waiting:
+            r = self._waiting[0]
+            if r.stream.cancelled:
+                self._waiting.popleft().stream.finish("cancelled")
+                continue
+            if rows + r.rows > self.max_rows and (rows or new):
+                break
+            new.append(self._waiting.popleft())
+            rows += r.rows
+        return new
+
+    def _loop(self) -> None:
+        batch = None
+        while True:
+            with self._cond:
+                while not self._closed and not self._active and not self._waiting:
+                    self._cond.wait()
+                if self._closed:
+                    for r in list(self._waiting) + self._active:
+                        r.stream.finish("cancelled")
+                    return
+                new = self._admit()
+            try:
+                with torch.inference_mode():
+                    if batch is None:
+                        batch = self.make_batch()
+                    if new:
+                        batch.add([p for r in new for p in r.prompts])
+                        with self._cond:
+                            self._active.extend(new)
+                            self.peak_rows = max(self.peak_rows, self._rows())
+                    if self._active:
+                        self._step(batch)
+            except Exception as e:  # the engine's failure: every request it held learns of it
+                log.exception("the scheduler's step failed")
+                with self._cond:
+                    failed, self._active = self._active + new, []
+                for r in failed:
+                    if not r.stream.done:
+                        r.stream.fail(e)
+                batch = None
+
+    def _step(self, batch: RowBatch) -> None:
+        """Choose every request's next token from its rows, then feed the tokens in one forward."""
+        hidden, logits = batch.outputs()
+        keep_rows, tokens, still = [], [], []
+        eos = self.backend.eos_token_ids
+        row = 0
+        for r in self._active:
+            rows = range(row, row + r.rows)
+            row += r.rows
+            if r.stream.cancelled:
+                r.stream.finish("cancelled")
+                continue
+            try:
+                scores = r.next_logits(hidden[rows.start:rows.stop], logits[rows.start:rows.stop])
+                tok = int(sample_next(scores, r.config, r.generator)[0])
+            except Exception as e:  # this request's guide failed: it alone ends
+                r.stream.fail(e)
+                continue
+            if tok in eos:
+                r.stream.finish("stop")
+                continue
+            r.stream.push([tok])
+            r.ids.append(tok)
+            r.new += 1
+            if r.new >= r.steps:
+                r.stream.finish("length")
+                continue
+            keep_rows.extend(rows)
+            tokens.extend([tok] * r.rows)
+            still.append(r)
+        with self._cond:
+            self._active = still
+        batch.keep(keep_rows)
+        if tokens:
+            batch.step(tokens)
+            self.steps += 1
+
+
+class ScheduledStreaming:
+    """``Backend.stream`` through a `Scheduler`, built at the first streamed request.
+
+    A backend class mixes this in and gives `_row_batch`; ``max_batch_rows`` and ``max_waiting``
+    (constructor options of the backend, or `set_stream_limits` before the first request) bound it."""
+
+    max_batch_rows: int = DEFAULT_MAX_ROWS
+    max_waiting: int = DEFAULT_MAX_WAITING
+    _scheduler: Scheduler | None = None
+    _scheduler_guard = threading.Lock()
+
+    def _row_batch(self) -> RowBatch:
+        raise NotImplementedError
+
+    def set_stream_limits(self, max_rows: int | None = None, max_waiting: int | None = None) -> None:
+        """Bound the rows decoding at once and the requests waiting (the service's `--max-batch-rows`
+        and `--max-waiting`); only before the first streamed request."""
+        with self._scheduler_guard:
+            if self._scheduler is not None:
+                raise RuntimeError("the stream limits are fixed once the first request is streamed")
+            if max_rows is not None:
+                self.max_batch_rows = int(max_rows)
+            if max_waiting is not None:
+                self.max_waiting = int(max_waiting)
+            Scheduler(self, self._row_batch, max_rows=self.max_batch_rows, max_waiting=self.max_waiting)  # checks
+
+    @property
+    def scheduler(self) -> Scheduler:
+        with self._scheduler_guard:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self, self._row_batch, max_rows=self.max_batch_rows,
+                                            max_waiting=self.max_waiting, device=getattr(self, "device", "cpu"))
+            return self._scheduler
+
+    def stream(self, context, config: GenerationConfig | None = None, *, guide: Any = None) -> TokenStream:
+        """Decode ``context`` together with every other streamed request (see `Scheduler`)."""
+        return self.scheduler.submit(self.encode_context(context), config or GenerationConfig(), guide)

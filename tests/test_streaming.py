@@ -1,0 +1,310 @@
+"""Streamed, continuously batched decoding (`Backend.stream`, `Scheduler`, `Method.stream`) and the
+service's answers on it: tokens as they are decoded, the same greedy tokens alone and in a batch,
+a cancelled request leaving the batch, the admission bound's 503."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from prefsteer.backends.base import GenerationConfig, user_turn
+from prefsteer.backends.fake import FakeBackend
+from prefsteer.backends.guides.drift import DriftGuide
+from prefsteer.backends.scheduler import Scheduler
+from prefsteer.backends.streaming import EngineBusy, TextDeltas, TokenStream
+from prefsteer.memory import Memory
+from prefsteer.service import Settings
+from prefsteer.service.serving import StopScan
+from tests.test_service_helpers import thread_server
+
+PROMPTS = ["hi", "Write a long story about a dragon who learns to cook, with many details.",
+           "How do I boil an egg?", "Tell me about bicycles, gears and chains and how a rider shifts them."]
+
+
+def boost(token: int, by: float = 3.0):
+    """A callable guide that raises one token's logit (and records that it was called)."""
+    calls = []
+
+    def guide(hidden, logits, ids):
+        calls.append(ids.shape)
+        out = logits.clone()
+        out[:, token] += by
+        return out
+    guide.calls = calls
+    return guide
+
+
+def drift_guide(b, prompt: str) -> DriftGuide:
+    plain = b.encode_context(user_turn(prompt, "Be plain."))
+    branches = [b.encode_context(user_turn(prompt, s)) for s in ("Be funny and use jokes.", "Be formal, dear sir.")]
+    return DriftGuide([1.5, -0.5], 1.0, b.fingerprint, [{"plain_ids": plain, "branch_ids": branches}])
+
+
+# -- the engine: fake backend ------------------------------------------------------------------
+
+def test_stream_gives_generate_tokens_alone_together_and_joining_midway():
+    b = FakeBackend()
+    cfg = GenerationConfig(max_new_tokens=24)
+    ref = [g.token_ids for g in b.generate([user_turn(p) for p in PROMPTS], cfg)]
+    alone = [b.stream(user_turn(p), cfg).wait() for p in PROMPTS]
+    assert alone == ref
+    together = [b.stream(user_turn(p), cfg) for p in PROMPTS]
+    assert [s.wait() for s in together] == ref
+
+    late: list = [None] * len(PROMPTS)
+    slow = FakeBackend(step_seconds=0.002)
+
+    def join(i):  # each request joins a batch that is already decoding
+        time.sleep(0.01 * i)
+        late[i] = slow.stream(user_turn(PROMPTS[i]), cfg).wait()
+    threads = [threading.Thread(target=join, args=(i,)) for i in range(len(PROMPTS))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert late == ref
+    assert slow.scheduler.stats()["peak_rows"] > 1  # they did share the batch
+
+
+def test_each_request_keeps_its_guide_its_sampling_and_its_limit():
+    b = FakeBackend()
+    g = boost(b._word_id("funny"), 4.0)
+    greedy = GenerationConfig(max_new_tokens=12)
+    sampled = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=0.8, seed=7)
+    short = GenerationConfig(max_new_tokens=3)
+    want = [b.generate([user_turn(PROMPTS[1])], greedy, guide=g)[0].token_ids,
+            b.generate([user_turn(PROMPTS[2])], sampled)[0].token_ids,
+            b.generate([user_turn(PROMPTS[3])], short)[0].token_ids,
+            b.generate([user_turn(PROMPTS[0])], greedy)[0].token_ids]
+    g.calls.clear()
+    streams = [b.stream(user_turn(PROMPTS[1]), greedy, guide=g), b.stream(user_turn(PROMPTS[2]), sampled),
+               b.stream(user_turn(PROMPTS[3]), short), b.stream(user_turn(PROMPTS[0]), greedy)]
+    assert [s.wait() for s in streams] == want
+    assert want[0] != b.generate([user_turn(PROMPTS[1])], greedy)[0].token_ids  # the guide mattered
+    assert streams[2].finish_reason == "length" and len(streams[2].token_ids) == 3
+    assert len(g.calls) == len(want[0]) + (streams[0].finish_reason == "stop")  # one call per step, its own row
+    assert all(shape[0] == 1 for shape in g.calls)
+
+
+def test_drift_branches_decode_beside_their_request_as_in_lock_step():
+    from prefsteer.methods.drift import decode_branches
+
+    b = FakeBackend()
+    cfg = GenerationConfig(max_new_tokens=16)
+    for prompt in PROMPTS[1:3]:
+        guide = drift_guide(b, prompt)
+        want = (decode_branches(
+            b, b, user_turn(prompt), [user_turn(prompt, "Be plain.")] + [user_turn(prompt, s) for s in (
+                "Be funny and use jokes.", "Be formal, dear sir.")], [1.5, -0.5], 1.0, cfg, None))
+        other = b.stream(user_turn(PROMPTS[0]), cfg)  # a plain request in the same batch
+        s = b.stream(user_turn(prompt), cfg, guide=guide)
+        assert b.decode_tokens(s.wait()) == want
+        other.wait()
+    assert b.scheduler.stats()["peak_rows"] >= 4  # 1 + plain + 2 branches (+ the plain request)
+
+
+def test_a_cancelled_request_stops_at_the_next_step_and_frees_its_rows():
+    b = FakeBackend(step_seconds=0.01)
+    long = GenerationConfig(max_new_tokens=400)
+    s = b.stream(user_turn(PROMPTS[1]), long)
+    other = b.stream(user_turn(PROMPTS[3]), GenerationConfig(max_new_tokens=40))
+    it = iter(s)
+    next(it), next(it)
+    s.cancel()
+    rest = list(it)
+    assert s.finish_reason == "cancelled" and len(s.token_ids) < 10 and len(rest) <= 2
+    assert other.wait() and other.finish_reason in ("stop", "length")
+    deadline = time.monotonic() + 5
+    while b.scheduler.stats()["rows"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert b.scheduler.stats()["rows"] == 0
+
+
+def test_admission_bounds_rows_and_waiting_requests():
+    b = FakeBackend(step_seconds=0.01, max_batch_rows=2, max_waiting=1)
+    cfg = GenerationConfig(max_new_tokens=300)
+    running = [b.stream(user_turn(p), cfg) for p in PROMPTS[:2]]
+    waiting = b.stream(user_turn(PROMPTS[2]), cfg)
+    deadline = time.monotonic() + 5
+    while b.scheduler.stats()["rows"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert b.scheduler.stats()["rows"] == 2 and b.scheduler.stats()["waiting"] == 1
+    with pytest.raises(EngineBusy) as e:
+        b.stream(user_turn(PROMPTS[3]), cfg)
+    assert e.value.retry_after > 0 and "at most 2" in str(e.value)
+    for s in running + [waiting]:
+        s.cancel()
+    with pytest.raises(ValueError):
+        Scheduler(b, lambda: None, max_rows=0)
+
+
+def test_an_engine_failure_reaches_every_request_and_the_engine_goes_on():
+    b = FakeBackend()
+    cfg = GenerationConfig(max_new_tokens=8)
+
+    def broken(hidden, logits, ids):
+        raise RuntimeError("guide exploded")
+    bad = b.stream(user_turn(PROMPTS[1]), cfg, guide=broken)
+    good = b.stream(user_turn(PROMPTS[2]), cfg)
+    with pytest.raises(RuntimeError, match="guide exploded"):
+        bad.wait()
+    assert good.wait() == b.generate([user_turn(PROMPTS[2])], cfg)[0].token_ids
+
+
+def test_token_stream_reads_from_an_event_loop_and_text_deltas_wait_for_whole_characters():
+    s = TokenStream()
+
+    async def read():
+        got = []
+        async for ids in s:
+            got.append(ids)
+        return got
+
+    def produce():
+        for i in range(3):
+            time.sleep(0.01)
+            s.push([i])
+        s.finish("length")
+    threading.Thread(target=produce).start()
+    assert asyncio.run(read()) == [[0], [1], [2]] and s.finish_reason == "length"
+
+    data = "né🙂!".encode()  # a 2-byte and a 4-byte character, one byte per token
+    d = TextDeltas(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    pieces = [d.feed([byte]) for byte in data]
+    assert "".join(pieces) + d.flush() == "né🙂!"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stop_sequences_are_found_across_pieces():
+    scan = StopScan(["END", "\n\n"])
+    out = [scan.feed(p) for p in ("one E", "N", "D two")]
+    assert "".join(out) == "one " and scan.hit
+    scan = StopScan(["END"])
+    assert scan.feed("the E") == "the " and scan.feed("nd") == "End" and not scan.hit
+    assert scan.flush() == "" and scan.text == "the End"
+
+
+# -- the service on the streaming engine --------------------------------------------------------
+
+def _sse(base: str, body: dict, headers=None) -> tuple[str, list[dict], httpx.Headers]:
+    chunks = []
+    with httpx.stream("POST", base + "/v1/chat/completions", json={**body, "stream": True}, headers=headers,
+                      timeout=60) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.text, [], r.headers
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    return text, chunks, r.headers
+
+
+@pytest.fixture
+def slow_service(tmp_path):
+    """The service on a fake model whose step takes 20 ms, one row and one waiting place."""
+    db = str(tmp_path / "m.db")
+    Memory(db).close()
+    backend = FakeBackend(step_seconds=0.02)
+    settings = Settings(db=db, backend="fake", embedder="hash", auth=False, max_batch_rows=1, max_waiting=1,
+                        make_backend=lambda: backend)
+    with thread_server(settings) as base:
+        yield base, backend
+
+
+def test_the_service_streams_while_decoding_and_a_disconnect_frees_the_row(slow_service):
+    base, backend = slow_service
+    body = {"model": "fake", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 200,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break  # the first words, long before 200 steps: the client goes away now
+        decoded = backend.scheduler.steps
+        assert backend.scheduler.stats()["rows"] == 1 and decoded < 100
+    deadline = time.monotonic() + 5
+    while backend.scheduler.stats()["rows"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert backend.scheduler.stats()["rows"] == 0  # its row was freed ...
+    assert backend.scheduler.steps < 100           # ... at the next steps, not after 200
+    r2 = httpx.post(base + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 5}, timeout=60)
+    assert r2.status_code == 200 and r2.json()["usage"]["completion_tokens"] <= 5
+
+
+def test_past_the_admission_bound_the_service_answers_503_with_retry_after(slow_service):
+    base, _ = slow_service
+    body = {"model": "fake", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 150,
+            "temperature": 0}
+    results = {}
+
+    def hold(i):
+        results[i] = _sse(base, body)
+    threads = [threading.Thread(target=hold, args=(i,)) for i in range(2)]  # one decoding, one waiting
+    for t in threads:
+        t.start()
+        time.sleep(0.3)
+    text, chunks, headers = _sse(base, body)
+    err = json.loads(text)["error"]
+    assert err["code"] == "overloaded" and int(headers["retry-after"]) >= 1
+    for t in threads:
+        t.join()
+    assert results[0][0] == results[1][0] and results[0][0]  # both held requests were answered in full
+
+
+def test_streamed_and_whole_answers_agree_with_stop_sequences(tmp_path):
+    db = str(tmp_path / "m.db")
+    Memory(db).close()
+    with thread_server(Settings(db=db, backend="fake", embedder="hash", auth=False)) as base:
+        body = {"model": "fake", "messages": [{"role": "user", "content": PROMPTS[3]}], "max_tokens": 30,
+                "temperature": 0}
+        whole = httpx.post(base + "/v1/chat/completions", json=body, timeout=60).json()
+        text, chunks, _ = _sse(base, {**body, "stream_options": {"include_usage": True}})
+        assert text == whole["choices"][0]["message"]["content"]
+        assert chunks[-1]["usage"] == whole["usage"]
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == \
+            whole["choices"][0]["finish_reason"]
+        assert len([c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]) > 3
+        words = text.split()
+        stop = words[3]
+        cut = text[: text.index(stop)]
+        whole = httpx.post(base + "/v1/chat/completions", json={**body, "stop": [stop]}, timeout=60).json()
+        streamed, chunks, _ = _sse(base, {**body, "stop": [stop]})
+        assert whole["choices"][0]["message"]["content"] == streamed == cut
+        assert whole["choices"][0]["finish_reason"] == "stop"
+
+
+# -- the embedded model ------------------------------------------------------------------------
+
+def test_real_model_greedy_tokens_are_the_same_alone_and_in_a_batch(hf_backend):
+    """Rows of different lengths, left-padded in one cache; one joins while the others decode."""
+    b = hf_backend
+    cfg = GenerationConfig(max_new_tokens=24)
+    ref = [g.token_ids for g in b.generate([user_turn(p) for p in PROMPTS], cfg)]
+    streams = [b.stream(user_turn(p), cfg) for p in PROMPTS[:3]]
+    next(iter(streams[0]))
+    streams.append(b.stream(user_turn(PROMPTS[3]), cfg))  # joins a running batch
+    assert [s.wait() for s in streams] == ref
+    assert b.scheduler.stats()["peak_rows"] >= 3
+
+
+def test_real_model_guided_and_drift_requests_in_one_batch_match_their_own_decoding(hf_backend):
+    from prefsteer.methods.drift import decode_branches
+
+    b = hf_backend
+    cfg = GenerationConfig(max_new_tokens=16)
+    g = boost(b.encode_continuation(" Yes")[0], 6.0)
+    guided_ref = b.generate([user_turn(PROMPTS[2])], cfg, guide=g)[0].token_ids
+    dg = drift_guide(b, PROMPTS[1])
+    drift_ref = (decode_branches(
+        b, b, user_turn(PROMPTS[1]), [user_turn(PROMPTS[1], "Be plain.")] + [user_turn(PROMPTS[1], s) for s in (
+            "Be funny and use jokes.", "Be formal, dear sir.")], [1.5, -0.5], 1.0, cfg, None))
+    s = [b.stream(user_turn(PROMPTS[2]), cfg, guide=g), b.stream(user_turn(PROMPTS[1]), cfg, guide=dg),
+         b.stream(user_turn(PROMPTS[0]), cfg)]
+    assert s[0].wait() == guided_ref
+    assert b.decode_tokens(s[1].wait()) == drift_ref
+    assert s[2].wait() == b.generate([user_turn(PROMPTS[0])], cfg)[0].token_ids
+    assert torch.is_tensor(b.token_embeddings())
