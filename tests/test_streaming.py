@@ -308,3 +308,24 @@ def test_real_model_guided_and_drift_requests_in_one_batch_match_their_own_decod
     assert b.decode_tokens(s[1].wait()) == drift_ref
     assert s[2].wait() == b.generate([user_turn(PROMPTS[0])], cfg)[0].token_ids
     assert torch.is_tensor(b.token_embeddings())
+
+
+def test_real_model_service_streams_the_text_it_answers_whole(hf_backend, tmp_path):
+    """Through the service on the embedded model: plain and CLIPer (shipped head, no user), streamed
+    while another request decodes beside them, give the non-streamed text."""
+    db = str(tmp_path / "m.db")
+    Memory(db).close()
+    settings = Settings(db=db, backend="hf", embedder="hash", auth=False, make_backend=lambda: hf_backend)
+    with thread_server(settings, timeout=120) as base:
+        model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[2]}], "max_tokens": 20,
+                "temperature": 0}
+        for extra in ({"method": "none"}, {"method": "cliper", "prefs": "concise=1", "alpha": 2.0}):
+            whole = httpx.post(base + "/v1/chat/completions", json={**body, "prefsteer": extra}, timeout=300).json()
+            beside = threading.Thread(target=_sse, args=(base, {**body, "messages": [
+                {"role": "user", "content": PROMPTS[1]}]}))
+            beside.start()
+            text, chunks, _ = _sse(base, {**body, "prefsteer": extra})
+            beside.join()
+            assert text == whole["choices"][0]["message"]["content"] and text.strip(), extra
+            assert chunks[0]["prefsteer"]["method"] == extra["method"]

@@ -264,9 +264,8 @@ class ChatServing:
             raise ApiError(400, f"method '{method.name}': {e}", param="prefsteer", code="invalid_value") from None
 
     def answer(self, tenant, req: ChatCompletionRequest) -> Answer:
-        """The whole answer (blocking: read from the engine as it decodes)."""
-        reply = self.start(tenant, req)
-        start = time.perf_counter()
+        """The whole answer, read from the engine in this thread as it decodes (blocking)."""
+        reply, start = self.start(tenant, req), time.perf_counter()
         try:
             for piece in reply.stream:
                 reply.piece(piece)
@@ -274,6 +273,21 @@ class ChatServing:
                     break
         finally:
             reply.stream.cancel()  # a no-op once the stream has ended
+        return self._whole(reply, start)
+
+    async def gather(self, reply: Reply) -> Answer:
+        """The whole answer, read from the engine without holding a thread (the route's way)."""
+        start = time.perf_counter()
+        try:
+            async for piece in reply.stream:
+                reply.piece(piece)
+                if reply.scan.hit:
+                    break
+        finally:
+            reply.stream.cancel()
+        return self._whole(reply, start)
+
+    def _whole(self, reply: Reply, start: float) -> Answer:
         reply.scan.flush()
         reply.info.timings.setdefault("generation", round(time.perf_counter() - start, 6))
         return reply.answer(self.engine)
