@@ -140,7 +140,8 @@ def test_what_vllm_cannot_do_is_refused_by_name(vb):
 
     from prefsteer.backends.base import require
 
-    assert {"score", "generate", "guide", "guide_branches", "hidden_states", "adapter", "cast"} <= vb.capabilities
+    assert {"score", "generate", "stream", "guide", "guide_branches", "hidden_states", "adapter",
+            "cast"} <= vb.capabilities
     assert "start_decoding" not in vb.capabilities
     with pytest.raises(UnsupportedOperation, match="start_decoding"):
         require(vb, "start_decoding")
@@ -316,3 +317,213 @@ def test_the_service_on_vllm(vb, tmp_path):
             model=model, max_tokens=24, messages=msgs, stream=True, extra_body={"prefsteer": {"method": "none"}})
             if c.choices)
         assert streamed == own
+
+
+# -- the engine loop: streams, continuous batching, cancellation, admission -----------------------
+
+def _drift_guide_and_answer(vb, monkeypatch, prompt, cfg):
+    """Drift's one-row guide for ``prompt`` as the method hands it to `generate`, and that answer."""
+    from prefsteer.methods.drift import Drift
+
+    seen = []
+    generate = vb.generate
+
+    def spy(contexts, config=None, *, guide=None):
+        gens = generate(contexts, config, guide=guide)
+        seen.append((contexts[0], config, guide, gens[0].token_ids))
+        return gens
+
+    monkeypatch.setattr(vb, "generate", spy)
+    d = Drift(vb, attributes=["Concise", "Humor"])
+    d.weights["u"] = {"Concise": 1.5, "Humor": -0.7}
+    d.generate("u", [prompt], cfg)
+    monkeypatch.undo()
+    (context, config, guide, ids), = seen
+    assert len(guide.rows) == 1
+    return context, config, guide, ids
+
+
+def test_stream_gives_generates_greedy_tokens_plain_cliper_and_drift(vb, monkeypatch):
+    """`stream` through the engine loop: the same greedy token ids as `generate`, with no guide,
+    with CLIPer's guide and with Drift's guide of one row (side rows in vLLM's engine)."""
+    from prefsteer.methods.cliper import Cliper
+
+    cfg = GenerationConfig(max_new_tokens=20)
+    ctx = user_turn(GUIDED[0])
+    plain = vb.generate([ctx], cfg)[0].token_ids
+    s = vb.stream(ctx, cfg)
+    assert s.wait() == plain and s.finish_reason in ("stop", "length")
+    assert not set(s.token_ids) & set(vb.eos_token_ids)
+    guide = Cliper(vb, prefs="concise=1,humor=0.5", alpha=2.0).guide_for(None)[0]
+    cliper = vb.generate([ctx], cfg, guide=guide)[0].token_ids
+    assert vb.stream(ctx, cfg, guide=guide).wait() == cliper
+    context, dcfg, dguide, drift = _drift_guide_and_answer(vb, monkeypatch, GUIDED[0], cfg)
+    assert vb.stream(context, dcfg, guide=dguide).wait() == drift
+    assert cliper != plain and drift != plain  # the guides changed the answer
+    two = type(dguide)(dguide.weights, dguide.beta, dguide.fingerprint, dguide.rows * 2)
+    with pytest.raises(ValueError, match="one row"):
+        vb.stream(context, dcfg, guide=two)
+
+
+def test_streams_started_together_are_decoded_together(vb):
+    """4 streams started at once run in the engine at the same steps (vLLM's continuous batching)
+    and each gets the tokens it gets alone."""
+    cfg = GenerationConfig(max_new_tokens=20)
+    ctxs = [user_turn(p) for p in GUIDED]
+    alone = [vb.generate([c], cfg)[0].token_ids for c in ctxs]
+    vb.engine_loop.reset_peak()
+    streams = [vb.stream(c, cfg) for c in ctxs]
+    assert [s.wait() for s in streams] == alone
+    assert all(s.finish_reason in ("stop", "length") for s in streams)
+    stats = vb.engine_stats()
+    assert stats["peak_running"] > 1, stats
+    assert stats["running"] == 0
+
+
+def test_a_cancelled_stream_stops_and_leaves_the_engine(vb):
+    import threading
+    import time
+
+    s = vb.stream(user_turn("Explain recursion to a child."), GenerationConfig(max_new_tokens=200))
+    cancelled, late = threading.Event(), []
+    push = s.push
+
+    def spy(ids):  # any push after `cancel` returned
+        if cancelled.is_set():
+            late.append(ids)
+        push(ids)
+
+    s.push = spy
+    it = iter(s)
+    next(it)
+    s.cancel()
+    cancelled.set()
+    list(it)
+    assert s.finish_reason == "cancelled" and late == []
+    assert 1 <= len(s.token_ids) < 200
+    deadline = time.time() + 30
+    while vb.engine_stats()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert vb.engine_stats()["running"] == 0
+    assert vb.llm.llm_engine.get_num_unfinished_requests() == 0
+    assert vb.stream(user_turn("hi"), GenerationConfig(max_new_tokens=2)).wait()  # the engine still serves
+
+
+def test_streams_past_the_limits_are_refused_with_engine_busy(vb):
+    from prefsteer.backends.streaming import EngineBusy
+
+    loop = vb.engine_loop
+    old = (loop.max_rows, loop.max_waiting)
+    vb.set_stream_limits(max_rows=1, max_waiting=0)
+    try:
+        s = vb.stream(user_turn("Explain recursion to a child."), GenerationConfig(max_new_tokens=200))
+        with pytest.raises(EngineBusy):
+            vb.stream(user_turn("hi"), GenerationConfig(max_new_tokens=2))
+        s.cancel()
+        s.wait()
+        assert s.finish_reason == "cancelled"
+        assert vb.stream(user_turn("hi"), GenerationConfig(max_new_tokens=2)).wait()  # room again
+    finally:
+        vb.set_stream_limits(*old)
+    with pytest.raises(ValueError):
+        vb.set_stream_limits(max_rows=0)
+
+
+class _StubEngine:
+    """vLLM's LLMEngine as the engine loop uses it: every request gets token 7 at each step, and
+    ends after ``finish_after`` tokens (never when None); ``fail_next`` makes the next step raise."""
+
+    def __init__(self, finish_after: int | None = None):
+        from types import SimpleNamespace
+
+        self.ns = SimpleNamespace
+        self.finish_after = finish_after
+        self.live: dict[str, int] = {}
+        self.most = 0
+        self.aborted: list[str] = []
+        self.fail_next = False
+
+    def add_request(self, request_id, prompt, params):
+        self.live[request_id] = 0
+        self.most = max(self.most, len(self.live))
+
+    def abort_request(self, ids):
+        for i in ids:
+            self.live.pop(i, None)
+        self.aborted += ids
+
+    def has_unfinished_requests(self):
+        return bool(self.live)
+
+    def step(self):
+        import time
+
+        time.sleep(0.002)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the engine core died")
+        outs = []
+        for rid in list(self.live):
+            self.live[rid] += 1
+            done = self.finish_after is not None and self.live[rid] >= self.finish_after
+            outs.append(self.ns(request_id=rid, finished=done,
+                                outputs=[self.ns(token_ids=[7], finish_reason="length" if done else None)]))
+            if done:
+                del self.live[rid]
+        return outs
+
+
+def _until(cond, timeout=10.0):
+    import time
+
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_engine_loop_admission_on_a_stub_engine():
+    """At most max_rows streamed requests in the engine, max_waiting more queued, `EngineBusy` past
+    that; a cancelled one is aborted in the engine and its place goes to the next."""
+    from prefsteer.backends.streaming import EngineBusy
+    from prefsteer.backends.vllm.loop import EngineLoop
+
+    eng = _StubEngine()
+    loop = EngineLoop(eng, max_rows=2, max_waiting=1)
+    try:
+        streams = [loop.submit_stream(f"p{i}", None) for i in range(3)]
+        with pytest.raises(EngineBusy, match="engine is full"):
+            loop.submit_stream("p3", None)
+        assert next(iter(streams[0])) == [7]
+        assert loop.stats()["streams"] == 2 and loop.stats()["waiting"] == 1
+        streams[0].cancel()
+        assert streams[0].wait() and streams[0].finish_reason == "cancelled"
+        _until(lambda: loop.stats()["waiting"] == 0)
+        assert len(eng.aborted) == 1 and loop.stats()["streams"] == 2 and eng.most == 2
+        late = loop.submit_stream("p4", None)  # one waiting place again
+        with pytest.raises(EngineBusy):
+            loop.submit_stream("p5", None)
+    finally:
+        loop.close()
+    assert all(s.finish_reason == "cancelled" for s in streams[1:] + [late])
+    assert not eng.live
+
+
+def test_engine_loop_fails_what_it_holds_and_survives_on_a_stub_engine():
+    from prefsteer.backends.vllm.loop import EngineLoop
+
+    eng = _StubEngine(finish_after=3)
+    loop = EngineLoop(eng, eos_ids=[9])
+    try:
+        outs = loop.run(["a", "b"], [None, None])
+        assert len({o.request_id for o in outs}) == 2 and all(o.finished for o in outs)
+        s = loop.submit_stream("c", None)
+        assert s.wait() == [7, 7, 7] and s.finish_reason == "length"
+        eng.fail_next = True
+        s = loop.submit_stream("d", None)
+        with pytest.raises(RuntimeError, match="engine core died"):
+            s.wait()
+        assert loop.stats()["failures"] == 1 and loop.stats()["running"] == 0
+        assert len(loop.run(["e"], [None])) == 1  # the loop goes on
+    finally:
+        loop.close()

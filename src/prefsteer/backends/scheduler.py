@@ -38,12 +38,9 @@ import torch
 from prefsteer.backends.base import GenerationConfig, UnsupportedOperation
 from prefsteer.backends.guides.drift import DriftGuide
 from prefsteer.backends.sampling import sample_next, seeded_generator
-from prefsteer.backends.streaming import EngineBusy, TokenStream
+from prefsteer.backends.streaming import DEFAULT_MAX_ROWS, DEFAULT_MAX_WAITING, EngineBusy, TokenStream
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_ROWS = 32
-DEFAULT_MAX_WAITING = 64
 
 
 class RowBatch(Protocol):

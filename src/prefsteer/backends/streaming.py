@@ -28,6 +28,9 @@ from typing import Callable, Iterator, Sequence
 from prefsteer.errors import PrefsteerError
 
 FINISH_REASONS = ("stop", "length", "cancelled")
+# an engine's admission bounds unless told otherwise (`serve --max-batch-rows/--max-waiting`)
+DEFAULT_MAX_ROWS = 32
+DEFAULT_MAX_WAITING = 64
 
 
 class EngineBusy(PrefsteerError):

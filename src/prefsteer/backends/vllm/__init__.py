@@ -11,9 +11,18 @@ classifier heads are shared between the two.
     ...     backend = load_backend("vllm", model="meta-llama/Llama-3.1-8B-Instruct", dtype="bfloat16")
 
 What it does and how
+* One engine loop (`loop.EngineLoop`): a thread of the caller's process is the only user of vLLM's
+  ``LLMEngine`` (``LLM.generate`` is never called: it would step the loop's requests and take their
+  outputs). Callers, on any thread, hand it requests; between two engine steps it adds the new ones
+  (they join the requests already decoding: vLLM's continuous batching sees every caller's requests
+  at once), aborts the cancelled ones, steps the engine while it has unfinished requests, and routes
+  each output to its request by id. ``generate`` and ``score`` submit all their requests and wait
+  for their final outputs; ``stream`` gets each step's new tokens. A failing step fails the requests
+  in the engine, with its error; the loop goes on. `VLLMBackend.engine_stats` gives its counters
+  (``peak_running``: the most requests in the engine at one step).
 * ``score``: teacher forcing through ``SamplingParams(max_tokens=1, prompt_logprobs=0)`` on token-id
   prompts (context + continuation, tokenized here exactly as the hf backend does); all requests of a
-  call go to the engine as one batch, which vLLM schedules continuously. Identical requests are
+  call go to the engine loop together, and vLLM schedules them continuously. Identical requests are
   scored once. By default vLLM does not read its prefix cache for a request that asks for prompt
   log-probabilities (``skip_reading_prefix_cache``); ``read_prefix_cache=True`` (the default here,
   see ``benchmarks/vllm_scoring.py`` for the measurement) lets the many attribute variants of one
@@ -27,6 +36,16 @@ What it does and how
   as in the hf backend. ``seed`` seeds row i with ``seed + i`` (vLLM seeds per request; one seed for
   all rows would give rows of the same prompt the same sample), so sampled text is reproducible but
   not the hf backend's sample.
+* ``stream`` (`base.Backend.stream`): one context as a request of its own (``output_kind`` DELTA),
+  each step's new token ids pushed to its `TokenStream` (end-of-turn tokens left out), the same
+  sampling settings, ``max_tokens`` and guides as ``generate`` (CLIPer's guide, or Drift's
+  `DriftGuide` with one row: the request's ``extra_args`` are those of ``generate``'s row), so a
+  greedy stream gives ``generate``'s tokens. Cancelling aborts the request at the loop's next step
+  (its place in vLLM's batch is free), then the stream ends "cancelled". Admission: at most
+  ``max_rows`` streamed requests in the engine, ``max_waiting`` more waiting in the loop, `EngineBusy`
+  past that (``set_stream_limits``, or the constructor's ``max_batch_rows``/``max_waiting``;
+  ``max_batch_rows`` is also vLLM's ``max_num_seqs``, the engine being built in the constructor).
+  By default ``max_rows`` is vLLM's ``max_num_seqs``; ``generate`` and ``score`` are not counted.
 * ``token_embeddings``: read from the checkpoint on the driver (vLLM's weights live in its worker).
 * ``guide`` and ``guide_branches``: CLIPer's guided decoding and Drift's mixture of attribute
   branches, through a logits processor in vLLM's engine (below).
@@ -104,5 +123,6 @@ node's memory vLLM reserves, 0.4 by default here, and ``VLLM_CPU_KVCACHE_SPACE``
 """
 
 from prefsteer.backends.vllm.backend import VLLMBackend, hf_fingerprint, resolve_checkpoint, vllm_safe_dir
+from prefsteer.backends.vllm.loop import EngineLoop
 
-__all__ = ["VLLMBackend", "hf_fingerprint", "resolve_checkpoint", "vllm_safe_dir"]
+__all__ = ["EngineLoop", "VLLMBackend", "hf_fingerprint", "resolve_checkpoint", "vllm_safe_dir"]

@@ -3,6 +3,12 @@
 The design, its costs and what is and is not supported: the package's docstring
 (`prefsteer.backends.vllm`). The checkpoint helpers (`vllm_safe_dir`, `hf_fingerprint`,
 `resolve_checkpoint`) are here too.
+
+The constructor builds vLLM's engine and starts its engine loop (`loop.EngineLoop`, one thread that
+alone adds requests to ``self.llm.llm_engine``, steps it and routes its outputs): ``score``'s
+prompt-log-probability requests and ``generate``'s contexts go to it as blocking batches
+(`EngineLoop.run`, final outputs), ``stream``'s request as a streamed one (`EngineLoop.submit_stream`,
+DELTA outputs pushed to a `TokenStream`), so requests of concurrent callers are decoded together.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from typing import Any, Sequence
 from prefsteer.backends.base import (Generation, GenerationConfig, Guide, Messages, Score, ScoreRequest,
                                      UnsupportedOperation)
 from prefsteer.backends.guides import kind_of
+from prefsteer.backends.streaming import DEFAULT_MAX_WAITING, TokenStream
 from prefsteer.backends.tokenization import ChatTokenization, end_of_turn_ids
+from prefsteer.backends.vllm.loop import EngineLoop
 from prefsteer.backends.vllm.side import GUIDE_KEY
 from prefsteer.errors import InputError
 
@@ -176,13 +184,15 @@ def _in_spawned_bootstrap() -> bool:
 
 class VLLMBackend(ChatTokenization):
     name = "vllm"
-    capabilities = frozenset({"score", "generate", "token_embeddings"})  # plus "guide" with ``guidance``
+    # plus "guide" and "guide_branches" with ``guidance``, the companion's operations with ``companion``
+    capabilities = frozenset({"score", "generate", "stream", "token_embeddings"})
 
     def __init__(self, model: str | None = None, dtype: Any = None, cache_dir: str | None = None,
                  gpu_memory_utilization: float | None = None, kv_cache_gib: float | None = None,
                  max_model_len: int | None = None, enforce_eager: bool | None = None,
                  read_prefix_cache: bool = True, seed: int = 0, engine_kwargs: dict | None = None,
-                 guidance: bool = True, side_model: str | None = None, companion: bool = True, **_: Any):
+                 guidance: bool = True, side_model: str | None = None, companion: bool = True,
+                 max_batch_rows: int | None = None, max_waiting: int | None = None, **_: Any):
         if _in_spawned_bootstrap():
             raise RuntimeError("the vLLM backend was built while a spawned process imported its parent's main "
                                "module: build it under `if __name__ == \"__main__\":` (vLLM starts its engine "
@@ -215,6 +225,8 @@ class VLLMBackend(ChatTokenization):
                 kw["enforce_eager"] = enforce_eager
         if max_model_len:
             kw["max_model_len"] = max_model_len
+        if max_batch_rows:  # the streamed requests decoded at once bound vLLM's batch
+            kw["max_num_seqs"] = int(max_batch_rows)
         # guided decoding (CLIPer): a V1-interface logits processor holding the side model; the V1
         # model runner is the one that takes it (the package docstring)
         if guidance and os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").lower() in ("0", "false"):
@@ -252,7 +264,11 @@ class VLLMBackend(ChatTokenization):
         self._companion = None
         self._companion_lock = threading.Lock()
         self._init_tokenization()
-        self._engine_lock = threading.Lock()  # LLM.generate is not re-entrant
+        # every use of vLLM's engine goes through this thread (loop.py): nothing calls LLM.generate
+        self.engine_rows = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
+        self.engine_loop = EngineLoop(self.llm.llm_engine, self._render, eos_ids=sorted(self.eos_ids),
+                                      max_rows=max_batch_rows or self.engine_rows,
+                                      max_waiting=DEFAULT_MAX_WAITING if max_waiting is None else max_waiting)
         self._fingerprint: str | None = None
         self.stats: dict[str, Any] = {}
         self.last_stats: dict[str, Any] = {}
@@ -307,14 +323,14 @@ class VLLMBackend(ChatTokenization):
         from the prefix cache (and so has no prompt log-probability)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         # detokenize=False: the prompt log-probabilities of cached positions are uninitialized memory
         # (token ids such as -1501617728), which vLLM's detokenizer would fail on
         sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
-                            skip_reading_prefix_cache=not read_cache)
+                            skip_reading_prefix_cache=not read_cache, output_kind=RequestOutputKind.FINAL_ONLY)
         prompts = [TokensPrompt(prompt_token_ids=ctx + cont) for ctx, cont in rows]
-        with self._engine_lock:
-            outs = self.llm.generate(prompts, sp, use_tqdm=False)
+        outs = self.engine_loop.run(prompts, [sp] * len(prompts))
         sums: list[float | None] = []
         for (ctx, cont), out in zip(rows, outs):
             pl = out.prompt_logprobs or []
@@ -366,31 +382,42 @@ class VLLMBackend(ChatTokenization):
                 out.append(Score(float(sums[unique[(tuple(ctx), tuple(cont))]]), len(cont)))
         return out
 
+    def _sampling_params(self, config: GenerationConfig, max_tokens: int, extra_args: dict | None,
+                         row: int, stream: bool = False):
+        """Row ``row``'s sampling settings: greedy unless ``config.do_sample`` (seeded ``seed + row``),
+        the end-of-turn tokens as stop tokens; a streamed request gets each step's new tokens (DELTA),
+        a blocking one its final output."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+        common = dict(max_tokens=max_tokens, stop_token_ids=sorted(self.eos_ids), skip_special_tokens=True,
+                      detokenize=False, extra_args=extra_args, output_kind=kind)
+        if config.do_sample:
+            return SamplingParams(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                                  seed=None if config.seed is None else config.seed + row, **common)
+        return SamplingParams(temperature=0.0, **common)
+
+    def _render(self, prompt: Any) -> Any:
+        """What ``LLMEngine.add_request`` takes for a token-id prompt, rendered as ``LLM.generate`` does
+        (on the engine loop's thread); the prompt itself where this vLLM has no such step."""
+        preprocess = getattr(self.llm, "_preprocess_cmpl_one", None)
+        return preprocess(prompt) if callable(preprocess) else prompt
+
     def generate(self, contexts: Sequence[Messages], config: GenerationConfig | None = None, *,
                  guide: Guide | None = None) -> list[Generation]:
-        """Decode each context (greedy unless ``config.do_sample``) in one engine batch. A row stops
-        at an end-of-turn token, which is not part of the returned text or ids."""
-        from vllm import SamplingParams
+        """Decode each context (greedy unless ``config.do_sample``); all of them go to the engine loop
+        together and are decoded with whatever else it runs. A row stops at an end-of-turn token, which
+        is not part of the returned text or ids."""
         from vllm.inputs import TokensPrompt
 
         config = config or GenerationConfig()
         extras = self._guide_args(guide, len(contexts))
         encoded = self._encode_contexts(contexts)
         max_tokens = [min(config.max_new_tokens, self.max_context - len(ids)) for ids in encoded]
-        params = []
-        for i, mt in enumerate(max_tokens):
-            common = dict(max_tokens=mt, stop_token_ids=sorted(self.eos_ids), skip_special_tokens=True,
-                          detokenize=False, extra_args=extras[i])
-            if config.do_sample:
-                params.append(SamplingParams(temperature=config.temperature, top_k=config.top_k,
-                                             top_p=config.top_p,
-                                             seed=None if config.seed is None else config.seed + i, **common))
-            else:
-                params.append(SamplingParams(temperature=0.0, **common))
+        params = [self._sampling_params(config, mt, extras[i], i) for i, mt in enumerate(max_tokens)]
         start = time.perf_counter()
-        with self._engine_lock:
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params,
-                                     use_tqdm=False)
+        outs = self.engine_loop.run([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params)
         secs = time.perf_counter() - start
         gens = []
         for out in outs:
@@ -399,6 +426,43 @@ class VLLMBackend(ChatTokenization):
                 ids.pop()
             gens.append(Generation(self.decode_tokens(ids), ids, secs))
         return gens
+
+    def stream(self, context: Messages, config: GenerationConfig | None = None, *,
+               guide: Any = None) -> TokenStream:
+        """Decode ``context`` among every other request of the engine loop; its new token ids arrive
+        on the returned stream as vLLM decodes them (end-of-turn tokens left out). ``guide``: None,
+        CLIPer's guide (anything with ``describe``) or a `DriftGuide` of one row, as in `generate`.
+        `EngineBusy` when ``max_rows + max_waiting`` streamed requests are held (`set_stream_limits`)."""
+        from vllm.inputs import TokensPrompt
+
+        from prefsteer.backends.guides.drift import DriftGuide
+
+        config = config or GenerationConfig()
+        if isinstance(guide, DriftGuide) and len(guide.rows) != 1:
+            raise ValueError(f"a streamed request takes a Drift guide of one row, not {len(guide.rows)}")
+        extra = self._guide_args(guide, 1)[0]
+        ids = self.encode_context(context)
+        max_tokens = min(config.max_new_tokens, self.max_context - len(ids))
+        if max_tokens < 1:
+            raise ValueError(f"the context ({len(ids)} tokens) leaves no room to generate in the model's "
+                             f"{self.max_context} tokens")
+        params = self._sampling_params(config, max_tokens, extra, 0, stream=True)
+        return self.engine_loop.submit_stream(TokensPrompt(prompt_token_ids=ids), params)
+
+    def set_stream_limits(self, max_rows: int | None = None, max_waiting: int | None = None) -> None:
+        """Bound the streamed requests vLLM decodes at once (``max_rows``) and those waiting in the
+        engine loop for a place (``max_waiting``); past both, `stream` raises `EngineBusy`. The engine
+        is built by the constructor, where ``max_batch_rows`` also becomes vLLM's ``max_num_seqs``;
+        here the loop enforces the bound (vLLM never runs more than its ``max_num_seqs`` anyway)."""
+        self.engine_loop.set_limits(max_rows, max_waiting)
+        if max_rows is not None and int(max_rows) > self.engine_rows:
+            log.info("vLLM decodes at most %d requests at once (its max_num_seqs), fewer than max_rows=%d: "
+                     "build the backend with max_batch_rows=%d to raise it", self.engine_rows, max_rows, max_rows)
+
+    def engine_stats(self) -> dict[str, Any]:
+        """The engine loop's counters: requests in the engine, streams waiting, steps, the most
+        requests in the engine at one step (``peak_running``)."""
+        return {**self.engine_loop.stats(), "engine_rows": self.engine_rows}
 
     # -- guided decoding ---------------------------------------------------------------------
     def _guide_args(self, guide: Any, n: int) -> list[dict | None]:
