@@ -43,8 +43,9 @@ class Context:
         if self.args.backend == "hf":
             return {"model": self.args.model, "threads": self.args.threads, "dtype": self.args.dtype,
                     "matmul_precision": self.args.matmul_precision}
-        if self.args.backend == "vllm":
-            return {"model": self.args.model, "dtype": self.args.dtype}
+        if self.args.backend == "vllm":  # serve's --max-batch-rows is vLLM's batch size (max_num_seqs) too
+            rows = getattr(self.args, "max_batch_rows", None)
+            return {"model": self.args.model, "dtype": self.args.dtype, **({"max_batch_rows": rows} if rows else {})}
         return {}
 
     @property
