@@ -123,7 +123,9 @@ def create_app(settings: Settings) -> FastAPI:
                 eng.worker.stop()  # SIGTERM: the current pair finishes, its job is checkpointed
             eng.close()
 
-    app = FastAPI(title="prefsteer", version="0.1.0", lifespan=lifespan,
+    # /docs: routes/web.py serves Swagger UI from installed files (FastAPI's loads it from a CDN);
+    # ReDoc would need a CDN too, so there is no /redoc
+    app = FastAPI(title="prefsteer", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible chat, personalized per user from their preference feedback.")
     install(app)
     for r in (meta.router, chat.router, users.router, web.router):

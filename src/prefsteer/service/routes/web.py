@@ -1,6 +1,8 @@
-"""GET /: a page to try the service by hand. A person types a prompt, gets two answers in random
-order (the personalized one and a sampled plain one), clicks the one they prefer, and watches the
-profile update: the attributes selected, with their gains as a small bar chart.
+"""Pages for people. GET /: a page to try the service by hand. A person types a prompt, watches two
+answers stream in, in random order (the personalized one and a sampled plain one), clicks the one
+they prefer, and watches the profile update: the attributes selected, with their gains as a small
+bar chart. GET /docs: Swagger UI, its files served from the `fastapi-swagger` package, so it
+works without a network.
 
 Server-rendered HTML with a little inline script that calls the same /v1 API as any client; no
 build step, no external files. With keys required, the page asks for one (kept in the browser's
@@ -10,15 +12,23 @@ localStorage only).
 from __future__ import annotations
 
 import html
+import json
+from importlib import resources
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 
 from prefsteer.service.auth import engine
+from prefsteer.service.errors import ApiError
 
 router = APIRouter()
 
-PAGE = """<!doctype html>
+# Swagger UI's files, as the `fastapi-swagger` package ships them (FastAPI's own /docs loads them
+# from a CDN, which leaves the page blank without a network)
+DOCS_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
+
+PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>prefsteer</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
@@ -38,17 +48,19 @@ PAGE = """<!doctype html>
  .answer{border:1px solid var(--line);border-radius:8px;padding:.8rem 1rem;display:flex;flex-direction:column}
  .answer h3{margin:0 0 .3rem;font-size:.85em;color:var(--muted);font-weight:600;text-transform:uppercase;letter-spacing:.04em}
  .answer p{white-space:pre-wrap;flex:1;margin:0 0 .8rem}
- #status{min-height:1.4rem}
- .summary{display:grid;grid-template-columns:max-content 1fr;gap:.25rem .8rem;align-items:center;margin:.4rem 0 1rem}
+ #status{min-height:1.4rem} #picked{font-weight:600}
+ .summary{display:grid;grid-template-columns:max-content 1fr 4.5rem;gap:.25rem .8rem;align-items:center;margin:.4rem 0 1rem}
  .track{background:var(--bg2);border-radius:3px;height:.8rem;position:relative}
- .bar{display:block;height:.8rem;border-radius:3px;background:var(--pos)} .bar.neg{background:var(--neg)}
+ .bar{display:block;height:.8rem;border-radius:3px;background:var(--pos)}
+ .bar.neg{background:repeating-linear-gradient(135deg,var(--neg) 0 3px,transparent 3px 6px);box-shadow:inset 0 0 0 1px var(--neg)}
+ .gain{text-align:right;font-variant-numeric:tabular-nums;color:var(--muted)}
  .entry{border:1px solid var(--line);border-radius:8px;padding:.6rem .9rem;margin:.6rem 0}
  .entry .prompt{font-weight:600;margin-bottom:.3rem}
  .attr{display:grid;grid-template-columns:10rem 1fr 4.5rem;gap:.6rem;align-items:center;font-size:.92em}
- .attr .gain{text-align:right;font-variant-numeric:tabular-nums;color:var(--muted)}
  @media (max-width:40rem){.pair{grid-template-columns:1fr}}
 </style></head><body>
-<header><h1>prefsteer</h1><span class="muted">personalized answers from your preferences &middot; serving <code>__MODEL__</code></span></header>
+<header><h1>prefsteer</h1><span class="muted">personalized answers from your preferences &middot; serving <code>__MODEL__</code>
+ &middot; <a href="docs">API docs</a></span></header>
 <div class="row">
  <label>User id<input id="user" value="me" size="18"></label>
  <label __KEYSTYLE__>API key<input id="key" type="password" size="34" placeholder="ps-..."></label>
@@ -57,106 +69,191 @@ PAGE = """<!doctype html>
 <div class="actions"><button id="ask" class="primary">Get two answers</button>
  <span class="muted">one is personalized for you, one is plain; click the one you prefer</span></div>
 <div class="pair" id="pair" hidden>
- <div class="answer"><h3>Answer 1</h3><p id="a0"></p><button id="pick0">I prefer answer 1</button></div>
- <div class="answer"><h3>Answer 2</h3><p id="a1"></p><button id="pick1">I prefer answer 2</button></div>
+ <div class="answer"><h3>Answer 1</h3><p id="a0"></p><button id="pick0" disabled>I prefer answer 1</button></div>
+ <div class="answer"><h3>Answer 2</h3><p id="a1"></p><button id="pick1" disabled>I prefer answer 2</button></div>
 </div>
 <div id="status" class="muted"></div>
+<div><span id="picked"></span> <span id="job" class="muted"></span></div>
+<div id="tally" class="muted" hidden></div>
 <h2>Your profile</h2>
 <div id="profile" class="muted">no feedback yet</div>
+<div class="actions"><button id="forget" disabled>Delete my data</button>
+ <span class="muted">removes your feedback and everything learned from it</span></div>
 <script>
 const $ = id => document.getElementById(id);
-const MODEL = __MODEL_JSON__;
+const MODEL = __MODEL_JSON__, AUTH = __AUTH_JSON__;
 $("key").value = localStorage.getItem("prefsteer-key") || "";
 $("user").value = localStorage.getItem("prefsteer-user") || $("user").value;
-let shown = null;
+let shown = null;  // the pair on screen, until it is picked
+let tally = {personalized: 0, plain: 0, before: 0};  // this session's picks
 function headers() {
   localStorage.setItem("prefsteer-key", $("key").value); localStorage.setItem("prefsteer-user", $("user").value);
   const h = {"Content-Type": "application/json"};
   if ($("key").value) h["Authorization"] = "Bearer " + $("key").value;
   return h;
 }
+// an answer other than 2xx as an Error, in the person's terms where the server's are an operator's
+async function failure(r) {
+  const data = await r.json().catch(() => ({}));
+  const message = r.status !== 401 ? (data.error && data.error.message) || "HTTP " + r.status :
+    $("key").value.trim() ? "this API key was not accepted: check that it is the one you were given"
+                          : "enter the API key you were given";
+  const e = new Error(message); e.status = r.status; return e;
+}
 async function api(method, path, body) {
   const r = await fetch(path, {method, headers: headers(), body: body ? JSON.stringify(body) : undefined});
-  const data = await r.json().catch(() => ({}));
-  if (!r.ok) { const e = new Error((data.error && data.error.message) || r.status); e.status = r.status; throw e; }
-  return data;
+  if (!r.ok) throw await failure(r);
+  return r.json();
 }
-function chat(extra) {
-  return api("POST", "/v1/chat/completions", Object.assign({model: MODEL, max_tokens: 80,
-    messages: [{role: "user", content: $("prompt").value}]}, extra));
+// OpenAI's server-sent events: `data: {chunk}` lines, `data: [DONE]` last. A read can end anywhere,
+// inside a line or a UTF-8 character: the unfinished tail waits for the next read.
+async function readEvents(body, onPiece) {
+  const reader = body.getReader(), utf8 = new TextDecoder();
+  let buf = "", text = "", info = null;
+  for (;;) {
+    const {value, done} = await reader.read();
+    buf += done ? utf8.decode() : utf8.decode(value, {stream: true});
+    const lines = buf.split("\n");
+    buf = lines.pop();
+    for (const line of lines) {
+      if (!line.startsWith("data:")) continue;
+      const data = line.slice(5).trim();
+      if (data === "[DONE]") return {text, info};
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.prefsteer) info = chunk.prefsteer;
+      const piece = chunk.choices.length ? chunk.choices[0].delta.content : "";
+      if (piece) { text += piece; onPiece(piece); }
+    }
+    if (done) throw new Error("the answer was cut off");
+  }
+}
+async function streamChat(prompt, extra, onPiece, signal) {
+  const body = Object.assign({model: MODEL, max_tokens: 80, stream: true, messages: [{role: "user", content: prompt}]}, extra);
+  const r = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(body), signal});
+  if (!r.ok) throw await failure(r);
+  return readEvents(r.body, onPiece);
 }
 function el(tag, cls, text) { const e = document.createElement(tag); if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e; }
+function setPicks(on) { $("pick0").disabled = $("pick1").disabled = !on; }
 $("ask").onclick = async () => {
-  $("status").textContent = "generating..."; $("pair").hidden = true; $("ask").disabled = true;
+  const prompt = $("prompt").value;
+  if (!prompt.trim()) { $("status").textContent = "type a prompt first"; $("prompt").focus(); return; }
+  const user = $("user").value, ctl = new AbortController();
+  // the personalized answer goes to a random side, so that a side tells nothing
+  const flip = Math.random() < 0.5, boxes = flip ? [$("a1"), $("a0")] : [$("a0"), $("a1")];
+  shown = null; setPicks(false); $("ask").disabled = true;
+  boxes.forEach(b => { b.textContent = ""; }); $("pair").hidden = false; $("status").textContent = "generating...";
+  const into = box => piece => box.append(piece);  // each piece as it arrives
   try {
-    const user = $("user").value;
-    const [mine, plain] = await Promise.all([chat({user}),
-      chat({user, prefsteer: {method: "none"}, temperature: 1.0, seed: Math.floor(Math.random() * 1e9)})]);
-    const answers = [{kind: mine.prefsteer.method === "none" ? "plain (no profile yet)" : "personalized (" + mine.prefsteer.method + ")",
-                      text: mine.choices[0].message.content},
-                     {kind: "plain, sampled", text: plain.choices[0].message.content}];
-    if (Math.random() < 0.5) answers.reverse();
-    shown = {prompt: $("prompt").value, answers};
-    answers.forEach((a, i) => { $("a" + i).textContent = a.text; });
-    $("pair").hidden = false; $("status").textContent = "";
-  } catch (e) { $("status").textContent = "error: " + e.message; }
+    const [mine, plain] = await Promise.all([streamChat(prompt, {user}, into(boxes[0]), ctl.signal),
+      streamChat(prompt, {user, prefsteer: {method: "none"}, temperature: 1.0, seed: Math.floor(Math.random() * 1e9)},
+                 into(boxes[1]), ctl.signal)]);
+    const method = (mine.info || {}).method, personalized = method !== "none";
+    const answers = [{kind: personalized ? "personalized (" + method + ")" : "plain (no profile yet)", text: mine.text, personalized},
+                     {kind: "plain, sampled", text: plain.text, personalized: false}];
+    if (flip) answers.reverse();
+    shown = {user, prompt, answers, contest: personalized};
+    setPicks(true); $("status").textContent = "";
+  } catch (e) { ctl.abort(); $("pair").hidden = true; $("status").textContent = "error: " + e.message; }
   $("ask").disabled = false;
 };
+function showTally() {
+  const t = tally;
+  $("tally").hidden = !(t.personalized + t.plain + t.before);
+  $("tally").textContent = "your picks this session: personalized " + t.personalized + " \u00b7 plain " + t.plain +
+    (t.before ? " (and " + t.before + " before you had a profile, when both answers were plain)" : "");
+}
 async function pick(i) {
   if (!shown) return;
-  const chosen = shown.answers[i], rejected = shown.answers[1 - i];
+  const s = shown, chosen = s.answers[i], rejected = s.answers[1 - i];
   if (chosen.text.trim() === rejected.text.trim()) { $("status").textContent = "the two answers are the same: ask again"; return; }
+  shown = null; setPicks(false);  // one submit per pick: a second click finds nothing to send
+  let job;
   try {
-    const user = $("user").value;
-    const job = await api("POST", "/v1/users/" + encodeURIComponent(user) + "/feedback",
-      {pairs: [{prompt: shown.prompt, chosen: chosen.text, rejected: rejected.text}]});
-    $("status").textContent = "you preferred the " + chosen.kind + " answer; indexing...";
-    shown = null; $("pair").hidden = true;
+    job = await api("POST", "/v1/users/" + encodeURIComponent(s.user) + "/feedback",
+      {pairs: [{prompt: s.prompt, chosen: chosen.text, rejected: rejected.text}]});
+  } catch (e) { shown = s; setPicks(true); $("status").textContent = "error: " + e.message; return; }
+  $("pair").hidden = true; $("status").textContent = "";
+  tally[!s.contest ? "before" : chosen.personalized ? "personalized" : "plain"]++; showTally();
+  $("picked").textContent = "you preferred the " + chosen.kind + " answer";
+  $("job").textContent = "\u00b7 learning from it...";
+  try {
     for (let n = 0; n < 600; n++) {
       const j = await api("GET", "/v1/jobs/" + job.job_id);
       if (j.status === "done" || j.status === "failed") {
-        $("status").textContent = "feedback " + j.status + (j.error ? ": " + j.error : ""); break; }
+        $("job").textContent = j.status === "done" ? "\u00b7 feedback learned" : "\u00b7 feedback failed: " + j.error; break; }
       await new Promise(r => setTimeout(r, 500));
     }
     await loadProfile();
-  } catch (e) { $("status").textContent = "error: " + e.message; }
+  } catch (e) { $("job").textContent = "\u00b7 error: " + e.message; }
 }
 $("pick0").onclick = () => pick(0); $("pick1").onclick = () => pick(1);
+const signed = g => (g >= 0 ? "+" : "") + g.toFixed(3);
 function barRow(parent, name, gain, top) {
   const row = el("div", "attr"); row.appendChild(el("span", "name", name));
   const track = el("span", "track"), bar = el("span", "bar" + (gain < 0 ? " neg" : ""));
   bar.style.width = (100 * Math.abs(gain) / top).toFixed(1) + "%"; track.appendChild(bar); row.appendChild(track);
-  row.appendChild(el("span", "gain", (gain >= 0 ? "+" : "") + gain.toFixed(3))); parent.appendChild(row);
+  row.appendChild(el("span", "gain", signed(gain))); parent.appendChild(row);
 }
+// one group of the summary: a label, then name, bar and summed gain per attribute
+function summary(box, cls, label, names, total, top) {
+  if (!names.length) return;
+  box.appendChild(el("div", "muted", label));
+  const sum = el("div", "summary " + cls);
+  for (const n of names) {
+    sum.appendChild(el("span", "name", n));
+    const track = el("span", "track"), bar = el("span", "bar" + (total[n] < 0 ? " neg" : ""));
+    bar.style.width = (100 * Math.abs(total[n]) / top).toFixed(1) + "%"; track.appendChild(bar); sum.appendChild(track);
+    sum.appendChild(el("span", "gain", signed(total[n])));
+  }
+  box.appendChild(sum);
+}
+let profileLoads = 0;
 async function loadProfile() {
   let p;
-  const box = $("profile");
+  const box = $("profile"), load = ++profileLoads;
+  // the delete button is turned off only once there is nothing to delete: a click on it can be what
+  // blurs the user field, whose change reloads the profile
+  const none = text => { box.className = "muted"; box.textContent = text; $("forget").disabled = true; };
+  if (AUTH && !$("key").value.trim()) return none("enter the API key you were given to see your profile");
   try { p = await api("GET", "/v1/users/" + encodeURIComponent($("user").value) + "/profile"); }
-  catch (e) { box.className = "muted"; box.textContent = e.status === 404 ? "no feedback yet" : "error: " + e.message; return; }
-  box.textContent = ""; box.className = "";
+  catch (e) { p = e; }
+  if (load !== profileLoads) return;  // a later load (of another user or key) answers instead
+  if (p instanceof Error) return none(p.status === 404 ? "no feedback yet" : p.status === 401 ? p.message : "error: " + p.message);
+  box.textContent = ""; box.className = ""; $("forget").disabled = false;
   box.appendChild(el("p", "muted", p.pairs + " preference pair" + (p.pairs === 1 ? "" : "s") + ", " + p.entries.length +
     " memory entr" + (p.entries.length === 1 ? "y" : "ies") + (p.pending_jobs.length ? ", " + p.pending_jobs.length + " being indexed" : "")));
-  // the attributes across entries: how often selected, and their summed gain (the evidence)
+  // the attributes across entries and their summed gain (the evidence); a negative sum is evidence
+  // against the attribute, so it is shown apart, never as a preference
   const total = {};
   for (const e of p.entries) e.attributes.forEach((a, k) => { total[a] = (total[a] || 0) + e.gains[k]; });
-  const names = Object.keys(total).sort((a, b) => total[b] - total[a]);
-  if (names.length) {
-    box.appendChild(el("div", "muted", "attributes selected for you, by summed gain (nats)"));
-    const sum = el("div", "summary"), top = Math.max(1e-9, ...names.map(n => Math.abs(total[n])));
-    for (const n of names) {
-      sum.appendChild(el("span", "", n)); const track = el("span", "track"), bar = el("span", "bar" + (total[n] < 0 ? " neg" : ""));
-      bar.style.width = (100 * Math.abs(total[n]) / top).toFixed(1) + "%"; track.appendChild(bar); sum.appendChild(track);
-    }
-    box.appendChild(sum);
-  }
-  const top = Math.max(1e-9, ...p.entries.flatMap(e => e.gains.map(Math.abs)));
+  const names = Object.keys(total), top = Math.max(1e-9, ...names.map(n => Math.abs(total[n])));
+  summary(box, "selected", "attributes selected for you, by summed gain (nats)",
+          names.filter(n => total[n] >= 0).sort((a, b) => total[b] - total[a]), total, top);
+  summary(box, "away", "steered away from: attributes with a negative summed gain (nats)",
+          names.filter(n => total[n] < 0).sort((a, b) => total[a] - total[b]), total, top);
+  const etop = Math.max(1e-9, ...p.entries.flatMap(e => e.gains.map(Math.abs)));
   for (const e of p.entries) {
     const div = el("div", "entry"); div.appendChild(el("div", "prompt", e.prompt));
-    e.attributes.forEach((a, k) => barRow(div, a, e.gains[k], top));
+    e.attributes.forEach((a, k) => barRow(div, a, e.gains[k], etop));
     box.appendChild(div);
   }
 }
-$("user").onchange = loadProfile;
+$("forget").onclick = async () => {
+  const user = $("user").value;
+  if (!confirm("Delete everything stored for user \u201c" + user + "\u201d: your preference pairs and all that " +
+               "was learned from them? This cannot be undone.")) return;
+  $("forget").disabled = true;
+  try {
+    const d = await api("DELETE", "/v1/users/" + encodeURIComponent(user));
+    const n = d.rows.pairs || 0;
+    $("status").textContent = "deleted your data: " + n + " preference pair" + (n === 1 ? "" : "s") + " and all that was learned from them";
+  } catch (e) { $("status").textContent = e.status === 404 ? "nothing is stored for " + user : "error: " + e.message; }
+  await loadProfile();
+};
+$("user").onchange = () => { tally = {personalized: 0, plain: 0, before: 0}; showTally(); loadProfile(); };
+$("key").onchange = loadProfile;
 loadProfile();
 </script></body></html>
 """
@@ -164,8 +261,24 @@ loadProfile();
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 def index(eng=Depends(engine)) -> str:
-    import json
-
     return (PAGE.replace("__MODEL__", html.escape(eng.model_id))
             .replace("__MODEL_JSON__", json.dumps(eng.model_id).replace("</", "<\\/"))
+            .replace("__AUTH_JSON__", json.dumps(bool(eng.settings.auth)))
             .replace("__KEYSTYLE__", "" if eng.settings.auth else 'title="not needed: this server runs without keys"'))
+
+
+@router.get("/docs", include_in_schema=False)
+def docs(request: Request) -> HTMLResponse:
+    # as FastAPI's own /docs, with the files from this server (behind a proxy: under its root_path)
+    root = request.scope.get("root_path", "").rstrip("/")
+    return get_swagger_ui_html(openapi_url=root + request.app.openapi_url, title=f"{request.app.title} - Swagger UI",
+                               swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+                               swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+                               swagger_favicon_url=f"{root}/docs/assets/favicon-32x32.png")
+
+
+@router.get("/docs/assets/{name}", include_in_schema=False)
+def docs_asset(name: str) -> FileResponse:
+    if name not in DOCS_ASSETS:
+        raise ApiError(404, f"no docs asset '{name}'", param="name", code="not_found")
+    return FileResponse(resources.files("fastapi_swagger.resources") / name)
