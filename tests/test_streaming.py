@@ -235,6 +235,18 @@ def test_the_service_streams_while_decoding_and_a_disconnect_frees_the_row(slow_
     assert r2.status_code == 200 and r2.json()["usage"]["completion_tokens"] <= 5
 
 
+def test_a_client_that_leaves_before_its_whole_answer_frees_the_row_too(slow_service):
+    base, backend = slow_service
+    body = {"model": "fake", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 200,
+            "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.5 s and closes the connection
+        httpx.post(base + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    deadline = time.monotonic() + 5
+    while backend.scheduler.stats()["rows"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert backend.scheduler.stats()["rows"] == 0 and backend.scheduler.steps < 100
+
+
 def test_past_the_admission_bound_the_service_answers_503_with_retry_after(slow_service):
     base, _ = slow_service
     body = {"model": "fake", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 150,

@@ -21,13 +21,14 @@ decoding. An engine with no room left is a 503 with ``Retry-After``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from prefsteer.backends.base import GenerationConfig, UnsupportedOperation
 from prefsteer.backends.streaming import EngineBusy
@@ -40,6 +41,7 @@ from prefsteer.service.schemas import (ChatCompletion, ChatCompletionRequest, Ch
 log = logging.getLogger("prefsteer.service")
 
 PLAIN = "none"  # the method that answers when no personalization applies
+DISCONNECT_POLL_S = 0.25  # how often a whole (non-streamed) answer checks that its client is still there
 
 
 @dataclass
@@ -275,8 +277,16 @@ class ChatServing:
             reply.stream.cancel()  # a no-op once the stream has ended
         return self._whole(reply, start)
 
-    async def gather(self, reply: Reply) -> Answer:
-        """The whole answer, read from the engine without holding a thread (the route's way)."""
+    async def gather(self, reply: Reply, disconnected: Callable[[], Awaitable[bool]] | None = None) -> Answer:
+        """The whole answer, read from the engine without holding a thread (the route's way); when
+        ``disconnected()`` turns true (the client went away) the decoding is cancelled."""
+
+        async def watch():
+            while not await disconnected():
+                await asyncio.sleep(DISCONNECT_POLL_S)
+            reply.stream.cancel()
+
+        watcher = asyncio.create_task(watch()) if disconnected is not None else None
         start = time.perf_counter()
         try:
             async for piece in reply.stream:
@@ -285,6 +295,8 @@ class ChatServing:
                     break
         finally:
             reply.stream.cancel()
+            if watcher is not None:
+                watcher.cancel()
         return self._whole(reply, start)
 
     def _whole(self, reply: Reply, start: float) -> Answer:

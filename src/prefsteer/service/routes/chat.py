@@ -9,7 +9,7 @@ it is decoded, streamed or gathered, holding no thread while it waits.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
@@ -29,7 +29,7 @@ _STREAM = {200: {"content": {"text/event-stream": {"schema": _EVENT}},
 
 @router.post("/chat/completions", response_model=ChatCompletion,
              responses={**_STREAM, **error_responses(400, 401, 404, 409, 413, 422, 503)})
-async def chat_completions(req: ChatCompletionRequest, tenant: Tenant = Depends(current_tenant),
+async def chat_completions(req: ChatCompletionRequest, request: Request, tenant: Tenant = Depends(current_tenant),
                            eng=Depends(engine)):
     if req.model != eng.model_id:
         raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{eng.model_id}` "
@@ -40,4 +40,4 @@ async def chat_completions(req: ChatCompletionRequest, tenant: Tenant = Depends(
         include = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(eng.serving.events(reply, include), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return eng.serving.completion(await eng.serving.gather(reply))
+    return eng.serving.completion(await eng.serving.gather(reply, request.is_disconnected))
