@@ -1,0 +1,261 @@
+"""Serving at speed: streamed answers from `prefsteer serve` with 1 to 32 concurrent clients.
+
+For each method (none, exact, cliper) and each number of concurrent clients, the clients each send
+one streamed chat request at the same moment (greedy, ``max_tokens`` 128, distinct prompts) and
+the run records, per request, the time to the first text chunk and the gaps between chunks, and
+over the run the tokens made per second (``usage.completion_tokens`` summed over the wall time).
+The 1-client row sends 4 requests one at a time: the figure the others are compared with (the same
+requests decoded one after another). Then, in a process of the engine's own, without HTTP:
+the time to the first token of 1, 4, 8, 32 requests handed to the engine at once (prefilling them
+together is what a burst of clients waits for), and the 32 clients' requests given to one blocking
+``Backend.generate`` call (the engine's own batch, for vLLM ``LLM``'s: the ceiling a server on it
+can approach). EXACT answers as the demo user (indexed first, on a
+six-attribute library with k=2, so the run fits on a CPU); CLIPer needs no user (``prefs``
+concise=1, the shipped head).
+
+    .venv/bin/python benchmarks/serving_speed.py                                  # hf, ~10 min on 2 cores
+    .venv/bin/python benchmarks/serving_speed.py --backend vllm --python .venv-vllm/bin/python
+    .venv/bin/python benchmarks/serving_speed.py --backend fake --embedder hash --clients 1 4   # a dry run
+
+Writes results/serving/<backend>.json and <backend>.md (the table and its conditions) and prints
+the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.test_service_helpers import free_port, start_process, stop_process, wait_http  # noqa: E402
+
+DEMO = REPO / "src" / "prefsteer" / "resources" / "demo_pairs.jsonl"
+TOPICS = ["a dragon who learns to cook", "planning a vegetable garden", "how a bicycle works", "a lighthouse keeper",
+          "the history of the printing press", "learning to play the violin", "a trip to the mountains",
+          "how bread rises", "a robot that paints", "saving money for a house", "the water cycle",
+          "training for a marathon", "a city under the sea", "how vaccines work", "starting a small bakery",
+          "a detective in Venice", "the life of a honeybee", "building a treehouse", "how airplanes fly",
+          "a friendship between a cat and a crow", "moving to a new country", "how volcanoes form",
+          "writing a first novel", "a lost map", "caring for houseplants", "how the internet works",
+          "an old clockmaker", "learning a new language", "a storm at sea", "how solar panels work",
+          "a school science fair", "the first day at a new job"]
+FORMS = ["Write a long story about {}.", "Explain in detail, step by step: {}.", "Tell me everything about {}."]
+
+
+def prompts(n: int) -> list[str]:
+    return [FORMS[i % len(FORMS)].format(TOPICS[i % len(TOPICS)]) for i in range(n)]
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def stream_one(base: str, model: str, prompt: str, extra: dict, max_tokens: int) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "prefsteer": extra}
+    t0 = time.perf_counter()
+    arrivals, n, text = [], 0, ""
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=1800) as r:
+        if r.status_code != 200:
+            r.read()
+            return {"error": f"{r.status_code}: {r.text[:300]}"}
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ch = json.loads(line[6:])
+            n = (ch.get("usage") or {}).get("completion_tokens") or n
+            d = (ch.get("choices") or [{}])[0].get("delta", {}).get("content") or ""
+            if d:
+                arrivals.append(time.perf_counter() - t0)
+                text += d
+    total = time.perf_counter() - t0
+    return {"ttft": arrivals[0] if arrivals else None, "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])],
+            "tokens": n, "seconds": total, "text": text}
+
+
+def run_level(base: str, model: str, extra: dict, clients: int, max_tokens: int) -> dict:
+    """``clients`` requests at once (1: four requests one after another)."""
+    ps = prompts(max(clients, 4))
+    results: list[dict] = []
+    t0 = time.perf_counter()
+    if clients == 1:
+        for p in ps[:4]:
+            results.append(stream_one(base, model, p, extra, max_tokens))
+    else:
+        lock = threading.Lock()
+
+        def go(p):
+            r = stream_one(base, model, p, extra, max_tokens)
+            with lock:
+                results.append(r)
+        threads = [threading.Thread(target=go, args=(p,)) for p in ps[:clients]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    wall = time.perf_counter() - t0
+    errors = [r["error"] for r in results if "error" in r]
+    ok = [r for r in results if "error" not in r]
+    tokens = sum(r["tokens"] for r in ok)
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    gaps = [g for r in ok for g in r["gaps"]]
+    return {"clients": clients, "requests": len(results), "errors": errors, "tokens": tokens, "wall_s": wall,
+            "tok_s": tokens / wall if wall else 0.0, "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
+            "itl_p50": pct(gaps, 0.5), "itl_p99": pct(gaps, 0.99)}
+
+
+def table(rows: list[dict]) -> list[str]:
+    ms = lambda x: "" if x is None else f"{1000 * x:.0f}"  # noqa: E731
+    num = lambda x, f: "" if x != x else format(x, f)  # noqa: E731  (NaN: not measured)
+    lines = ["| method | clients | tokens | wall s | tokens/s | x one at a time | TTFT p50 ms | TTFT p99 ms | "
+             "ITL p50 ms | ITL p99 ms | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['clients']} | {r['tokens']} | {r['wall_s']:.1f} | {num(r['tok_s'], '.1f')} | "
+                     f"{num(r['speedup'], '.2f')} | {ms(r['ttft_p50'])} | {ms(r['ttft_p99'])} | {ms(r['itl_p50'])} | "
+                     f"{ms(r['itl_p99'])} | {len(r['errors'])} |")
+    return lines
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--backend", default="hf", help="model backend of the server (default: hf, the embedded model)")
+    p.add_argument("--python", default=sys.executable,
+                   help="the interpreter that runs prefsteer's commands (vLLM: .venv-vllm/bin/python)")
+    p.add_argument("--embedder", default=None, help="prompt embedder (default: the CLI's)")
+    p.add_argument("--methods", nargs="+", default=["none", "exact", "cliper"])
+    p.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8, 32])
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-batch-rows", type=int, default=32, help="the server's --max-batch-rows")
+    p.add_argument("--out", default=str(REPO / "results" / "serving"))
+    p.add_argument("--offline-only", action="store_true",
+                   help="only the offline batch: print its JSON (what the main run starts in a subprocess)")
+    return p
+
+
+def offline(args: argparse.Namespace) -> list[dict]:
+    """In the engine's own process, without HTTP: for each client count, that many requests handed to
+    ``Backend.stream`` at once and the time to each one's first token (what prefilling them
+    together costs); then the largest count's requests in one blocking generate call (the engine's
+    own batch), last."""
+    from prefsteer.backends import load_backend
+    from prefsteer.backends.base import GenerationConfig, user_turn
+
+    backend = load_backend(args.backend)
+    backend.generate([user_turn("Say hello.")], GenerationConfig(max_new_tokens=8))  # warm-up
+    rows = []
+    for n in args.clients:
+        t0 = time.perf_counter()
+        streams = [backend.stream(user_turn(p), GenerationConfig(max_new_tokens=1)) for p in prompts(n)]
+        firsts = []
+        for s in streams:
+            s.wait()
+            firsts.append(time.perf_counter() - t0)
+        rows.append({"method": "none (engine, first token only)", "clients": n, "requests": n, "errors": [],
+                     "tokens": n, "wall_s": max(firsts), "tok_s": float("nan"), "ttft_p50": pct(firsts, 0.5),
+                     "ttft_p99": pct(firsts, 0.99), "itl_p50": None, "itl_p99": None})
+    n = max(args.clients)
+    t0 = time.perf_counter()
+    gens = backend.generate([user_turn(p) for p in prompts(n)], GenerationConfig(max_new_tokens=args.max_tokens))
+    wall = time.perf_counter() - t0
+    tokens = sum(len(g.token_ids) for g in gens)
+    rows.append({"method": "none (offline batch)", "clients": n, "requests": n, "errors": [], "tokens": tokens,
+                 "wall_s": wall, "tok_s": tokens / wall, "ttft_p50": None, "ttft_p99": None, "itl_p50": None,
+                 "itl_p99": None})
+    return rows
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.offline_only:
+        for row in offline(args):  # one JSON object per line, the offline batch last
+            print(json.dumps(row))
+        return 0
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="prefsteer-serving-"))
+    db, lib_file = tmp / "memory.db", tmp / "attributes.json"
+    from prefsteer.attributes import load_library
+
+    names = ["Concise", "Formal", "Humor", "Direct", "Vivid", "Easy"]
+    lib_file.write_text(json.dumps({"name": "serving", "attributes": [
+        {"name": a.name, "description": a.description} for a in load_library().attributes if a.name in names]}))
+    cli = [args.python, "-m", "prefsteer.cli"]
+    common = ["--backend", args.backend, "--db", str(db), "--attributes-file", str(lib_file),
+              *(["--embedder", args.embedder] if args.embedder else [])]
+    if "exact" in args.methods:
+        r = subprocess.run([*cli, "index", *common, "--method", "exact", "--k", "2", "--data", str(DEMO),
+                            "--user", "maya", "--json", "--quiet"], cwd=REPO, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"prefsteer index failed ({r.returncode}): {r.stderr[-2000:]}")
+    port, log = free_port(), tmp / "serve.log"
+    base = f"http://127.0.0.1:{port}"
+    proc = start_process([*cli, "serve", *common, "--k", "2", "--no-auth", "--host", "127.0.0.1", "--port", str(port),
+                          "--max-batch-rows", str(args.max_batch_rows), "--log-level", "warning"], log)
+    extras = {"none": {"method": "none"}, "exact": {"method": "exact", "user_id": "maya"},
+              "cliper": {"method": "cliper", "prefs": "concise=1"}}
+    rows = []
+    try:
+        wait_http(base, proc, log, timeout=900)
+        model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+        for m in args.methods:
+            stream_one(base, model, "Say hello.", extras[m], 8)  # warm-up (loads, first-call costs)
+            one = None
+            for c in args.clients:
+                row = {"method": m, **run_level(base, model, extras[m], c, args.max_tokens)}
+                one = one or (row["tok_s"] if c == 1 else None)
+                row["speedup"] = row["tok_s"] / one if one else float("nan")
+                rows.append(row)
+                print(table([row])[-1], file=sys.stderr, flush=True)
+    finally:
+        stop_process(proc)
+    if "none" in args.methods:  # the engine's own batch, with the server gone
+        r = subprocess.run([args.python, __file__, "--offline-only", "--backend", args.backend, "--clients",
+                            *map(str, args.clients), "--max-tokens", str(args.max_tokens)],
+                           cwd=REPO, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"the offline batch failed ({r.returncode}): {r.stderr[-2000:]}")
+        one = next(x["tok_s"] for x in rows if x["method"] == "none" and x["clients"] == 1)
+        for line in r.stdout.strip().splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                rows.append({**row, "speedup": row["tok_s"] / one})
+    cond = {"backend": args.backend, "model": model, "max_tokens": args.max_tokens, "greedy": True,
+            "max_batch_rows": args.max_batch_rows, "methods": args.methods, "clients": args.clients,
+            "machine": f"{os.cpu_count()} CPU cores ({platform.platform()}); load average {os.getloadavg()[0]:.1f} "
+                       "at the end", "date": time.strftime("%Y-%m-%d"),
+            "command": "python benchmarks/serving_speed.py " + " ".join(sys.argv[1:]),
+            "total_s": round(time.perf_counter() - started, 1)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.backend}.json").write_text(json.dumps({"conditions": cond, "rows": rows}, indent=2) + "\n")
+    md = [f"# Streamed serving, `--backend {args.backend}` ({model})", "", *table(rows), "",
+          "Each row: that many clients send one streamed request each at the same moment (distinct prompts, "
+          f"greedy, max_tokens {args.max_tokens}); the 1-client row sends 4 requests one after another, the "
+          "figure `x one at a time` divides by. tokens/s: `usage.completion_tokens` summed over the wall "
+          "time. TTFT: time to the first text chunk; ITL: the gap between text chunks (one token each, "
+          "except where a piece waits for the rest of a character).", "",
+          f"Conditions: {cond['machine']}; {cond['date']}; the whole run {cond['total_s'] / 60:.1f} min; "
+          f"`{cond['command'].strip()}`.", ""]
+    (out / f"{args.backend}.md").write_text("\n".join(md))
+    print("\n".join(table(rows)))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(make_parser().parse_args()))
