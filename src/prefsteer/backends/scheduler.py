@@ -27,8 +27,10 @@ batch is otherwise empty) and at most ``max_waiting`` requests wait for a place;
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
@@ -88,6 +90,17 @@ class _Request:
         return self.guide(hidden[:1], own, ids)
 
 
+# every scheduler with a running loop, stopped at exit: a daemon thread killed inside a torch
+# kernel at interpreter shutdown aborts the process ("terminate called without an active exception")
+_RUNNING: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for s in list(_RUNNING):
+        s.close()
+
+
 class Scheduler:
     """Decodes streamed requests of one backend together (see the module's docstring)."""
 
@@ -138,6 +151,7 @@ class Scheduler:
                 self._thread = threading.Thread(target=self._loop, name=f"prefsteer-{b.name}-scheduler",
                                                 daemon=True)
                 self._thread.start()
+                _RUNNING.add(self)
             self._cond.notify_all()
         return stream
 
