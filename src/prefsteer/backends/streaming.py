@@ -166,8 +166,10 @@ class TextDeltas:
         return piece
 
     def flush(self) -> str:
-        """What is left at the end (an unfinished character is decoded as it is)."""
+        """What is left at the end (an unfinished character is decoded as it is); ``text`` becomes
+        the whole decoded text (for a tokenizer whose decoding of more tokens rewrote earlier text,
+        the pieces handed out can fall short of it: the whole text is the answer)."""
         full = self._decode(self.ids)
         piece = full[len(self.text):] if full.startswith(self.text) else ""
-        self.text = self.text + piece
+        self.text = full
         return piece
