@@ -140,6 +140,10 @@ def test_admission_bounds_rows_and_waiting_requests():
         s.cancel()
     with pytest.raises(ValueError):
         Scheduler(b, lambda: None, max_rows=0)
+    with pytest.raises(ValueError):
+        b.set_stream_limits(max_rows=0)
+    b.set_stream_limits(max_rows=3, max_waiting=0)  # a running scheduler takes new bounds
+    assert b.scheduler.stats()["max_rows"] == 3 and b.scheduler.stats()["max_waiting"] == 0
 
 
 def test_an_engine_failure_reaches_every_request_and_the_engine_goes_on():

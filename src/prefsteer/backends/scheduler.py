@@ -155,6 +155,12 @@ class Scheduler:
             self._cond.notify_all()
         return stream
 
+    def set_limits(self, max_rows: int, max_waiting: int) -> None:
+        """New bounds, for the requests admitted from now on."""
+        with self._cond:
+            self.max_rows, self.max_waiting = max_rows, max_waiting
+            self._cond.notify_all()
+
     def stats(self) -> dict[str, int]:
         with self._cond:
             return {"rows": self._rows(), "requests": len(self._active), "waiting": len(self._waiting),
@@ -288,15 +294,16 @@ class ScheduledStreaming:
 
     def set_stream_limits(self, max_rows: int | None = None, max_waiting: int | None = None) -> None:
         """Bound the rows decoding at once and the requests waiting (the service's `--max-batch-rows`
-        and `--max-waiting`); only before the first streamed request."""
+        and `--max-waiting`); a running scheduler applies them to the requests that come next."""
+        rows = self.max_batch_rows if max_rows is None else int(max_rows)
+        waiting = self.max_waiting if max_waiting is None else int(max_waiting)
+        if rows < 1 or waiting < 0:
+            raise ValueError(f"`max_rows` (={rows}) has to be at least 1 and `max_waiting` (={waiting}) "
+                             "non-negative")
         with self._scheduler_guard:
+            self.max_batch_rows, self.max_waiting = rows, waiting
             if self._scheduler is not None:
-                raise RuntimeError("the stream limits are fixed once the first request is streamed")
-            if max_rows is not None:
-                self.max_batch_rows = int(max_rows)
-            if max_waiting is not None:
-                self.max_waiting = int(max_waiting)
-            Scheduler(self, self._row_batch, max_rows=self.max_batch_rows, max_waiting=self.max_waiting)  # checks
+                self._scheduler.set_limits(rows, waiting)
 
     @property
     def scheduler(self) -> Scheduler:
