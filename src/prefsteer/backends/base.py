@@ -223,6 +223,10 @@ class Backend(Protocol):
                guide: Any = None) -> "TokenStream":
         """Decode ``context`` among the engine's other requests; its tokens arrive on the stream."""
 
+    def set_stream_limits(self, max_rows: int | None = None, max_waiting: int | None = None) -> None:
+        """Bound the rows ``stream`` decodes at once and the requests waiting for a place (with
+        ``stream``; the service sets them from `serve --max-batch-rows/--max-waiting`)."""
+
     # -- tokenization ---------------------------------------------------------------------------
     def encode_context(self, messages: Messages) -> list[int]:
         """Token ids of the chat-templated context, ending with the assistant's turn header."""
