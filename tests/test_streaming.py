@@ -146,6 +146,15 @@ def test_admission_bounds_rows_and_waiting_requests():
     assert b.scheduler.stats()["max_rows"] == 3 and b.scheduler.stats()["max_waiting"] == 0
 
 
+def test_a_context_with_no_room_left_is_refused_naming_its_length():
+    from prefsteer.backends.streaming import ContextTooLong
+
+    b = FakeBackend(max_context=8)
+    with pytest.raises(ContextTooLong) as e:
+        b.stream(user_turn("one two three four five six seven eight nine"), GenerationConfig(max_new_tokens=4))
+    assert e.value.max_context == 8 and e.value.tokens > 8
+
+
 def test_an_engine_failure_reaches_every_request_and_the_engine_goes_on():
     b = FakeBackend()
     cfg = GenerationConfig(max_new_tokens=8)

@@ -40,7 +40,8 @@ import torch
 from prefsteer.backends.base import GenerationConfig, UnsupportedOperation
 from prefsteer.backends.guides.drift import DriftGuide
 from prefsteer.backends.sampling import sample_next, seeded_generator
-from prefsteer.backends.streaming import DEFAULT_MAX_ROWS, DEFAULT_MAX_WAITING, EngineBusy, TokenStream
+from prefsteer.backends.streaming import (DEFAULT_MAX_ROWS, DEFAULT_MAX_WAITING, ContextTooLong, EngineBusy,
+                                         TokenStream)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class Scheduler:
             prompts += ([row["plain_ids"]] if plain_row else []) + row["branch_ids"]
         steps = min(config.max_new_tokens, b.max_context - max(len(p) for p in prompts))
         if steps < 1:
-            raise ValueError(f"the context leaves no room to generate in the model's {b.max_context} tokens")
+            raise ContextTooLong(max(len(p) for p in prompts), b.max_context)
         stream = TokenStream(on_cancel=self._wake)
         req = _Request(stream, prompts, config, guide, plain_row, steps,
                        seeded_generator(config, self.device), list(prompt))

@@ -41,6 +41,15 @@ class EngineBusy(PrefsteerError):
         super().__init__(message)
 
 
+class ContextTooLong(PrefsteerError, ValueError):
+    """A request whose context (with what a method added to it) leaves no room to generate."""
+
+    def __init__(self, tokens: int, max_context: int):
+        self.tokens, self.max_context = tokens, max_context
+        super().__init__(f"the context takes {tokens} tokens, which leaves no room to generate in the "
+                         f"model's {max_context}")
+
+
 class TokenStream:
     """One request's tokens as the engine decodes them (end-of-turn tokens left out).
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from prefsteer.backends.base import GenerationConfig, UnsupportedOperation
-from prefsteer.backends.streaming import EngineBusy
+from prefsteer.backends.streaming import ContextTooLong, EngineBusy
 from prefsteer.errors import PrefsteerError
 from prefsteer.methods.base import AnswerStream, ConversationError, NotFittedError, UnknownOptionError
 from prefsteer.service.errors import ApiError, not_found_user
@@ -253,6 +253,9 @@ class ChatServing:
                     raise
                 method.fit(uid, self.engine.memory.pairs(uid))
                 return method.stream(uid, msgs, config)
+        except ContextTooLong as e:  # the method's additions (Base's history) made it too long
+            raise ApiError(413, f"method '{method.name}': {e}", param="messages",
+                           code="context_length_exceeded") from None
         except EngineBusy as e:
             raise ApiError(503, f"the server is busy: {e}; retry after {e.retry_after:g} s", code="overloaded",
                            headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None

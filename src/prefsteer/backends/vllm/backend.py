@@ -27,7 +27,7 @@ from typing import Any, Sequence
 from prefsteer.backends.base import (Generation, GenerationConfig, Guide, Messages, Score, ScoreRequest,
                                      UnsupportedOperation)
 from prefsteer.backends.guides import kind_of
-from prefsteer.backends.streaming import DEFAULT_MAX_WAITING, TokenStream
+from prefsteer.backends.streaming import DEFAULT_MAX_WAITING, ContextTooLong, TokenStream
 from prefsteer.backends.tokenization import ChatTokenization, end_of_turn_ids
 from prefsteer.backends.vllm.loop import EngineLoop
 from prefsteer.backends.vllm.side import GUIDE_KEY
@@ -444,8 +444,7 @@ class VLLMBackend(ChatTokenization):
         ids = self.encode_context(context)
         max_tokens = min(config.max_new_tokens, self.max_context - len(ids))
         if max_tokens < 1:
-            raise ValueError(f"the context ({len(ids)} tokens) leaves no room to generate in the model's "
-                             f"{self.max_context} tokens")
+            raise ContextTooLong(len(ids), self.max_context)
         params = self._sampling_params(config, max_tokens, extra, 0, stream=True)
         return self.engine_loop.submit_stream(TokensPrompt(prompt_token_ids=ids), params)
 
