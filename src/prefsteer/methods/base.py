@@ -263,12 +263,6 @@ class AnswerStream:
         if piece := self._pieces(None):
             yield piece
 
-    def text(self) -> str:
-        """Read to the end: the whole answer."""
-        for _ in self:
-            pass
-        return self.output.text
-
 
 class Method(ABC):
     name: str = ""

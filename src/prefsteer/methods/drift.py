@@ -261,9 +261,7 @@ class Drift(Method):
             lacking = next(b for b in backends if "start_decoding" not in b.capabilities)
             raise UnsupportedOperation(lacking.name, "start_decoding", "drift generation (or, on an engine "
                                        "in another process, `guide_branches`)")
-        active = active_branches(w.tolist(), self.config.threshold, self.config.top_m)
-        attrs = [self.library.attributes[i] for i in active]
-        weights = [float(w[i]) for i in active]
+        attrs, weights = self._mixture(w)
         start = time.perf_counter()
         if lock_step:
             texts = []
@@ -279,7 +277,6 @@ class Drift(Method):
                              {"weights": dict(zip([a.name for a in attrs], weights))}, conv)
                 for t, conv in zip(texts, convs)]
 
-
     def decodings(self, user_id: str | None, conversations: list[Messages],
                   config: GenerationConfig) -> list[Decoding] | None:
         """Each conversation with its branches as a `DriftGuide` of one row, for an engine that
@@ -287,22 +284,30 @@ class Drift(Method):
         model than the backend (`drift_backend`), which only lock-step decoding serves."""
         if self.drift_backend is not self.backend:
             return None
-        w = self._weights(user_id)
-        active = active_branches(w.tolist(), self.config.threshold, self.config.top_m)
-        attrs = [self.library.attributes[i] for i in active]
-        weights = [float(w[i]) for i in active]
+        attrs, weights = self._mixture(self._weights(user_id))
         names = [a.name for a in attrs]
-        plans = []
-        for conv in conversations:
-            guide = None
-            if attrs:
-                b = self.backend
-                plain_ids = b.encode_context(self.context(conv))
-                row = {"plain_ids": None if plain_ids == b.encode_context(conv) else plain_ids,
-                       "branch_ids": [b.encode_context(self.context(conv, a)) for a in attrs]}
-                guide = DriftGuide(weights, self.config.beta, b.fingerprint, [row])
-            plans.append(Decoding(list(conv), guide, names, extra={"weights": dict(zip(names, weights))}))
-        return plans
+        return [Decoding(list(conv), DriftGuide(weights, self.config.beta, self.backend.fingerprint,
+                                                [self._branch_row(conv, attrs)[0]]) if attrs else None,
+                         names, extra={"weights": dict(zip(names, weights))}) for conv in conversations]
+
+    def _mixture(self, w: np.ndarray) -> tuple[list[Attribute], list[float]]:
+        """The attributes that get a decoding branch, and their weights."""
+        active = active_branches(w.tolist(), self.config.threshold, self.config.top_m)
+        return [self.library.attributes[i] for i in active], [float(w[i]) for i in active]
+
+    def _branch_row(self, conv: Messages, attrs: list[Attribute]) -> tuple[dict, int]:
+        """The `DriftGuide` row of one conversation (its plain and attribute branches as token ids of
+        the drift backend; the plain one None when it is the request's own context) and the longest
+        of its contexts in tokens."""
+        b, small = self.backend, self.drift_backend
+        base_ids = b.encode_context(conv)
+        if small is not b and small.encode_context(conv) != base_ids:
+            raise OptionError("`drift_backend` has to share the backend's tokenizer for generation")
+        plain_ids = small.encode_context(self.context(conv))
+        branch_ids = [small.encode_context(self.context(conv, a)) for a in attrs]
+        shared = small is b and plain_ids == base_ids
+        longest = max(len(c) for c in [base_ids, plain_ids] + branch_ids)
+        return {"plain_ids": None if shared else plain_ids, "branch_ids": branch_ids}, longest
 
     def _generate_guided(self, convs: Sequence[Messages], attrs: list[Attribute], weights: list[float],
                          config: GenerationConfig) -> list[str]:
@@ -313,15 +318,9 @@ class Drift(Method):
             return [g.text for g in b.generate(list(convs), config)]
         rows, steps = [], []
         for conv in convs:
-            base_ids = b.encode_context(conv)
-            if small is not b and small.encode_context(conv) != base_ids:
-                raise OptionError("`drift_backend` has to share the backend's tokenizer for generation")
-            plain_ids = small.encode_context(self.context(conv))
-            branch_ids = [small.encode_context(self.context(conv, a)) for a in attrs]
-            shared = small is b and plain_ids == base_ids
-            rows.append({"plain_ids": None if shared else plain_ids, "branch_ids": branch_ids})
-            steps.append(min(config.max_new_tokens,
-                             b.max_context - max(len(c) for c in [base_ids, plain_ids] + branch_ids)))
+            row, longest = self._branch_row(conv, attrs)
+            rows.append(row)
+            steps.append(min(config.max_new_tokens, b.max_context - longest))
         texts: list[str | None] = [None] * len(convs)
         for n in sorted(set(steps)):  # one call per step limit (normally one call)
             idx = [i for i, s in enumerate(steps) if s == n]
