@@ -41,7 +41,7 @@ def main() -> None:
     from prefsteer.attributes import load_library
     from prefsteer.backends import GenerationConfig, load_backend
     from prefsteer.data.loaders import group_by_user, load_pairs
-    from prefsteer.memory import Memory
+    from prefsteer.storage import Memory
     from prefsteer.methods.registry import Resources, build
 
     backend = load_backend("hf", threads=args.threads or None)

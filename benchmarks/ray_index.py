@@ -44,10 +44,10 @@ def main(args: argparse.Namespace) -> int:
     from prefsteer.backends import load_backend
     from prefsteer.data import load_pairs
     from prefsteer.executors import RayExecutor
-    from prefsteer.memory import Memory, with_id
+    from prefsteer.storage import Memory
     from prefsteer.methods.exact import ExactConfig
     from prefsteer.methods.registry import Resources, build
-    from prefsteer.types import PreferencePair
+    from prefsteer.types import PreferencePair, with_id
 
     src = load_pairs(args.data)[: args.pairs]
     pairs = [with_id(PreferencePair(f"u{i % 8}", p.prompt, p.chosen, p.rejected)) for i, p in enumerate(src)]

@@ -212,13 +212,13 @@ def write(out: Path, result: dict) -> None:
 def main(args: argparse.Namespace) -> int:
     import httpx
 
-    from prefsteer.memory import Memory
+    from prefsteer.storage import Memory
     from prefsteer.service import store
 
     tmp = Path(tempfile.mkdtemp(prefix="prefsteer-load-"))
     db = str(tmp / "memory.db")
     mem = Memory(db)
-    keys = {t: store.create_key(mem, t)["key"] for t in TENANTS}
+    keys = {t: mem.create_key(t)["key"] for t in TENANTS}
     mem.close()
     port = free_port()
     base = f"http://127.0.0.1:{port}"

@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> None:
 
     from prefsteer.backends import GenerationConfig, load_backend
     from prefsteer.data import group_by_user, load_pairs
-    from prefsteer.memory import Memory
+    from prefsteer.storage import Memory
     from prefsteer.methods.registry import Resources, build
     from prefsteer.service import Settings
     from tests.test_service_helpers import thread_server

@@ -21,6 +21,34 @@ def shared_data():
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the session (Debian's package). Skipped where it is not installed,
+    unless PREFSTEER_REQUIRE_POSTGRES=1 (`.ci/run`), where its absence fails."""
+    import os
+
+    from tests.postgres_server import PostgresServer
+
+    try:
+        import psycopg  # noqa: F401
+
+        server = PostgresServer().start()
+    except Exception as e:
+        if os.environ.get("PREFSTEER_REQUIRE_POSTGRES") == "1":
+            raise
+        pytest.skip(f"no PostgreSQL server to test against: {e}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    """A new, empty memory's --db value, on each engine: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "memory.db")
+    return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.fixture(scope="session")
 def hf_backend():
     """The embedded default model, loaded once for every real-model test of the session."""
     import importlib.metadata

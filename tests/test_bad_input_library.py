@@ -1,7 +1,6 @@
 """Bad input met in the library, before the CLI: each is a `PrefsteerError` naming the thing, and
 nothing is created or written on the way."""
 
-import errno
 import json
 import os
 import time
@@ -9,8 +8,8 @@ import time
 import pytest
 
 from prefsteer.errors import (BackendUnavailableError, EmbedderUnavailableError, InputError, MemoryFileError,
-                              MemoryNotFoundError, PrefsteerError, StateFileError)
-from prefsteer.memory import Memory
+                              MemoryNotFoundError, PrefsteerError)
+from prefsteer.storage import Memory
 
 
 def tree(root):
@@ -64,61 +63,23 @@ def test_an_empty_db_path_is_named_as_such(tmp_path, monkeypatch):
     assert tree(tmp_path) == []
 
 
-# -- 2. a full disk while a method writes its state files --------------------------------------------
+# -- 2. a full disk while a method writes its state -------------------------------------------------
 
-def _rows(mem):
-    return mem.conn.execute("SELECT user_id, method, state_id, state, files FROM method_states").fetchall()
-
-
-def test_a_full_disk_leaves_no_tmp_file_and_the_previous_state(tmp_path, monkeypatch):
-    mem = Memory(tmp_path / "m.db")
+def test_a_full_disk_keeps_the_previous_state_and_names_the_database(tmp_path):
+    db = tmp_path / "m.db"
+    mem = Memory(db)
     mem.put_method_state("u", "reward", "s1", "fp", {"v": 1}, files={"a.bin": b"old-a", "b.bin": b"old-b"})
-    before_rows, d = _rows(mem), mem.state_dir("u")
-    before_files = {p.name: p.read_bytes() for p in d.iterdir()}
-
-    real_fsync, calls = os.fsync, []
-
-    def full(fd):  # the first file goes through, the second hits a full disk
-        calls.append(fd)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(StateFileError) as e:
-        mem.put_method_state("u", "reward", "s1", "fp", {"v": 2}, files={"a.bin": b"new-a" * 100,
-                                                                          "b.bin": b"new-b" * 100})
-    monkeypatch.setattr(os, "fsync", real_fsync)
-    msg = str(e.value)
-    assert isinstance(e.value, PrefsteerError)
-    assert str(d / "reward-s1-b.bin") in msg and os.strerror(errno.ENOSPC) in msg
-    assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]
-    assert {p.name: p.read_bytes() for p in d.iterdir()} == before_files  # all or nothing
-    assert _rows(mem) == before_rows
-    st = mem.method_state("u", "reward", "s1")
-    assert st["state"] == {"v": 1} and open(st["files"]["a.bin"], "rb").read() == b"old-a"
-
-
-def test_a_full_disk_on_the_first_state_of_a_user_stores_nothing(tmp_path, monkeypatch):
-    mem = Memory(tmp_path / "m.db")
-    from pathlib import Path
-
-    real_open = Path.open
-
-    def full_open(self, mode="r", *a, **kw):
-        fh = real_open(self, mode, *a, **kw)
-        if self.name.endswith(".tmp"):
-            def write(_data):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            fh.write = write
-        return fh
-
-    monkeypatch.setattr(Path, "open", full_open)
-    with pytest.raises(StateFileError, match="No space left on device"):
-        mem.put_method_state("v", "reward", "s1", "fp", {"v": 1}, files={"a.bin": b"x"})
-    monkeypatch.undo()
-    assert not [p for p in mem.state_dir("v").iterdir() if p.name.endswith(".tmp")]
-    assert mem.method_state("v", "reward", "s1") is None and _rows(mem) == []
+    pages = mem.conn.execute("PRAGMA page_count").fetchone()[0]
+    mem.conn.execute(f"PRAGMA max_page_count={pages + 1}")  # the disk is full one page later
+    with pytest.raises(MemoryFileError) as e:
+        mem.put_method_state("u", "reward", "s1", "fp", {"v": 2}, files={"a.bin": b"new-a" * 5000,
+                                                                          "b.bin": b"new-b" * 5000})
+    assert str(db) in str(e.value) and "full" in str(e.value) and "--db" in str(e.value)
+    st = mem.method_state("u", "reward", "s1")  # all or nothing: the previous state and both its files
+    assert st["state"] == {"v": 1} and st["files"] == {"a.bin": b"old-a", "b.bin": b"old-b"}
+    with pytest.raises(MemoryFileError):  # a user's first state: nothing of the user is stored
+        mem.put_method_state("v", "reward", "s1", "fp", {"v": 1}, files={"a.bin": b"x" * 50000})
+    assert mem.method_state("v", "reward", "s1") is None and not mem.has_user("v")
 
 
 # -- 3. lone surrogates and bad bytes in JSONL --------------------------------------------------------

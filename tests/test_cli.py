@@ -99,7 +99,7 @@ def test_bad_files_name_file_line_field_and_write_nothing(tmp_path, capsys, cont
     assert f"{data}:{line}" in err
     if field:
         assert f"'{field}'" in err
-    from prefsteer.memory import Memory
+    from prefsteer.storage import Memory
     assert Memory(db).users() == []
 
 
@@ -114,7 +114,7 @@ def test_prompt_longer_than_the_context_is_refused_before_writing(tmp_path, caps
                  "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and f"{data}:2" in err and "context of 100" in err
-    from prefsteer.memory import Memory
+    from prefsteer.storage import Memory
     assert Memory(db).users() == []
 
 
@@ -213,7 +213,7 @@ def test_index_reports_every_bad_line_at_once_and_writes_nothing(tmp_path, capsy
     assert f"{data}:2: malformed JSON" in err
     assert f"{data}:3: field 'rejected': chosen and rejected are the same text" in err
     assert f"{data}:4: field 'user_id': empty" in err
-    from prefsteer.memory import Memory
+    from prefsteer.storage import Memory
     assert Memory(db).users() == []
 
 

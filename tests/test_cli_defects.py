@@ -155,32 +155,26 @@ def test_cliper_without_a_head_for_the_model(tmp_path, capsys):
 
 # 9
 def test_a_full_disk_while_reward_writes_its_state(tmp_path, capsys, data, monkeypatch):
-    import prefsteer.memory
+    from prefsteer.storage import Memory
+    from prefsteer.storage.sqlite import SQLiteMemory
 
-    real_open, tried = Path.open, []
+    real_put, tried = SQLiteMemory.put_method_state, []
 
-    def full_open(self, mode="r", *a, **kw):
-        fh = real_open(self, mode, *a, **kw)
-        if self.name.endswith(".tmp") and "w" in mode:
-            tried.append(self.name)
+    def full_put(self, *a, **kw):  # the disk fills up as the weights are written
+        tried.append(a[1])
+        pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        self.conn.execute(f"PRAGMA max_page_count={pages}")
+        return real_put(self, *a, **kw)
 
-            def write(_data):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            fh.write = write
-        return fh
-
-    monkeypatch.setattr(prefsteer.memory.Path, "open", full_open)
+    monkeypatch.setattr(SQLiteMemory, "put_method_state", full_put)
     db = tmp_path / "m.db"
     code, _, err = run(capsys, "index", "--method", "reward", *REWARD_FAST, "--data", str(data), "--user", "u",
                        "--db", str(db))
     monkeypatch.undo()
-    assert tried, "the method wrote no state file"
+    assert tried == ["reward"], "the method wrote no state"
     assert code == 2 and one_line(err), err
-    assert os.strerror(errno.ENOSPC) in err and "reward-" in err
-    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
-    from prefsteer.memory import Memory
-
-    assert Memory(db, create=False).method_states("u") == []  # no state points at a missing file
+    assert str(db) in err and "full" in err
+    assert Memory(db, create=False).method_states("u") == []  # nothing half-written
 
 
 # 10

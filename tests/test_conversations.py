@@ -9,7 +9,7 @@ import pytest
 
 from prefsteer.backends.base import GenerationConfig
 from prefsteer.backends.fake import FakeBackend
-from prefsteer.memory import Memory
+from prefsteer.storage import Memory
 from prefsteer.methods.base import ConversationError, NotFittedError, as_conversation, with_system
 from prefsteer.methods.history import HEADER
 from prefsteer.methods.registry import Resources, build

@@ -11,7 +11,7 @@ import pytest
 from prefsteer.data import (detect_format, for_display, group_by_user, load_jsonl, load_pairs,
                             load_prism, load_tldr_comparisons, tldr_prompt)
 from prefsteer.errors import InputError
-from prefsteer.memory import pair_key
+from prefsteer.types import pair_key
 from prefsteer.types import PreferencePair
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -65,10 +65,16 @@ def test_load_jsonl_tldr_fixture_format(tmp_path):
 
 # --------------------------------------------------------------------------- TL;DR comparisons
 
-def test_load_tldr_fixture():
+def test_load_tldr_fixture(tmp_path):
     path = FIXTURES / "tldr_small.json"
     pairs = load_tldr_comparisons(path)
-    assert [p.pair_id for p in pairs] == ["tldr_small:0", "tldr_small:1", "tldr_small:2"]
+    # the data set has no id per comparison: a pair is its content, never the file's name and line
+    assert [p.pair_id for p in pairs] == [pair_key(p.user_id, p.prompt, p.chosen, p.rejected) for p in pairs]
+    assert len({p.pair_id for p in pairs}) == 3
+    moved = tmp_path / "elsewhere" / "tldr_small.json"  # another folder, the same name: the same ids
+    moved.parent.mkdir()
+    moved.write_bytes(path.read_bytes())
+    assert [p.pair_id for p in load_tldr_comparisons(moved)] == [p.pair_id for p in pairs]
     first, second, _ = pairs
     assert first.user_id == "w1"
     assert first.chosen == " New cat hides and eats only at night, is this normal?"
@@ -326,7 +332,6 @@ def test_real_tldr_batch13():
         114, 83, 74, 67, 60, 57, 52, 49, 47, 46, 44, 40, 40, 38, 37, 33, 32, 30, 26, 22, 20, 20, 20,
         16, 10, 10, 10]
     assert len({p.pair_id for p in pairs}) == 1097
-    assert pairs[0].pair_id == "batch13:0" and pairs[-1].pair_id == "batch13:1096"
     # one pair per (worker, post)
     assert max(Counter((p.user_id, p.meta["post_id"]) for p in pairs).values()) == 1
     assert all(p.chosen.startswith(" ") for p in pairs[:20])  # texts kept as they are
@@ -338,10 +343,9 @@ def test_real_fixture_matches_raw_file():
     fixture = load_pairs(SHARED / "fixtures" / "tldr_batch13_3users.jsonl")
     assert len(fixture) == 72 and len(group_by_user(fixture)) == 3
     assert all(len(v) == 24 for v in group_by_user(fixture).values())
-    raw = {p.pair_id: p for p in load_tldr_comparisons(SHARED / "tldr" / "batch13.json")}
+    raw = {(p.user_id, p.prompt, p.chosen, p.rejected): p for p in load_tldr_comparisons(SHARED / "tldr" / "batch13.json")}
     for p in fixture:
-        q = raw[p.pair_id]
-        assert (p.user_id, p.prompt, p.chosen, p.rejected) == (q.user_id, q.prompt, q.chosen, q.rejected)
+        q = raw[(p.user_id, p.prompt, p.chosen, p.rejected)]
         assert p.meta["post_id"] == q.meta["post_id"]
     # the 3 workers with the most pairs in the raw file
     counts = Counter(q.user_id for q in raw.values())

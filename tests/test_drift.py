@@ -90,7 +90,7 @@ def test_margins_rule(fake_backend):
 
 
 def test_score_cache_is_used(fake_backend):
-    from prefsteer.memory import Memory
+    from prefsteer.storage import Memory
 
     d = Drift(fake_backend, attributes=ATTRS, memory=Memory(":memory:"))
     d.fit("u1", pairs())

@@ -6,7 +6,7 @@ import pytest
 from prefsteer.retrieval import HashEmbedder, nearest, normalize
 from prefsteer.errors import UnknownUserError
 from prefsteer.backends.cache import ScoreCache
-from prefsteer.memory import Memory
+from prefsteer.storage import Memory
 from prefsteer.methods.exact import Exact, ExactConfig, ExactGlobal
 from prefsteer.types import PreferencePair
 import numpy as np
@@ -334,7 +334,7 @@ def test_levers_keep_the_paper_config_id_and_change_it_only_when_set(fake_backen
     assert len({ids[n] for n in ("paper", "describe", "instruction", "system", "mean")}) == 5
     # the id of the paper's settings is the one computed before the levers existed
     from dataclasses import asdict
-    from prefsteer.memory import sha
+    from prefsteer.types import sha
 
     e = Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=2))
     c = asdict(e.config)

@@ -24,7 +24,7 @@ from prefsteer.backends.base import Generation  # noqa: E402
 from prefsteer.backends.fake import FakeBackend  # noqa: E402
 from prefsteer.errors import PrefsteerError  # noqa: E402
 from prefsteer.evaluation.judge import OpenAIJudge, compare  # noqa: E402
-from prefsteer.memory import Memory  # noqa: E402
+from prefsteer.storage import Memory  # noqa: E402
 from prefsteer.service import Settings, store  # noqa: E402
 from prefsteer.types import PreferencePair  # noqa: E402
 from tests.test_service_helpers import REPO, thread_server  # noqa: E402
@@ -55,7 +55,7 @@ class LengthJudgeBackend(FakeBackend):
 def judge_server(tmp_path_factory):
     db = str(tmp_path_factory.mktemp("judge") / "m.db")
     mem = Memory(db)
-    key = store.create_key(mem, "evals")["key"]
+    key = mem.create_key("evals")["key"]
     mem.close()
     settings = Settings(db=db, backend="fake", embedder="hash", model_id="judge-1",
                         make_backend=LengthJudgeBackend)

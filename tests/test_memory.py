@@ -9,7 +9,9 @@ import pytest
 
 from prefsteer.cli import main
 from prefsteer.errors import MemoryFileError, UnknownUserError
-from prefsteer.memory import SCHEMA_VERSION, Memory, pair_key
+from prefsteer.storage import SCHEMA_VERSION, Memory
+from prefsteer.storage.sqlite import SQLiteMemory
+from prefsteer.types import pair_key
 from prefsteer.methods.exact import Exact, ExactConfig
 from prefsteer.retrieval import HashEmbedder
 from prefsteer.types import PreferencePair
@@ -159,7 +161,7 @@ class FailingFake:
         return b
 
 
-def test_delete_user_removes_every_row_and_the_state_files(tmp_path, fake_backend):
+def test_delete_user_removes_every_row_and_the_state_blobs(tmp_path, fake_backend):
     mem = Memory(tmp_path / "m.db")
     ex = Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=1))
     for user, ps in (("u", [PreferencePair("u", "a joke", "funny humor joke", "formal dear sir"),
@@ -169,8 +171,8 @@ def test_delete_user_removes_every_row_and_the_state_files(tmp_path, fake_backen
         ex.fit(user, ps)
     mem.put_method_state("u", "m", "s", "fp", {"w": 1}, files={"weights.bin": b"123"}, n_pairs=2)
     assert mem.delete_user("u") == {"pairs": 2, "selections": 2, "entries": 2, "method_states": 1,
-                                    "users": 1, "files": 1}
-    assert mem.users() == ["w"] and not mem.state_dir("u").exists()
+                                    "method_files": 1, "jobs": 0, "user_leases": 0, "users": 1}
+    assert mem.users() == ["w"] and set(mem.row_counts("u").values()) == {0}
     assert len(mem.entries("w")) == 1
     with pytest.raises(UnknownUserError):
         mem.delete_user("u")
@@ -311,7 +313,7 @@ def test_a_failed_migration_leaves_the_v0_file_as_it_was(tmp_path, monkeypatch):
         conn.execute("UPDATE pairs SET pair_id='half-done'")
         raise RuntimeError("crash mid-migration")
 
-    monkeypatch.setattr(Memory, "_migrate_v0", staticmethod(boom))
+    monkeypatch.setattr(SQLiteMemory, "_migrate_v0", staticmethod(boom))
     with pytest.raises(RuntimeError):
         Memory(path)
     c = sqlite3.connect(path)
@@ -322,4 +324,4 @@ def test_a_failed_migration_leaves_the_v0_file_as_it_was(tmp_path, monkeypatch):
 
 def test_a_new_file_gets_the_current_schema_version(tmp_path):
     Memory(tmp_path / "m.db").close()
-    assert sqlite3.connect(tmp_path / "m.db").execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert sqlite3.connect(tmp_path / "m.db").execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

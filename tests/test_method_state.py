@@ -12,7 +12,7 @@ import pytest
 
 from prefsteer.backends.base import GenerationConfig, UnsupportedOperation
 from prefsteer.backends.fake import FakeBackend
-from prefsteer.memory import Memory
+from prefsteer.storage import Memory
 from prefsteer.methods import get_method_class
 from prefsteer.methods.base import NotFittedError, OptionError, UnknownOptionError
 from prefsteer.types import PreferencePair

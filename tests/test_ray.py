@@ -14,7 +14,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from prefsteer.cli import main  # noqa: E402
-from prefsteer.memory import Memory  # noqa: E402
+from prefsteer.storage import Memory  # noqa: E402
 
 DATA = str(Path(__file__).resolve().parents[1] / "src" / "prefsteer" / "resources" / "demo_pairs.jsonl")
 COMMON = ["--backend", "fake", "--embedder", "hash", "--quiet", "--k", "2"]

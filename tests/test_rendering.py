@@ -135,13 +135,13 @@ def test_service_chat_injects_in_the_configured_rendering(seen, tmp_path):
     pytest.importorskip("fastapi")
     import httpx
 
-    from prefsteer.memory import Memory
+    from prefsteer.storage import Memory
     from prefsteer.service import Settings, store
     from tests.test_service_helpers import thread_server, wait_job
 
     db = str(tmp_path / "m.db")
     mem = Memory(db)
-    key = store.create_key(mem, "A")["key"]
+    key = mem.create_key("A")["key"]
     mem.close()
     auth = {"Authorization": f"Bearer {key}"}
     settings = Settings(db=db, backend="fake", embedder="hash",

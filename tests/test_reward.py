@@ -130,7 +130,7 @@ def test_needs_the_adapter_operation():
 
 @pytest.mark.model
 def test_real_model_is_unchanged_after_fit_and_reloads(hf_backend, tmp_path):
-    from prefsteer.memory import Memory
+    from prefsteer.storage import Memory
 
     req = [ScoreRequest.of([{"role": "user", "content": "Say hi."}], "Hi there!")]
     before = hf_backend.score(req)[0].logprob

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from prefsteer.memory import Memory  # noqa: E402
+from prefsteer.storage import USER_TABLES, Memory, hash_key  # noqa: E402
 from prefsteer.service import Settings, store  # noqa: E402
 from tests.test_service_helpers import thread_server, wait_job  # noqa: E402
 
@@ -26,7 +26,7 @@ PAIRS = [{"prompt": "How do I boil an egg?", "chosen": "Boil it 9 minutes, then 
 def svc(tmp_path_factory):
     db = str(tmp_path_factory.mktemp("service") / "m.db")
     mem = Memory(db)
-    keys = {t: store.create_key(mem, t)["key"] for t in ("A", "B")}
+    keys = {t: mem.create_key(t)["key"] for t in ("A", "B")}
     mem.close()
     settings = Settings(db=db, backend="fake", embedder="hash", max_pairs_per_request=5,
                         max_prompt_chars=2000, max_text_chars=500, max_body_bytes=20_000)
@@ -219,7 +219,7 @@ def test_keys_are_stored_hashed(svc):
     mem.close()
     dump = json.dumps(rows)
     assert rows and all(k not in dump for k in svc["keys"].values())
-    assert {r[0] for r in rows} >= {store.hash_key(k) for k in svc["keys"].values()}
+    assert {r[0] for r in rows} >= {hash_key(k) for k in svc["keys"].values()}
 
 
 def test_tenant_b_cannot_see_generate_for_or_delete_tenant_a_user(svc):
@@ -272,7 +272,7 @@ def test_feedback_job_reaches_done_and_profile_shows_the_entry(svc):
 
 def _counts(db: str, users: list[str]) -> dict:
     mem = Memory(db)
-    out = {u: store.row_counts(mem, u) for u in users}
+    out = {u: mem.row_counts(u) for u in users}
     out["*"] = {t: mem.conn.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0]
                 for (t,) in mem.conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()}
     mem.close()
@@ -287,13 +287,12 @@ def test_delete_removes_every_row_and_file_of_the_user_and_nothing_else(svc):
     mem = Memory(svc["db"])  # a method file for each A user, as Reward's adapters are
     for u in ("A/del-ann", "A/del-bob"):
         mem.put_method_state(u, "reward", "s1", "fp", {"w": 1}, files={"adapter.bin": b"weights"}, n_pairs=2)
-    ann_dir, bob_dir = mem.state_dir("A/del-ann"), mem.state_dir("A/del-bob")
-    tables = store.user_tables(mem)
+    tables = list(USER_TABLES)
     mem.close()
-    assert {"users", "pairs", "selections", "entries", "method_states", "jobs"} <= set(tables)
     users = ["A/del-ann", "A/del-bob", "B/del-ann"]
     before = _counts(svc["db"], users)
-    assert all(before["A/del-ann"][t] > 0 for t in ("users", "pairs", "selections", "entries", "method_states", "jobs"))
+    assert all(before["A/del-ann"][t] > 0 for t in ("users", "pairs", "selections", "entries", "method_states",
+                                                   "method_files", "jobs"))
     r = h.delete("/v1/users/del-ann", headers=A)
     assert r.status_code == 200, r.text
     after = _counts(svc["db"], users)
@@ -304,7 +303,7 @@ def test_delete_removes_every_row_and_file_of_the_user_and_nothing_else(svc):
     for t in set(before["*"]) - set(tables):  # tables of no user (score cache, keys) are untouched
         assert after["*"][t] == before["*"][t], t
     assert r.json()["rows"]["pairs"] == 2
-    assert not ann_dir.exists() and (bob_dir / "reward-s1-adapter.bin").exists()
+    assert Memory(svc["db"]).method_state("A/del-bob", "reward", "s1")["files"] == {"adapter.bin": b"weights"}
     assert h.get("/v1/users/del-ann/profile", headers=A).status_code == 404
     assert h.delete("/v1/users/del-ann", headers=A).status_code == 404
     assert h.get("/v1/users/del-ann/profile", headers=svc["B"]).status_code == 200
@@ -320,7 +319,7 @@ def test_no_auth_only_on_loopback(tmp_path):
 def test_no_auth_serves_the_local_users_and_keys_still_pick_a_tenant(tmp_path):
     db = str(tmp_path / "m.db")
     mem = Memory(db)
-    key = store.create_key(mem, "T")["key"]
+    key = mem.create_key("T")["key"]
     mem.close()
     with thread_server(Settings(db=db, backend="fake", embedder="hash", auth=False)) as base:
         h = httpx.Client(base_url=base, timeout=60)

@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, respons
                                                response_schema_conformance, status_code_conformance)
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
-from prefsteer.memory import Memory  # noqa: E402
+from prefsteer.storage import Memory  # noqa: E402
 from prefsteer.service import Settings, store  # noqa: E402
 from tests.test_service_helpers import thread_server, wait_job  # noqa: E402
 
@@ -36,7 +36,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 def fuzz_server(tmp_path_factory):
     db = str(tmp_path_factory.mktemp("fuzz") / "m.db")
     mem = Memory(db)
-    key = store.create_key(mem, "fuzz")["key"]
+    key = mem.create_key("fuzz")["key"]
     mem.close()
     # small generations and limits: a generated max_tokens or text stays cheap on the fake model
     s = Settings(db=db, backend="fake", embedder="hash", default_max_tokens=8, max_tokens_limit=16,

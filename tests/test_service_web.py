@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("fastapi")
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 
-from prefsteer.memory import Memory  # noqa: E402
+from prefsteer.storage import Memory  # noqa: E402
 from prefsteer.service import Settings, store  # noqa: E402
 from tests.test_service_helpers import thread_server, wait_job  # noqa: E402
 
@@ -39,7 +39,7 @@ PAIR = {"prompt": "How do I boil an egg?", "chosen": "Boil it for seven minutes,
 def server(tmp_path_factory):
     db = str(tmp_path_factory.mktemp("web") / "m.db")
     mem = Memory(db)
-    key = store.create_key(mem, "web")["key"]
+    key = mem.create_key("web")["key"]
     mem.close()
     with thread_server(Settings(db=db, backend="fake", embedder="hash", default_max_tokens=24)) as base:
         yield {"base": base, "key": key, "auth": {"Authorization": f"Bearer {key}"}}

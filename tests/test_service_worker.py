@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from prefsteer.memory import Memory, with_id  # noqa: E402
 from prefsteer.service import Settings, store  # noqa: E402
-from prefsteer.types import PreferencePair  # noqa: E402
+from prefsteer.storage import Memory  # noqa: E402
+from prefsteer.types import PreferencePair, with_id  # noqa: E402
 from tests.test_service_helpers import (free_port, serve_script, start_process, stop_process,  # noqa: E402
                                    thread_server, wait_http, wait_job)
 
@@ -24,15 +24,15 @@ PAIRS = [{"prompt": f"How do I cook {t}?", "chosen": f"Cook {t} for ten minutes,
           "rejected": f"Cooking {t} is a magical journey of wonder and giggles!!"} for t in TOPICS]
 
 
-def test_a_job_left_running_resumes_when_the_server_starts(tmp_path):
+def test_a_job_of_a_dead_replica_is_taken_over_when_its_lease_runs_out(tmp_path):
     db = str(tmp_path / "m.db")
     mem = Memory(db)
-    store.ensure_schema(mem)
     pairs = [with_id(PreferencePair("u1", p["prompt"], p["chosen"], p["rejected"])) for p in PAIRS[:2]]
     with mem.transaction():
         mem.add_pairs(pairs)
-        jid = store.add_job(mem, None, "u1", [p.pair_id for p in pairs])
-    store.update_job(mem, jid, status="running", started=time.time())  # as a crash leaves it
+        jid = mem.add_job(None, "u1", [p.pair_id for p in pairs])
+    # as a replica that died leaves it: running, under a lease that has run out
+    mem.update_job(jid, status="running", started=time.time(), owner="dead-replica", lease_until=time.time() - 1)
     mem.close()
     with thread_server(Settings(db=db, backend="fake", embedder="hash", auth=False)) as base:
         h = httpx.Client(base_url=base, timeout=60)
@@ -137,8 +137,8 @@ def test_delete_during_a_job_leaves_nothing_of_the_user(tmp_path):
         time.sleep(1.0)  # the worker would have indexed another pair by now
         assert h.get("/v1/users/gone-u/profile").status_code == 404
     mem = Memory(db)
-    assert set(store.row_counts(mem, "gone-u").values()) == {0}
-    assert store.row_counts(mem, "other")["pairs"] == 1
+    assert set(mem.row_counts("gone-u").values()) == {0}
+    assert mem.row_counts("other")["pairs"] == 1
     mem.close()
 
 

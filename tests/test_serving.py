@@ -9,7 +9,7 @@ import pytest
 
 from prefsteer.attributes import load_library
 from prefsteer.backends.fake import FakeBackend
-from prefsteer.memory import Memory
+from prefsteer.storage import Memory
 from prefsteer.methods import base as method_base
 from prefsteer.methods.base import Method, MethodOutput, NotFittedError
 from prefsteer.methods.registry import Resources, build

@@ -18,7 +18,7 @@ from prefsteer.backends.fake import FakeBackend
 from prefsteer.backends.guides.drift import DriftGuide
 from prefsteer.backends.scheduler import Scheduler
 from prefsteer.backends.streaming import EngineBusy, TextDeltas, TokenStream
-from prefsteer.memory import Memory
+from prefsteer.storage import Memory
 from prefsteer.service import Settings
 from prefsteer.service.serving import StopScan
 from tests.test_service_helpers import thread_server

@@ -186,7 +186,7 @@ def test_cliper_and_reward_fitted_on_vllm_serve_like_on_hf(hf, vb, tmp_path):
     model reads the same hidden states), with hf's tokens; Reward trains its LoRA on the companion
     and ranks like on hf."""
     from prefsteer.data import load_pairs
-    from prefsteer.memory import Memory
+    from prefsteer.storage import Memory
     from prefsteer.methods.cliper import Cliper
     from prefsteer.methods.reward import Reward
 

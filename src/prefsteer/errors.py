@@ -51,16 +51,6 @@ class MemoryNotFoundError(MemoryFileError, FileNotFoundError):
         MemoryFileError.__init__(self, path, "does not exist", todo)
 
 
-class StateFileError(MemoryFileError):
-    """A method's state file could not be written (disk full, ...); the previous state is kept."""
-
-    def __init__(self, path: str, error: OSError):
-        self.path, self.error = path, error
-        self.problem = f"could not be written ({error.strerror or error})"
-        self.todo = "the user's previous state is kept; free some space (or fix the folder) and fit again"
-        PrefsteerError.__init__(self, f"method state file {path} {self.problem}; {self.todo}")
-
-
 class BackendUnavailableError(PrefsteerError, ValueError):
     """A backend name that is unknown, or whose engine is not installed here."""
 

@@ -37,7 +37,7 @@ class _Selector:
 
     def __init__(self, backend: str, backend_kwargs: dict, config: Any, library: Any, method: str):
         from prefsteer.backends import load_backend
-        from prefsteer.memory import Memory
+        from prefsteer.storage import Memory
         from prefsteer.methods.registry import Resources, build
 
         self.backend = load_backend(backend, **backend_kwargs)

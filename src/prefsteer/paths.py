@@ -2,7 +2,8 @@
 
 Each root can be moved by an environment variable:
 
-    PREFSTEER_DB          the user memory (SQLite)   default $XDG_DATA_HOME/prefsteer/memory.db
+    PREFSTEER_DB          the user memory: a SQLite file, or a postgresql:// URL
+                                                     default $XDG_DATA_HOME/prefsteer/memory.db
     PREFSTEER_CACHE       caches: converted models, evaluation runs, CLIPer's answers
                                                      default $XDG_CACHE_HOME/prefsteer
     PREFSTEER_CLIPER_DIR  classifiers `prefsteer cliper train` writes

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def sha(*parts: object) -> str:
+    """A stable hex digest of JSON-able parts (ids of configurations, prompts, states)."""
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -24,3 +32,15 @@ class PreferencePair:
         if self.meta:
             d["meta"] = self.meta
         return d
+
+
+def pair_key(user_id: str, prompt: str, chosen: str, rejected: str) -> str:
+    """A pair's identity by content: the same four texts give the same key, any change another."""
+    return "c" + sha("pair", user_id, prompt, chosen, rejected)[:23]
+
+
+def with_id(p: PreferencePair) -> PreferencePair:
+    """``p`` with its content key as ``pair_id`` when it has no id of its own."""
+    if p.pair_id:
+        return p
+    return dataclasses.replace(p, pair_id=pair_key(p.user_id, p.prompt, p.chosen, p.rejected))

@@ -57,7 +57,7 @@ class Context:
     @property
     def memory(self):
         if self._memory is None:
-            from prefsteer.memory import Memory
+            from prefsteer.storage import Memory
 
             self._memory = Memory(self.args.db, create=self.writes)
         return self._memory

@@ -45,7 +45,7 @@ def fitted_methods(mem, user: str) -> list[str]:
 def cmd_feedback(args, ctx: Context) -> int:
     from prefsteer.data import group_by_user, load_pairs
     from prefsteer.errors import InputError
-    from prefsteer.memory import with_id
+    from prefsteer.types import with_id
     from prefsteer.types import PreferencePair
 
     if args.file:

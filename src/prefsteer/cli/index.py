@@ -41,7 +41,7 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
 def cmd_index(args, ctx: Context) -> int:
     from prefsteer.data import group_by_user, load_pairs
     from prefsteer.errors import InputError
-    from prefsteer.memory import with_id
+    from prefsteer.types import with_id
 
     reject_other_options(args, args.method)
     if args.limit < 0:

@@ -34,17 +34,17 @@ def cmd_keys(args, ctx) -> int:
     mem = ctx.memory
     if args.action == "create":
         try:
-            out = store.create_key(mem, args.tenant)
+            out = mem.create_key(store.check_tenant(args.tenant))
         except ValueError as e:
             raise PrefsteerError(str(e)) from None
         text = (f"{out['key']}\n(key {out['key_id']} for tenant {out['tenant']}; shown once, only its hash "
                 f"is stored in {mem.path})")
     elif args.action == "list":
-        out = {"keys": store.list_keys(mem)}
+        out = {"keys": mem.list_keys()}
         text = "\n".join(f"{k['key_id']}  tenant {k['tenant']}{'  (revoked)' if k['revoked'] else ''}"
                          for k in out["keys"]) or "no keys"
     else:
-        if not store.revoke_key(mem, args.key_id):
+        if not mem.revoke_key(args.key_id):
             raise PrefsteerError(f"no active key with id '{args.key_id}' (see `prefsteer keys list`)")
         out = {"revoked": args.key_id}
         text = f"revoked {args.key_id}"

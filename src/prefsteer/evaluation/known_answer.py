@@ -285,7 +285,7 @@ def run(backend, cfg: dict, out_dir: str | Path, *, embedder=None, n_prompts: in
     scores are kept in ``memory.sqlite`` there, so a rerun re-scores nothing."""
     from prefsteer.attributes import load_library
     from prefsteer.backends.base import GenerationConfig, user_turn
-    from prefsteer.memory import Memory
+    from prefsteer.storage import Memory
     from prefsteer.methods.registry import Resources, build
 
     out = Path(out_dir)

@@ -109,7 +109,7 @@ class Runner:
                  progress: bool = True):
         from prefsteer.attributes import load_library
         from prefsteer.backends.cache import ScoreCache
-        from prefsteer.memory import Memory
+        from prefsteer.storage import Memory
 
         self.config, self.backend = config, backend
         self.out = Path(out_dir)

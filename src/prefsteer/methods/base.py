@@ -48,7 +48,7 @@ from prefsteer.types import PreferencePair
 
 if TYPE_CHECKING:
     from prefsteer.backends.streaming import TokenStream
-    from prefsteer.memory import Memory
+    from prefsteer.storage import Memory
 
 # resources the evaluator hands to every method whose constructor takes ``**options``
 SHARED_OPTIONS = ("scorer",)
@@ -294,7 +294,7 @@ class Method(ABC):
     def state_id(self) -> str:
         """What a stored state was learned under: model, chat template and the method's options.
         A state is served only to a method built the same way."""
-        from prefsteer.memory import sha
+        from prefsteer.types import sha
 
         return sha(self.name, self.backend.fingerprint, self.backend.template_id, self.state_options())[:16]
 
@@ -310,13 +310,11 @@ class Method(ABC):
         """Store ``state`` (JSON-able) and ``files`` (name -> bytes) for the user, all or nothing."""
         memory = getattr(self, "memory", None)
         if memory is not None:
-            if files and getattr(memory, "path", None) == ":memory:":
-                files = None  # an in-memory database keeps no files: this process's copy serves
             memory.put_method_state(user_id, self.name, self.state_id, self.backend.fingerprint, state,
                                     files=files, n_pairs=n_pairs)
 
     def load_state(self, user_id: str) -> dict[str, Any] | None:
-        """The stored state of the user under this `state_id` (with ``"files"``: name -> path, and
+        """The stored state of the user under this `state_id` (with ``"files"``: name -> bytes, and
         ``"stale"``), or None when there is none."""
         memory = getattr(self, "memory", None)
         return None if memory is None else memory.method_state(user_id, self.name, self.state_id)

@@ -25,7 +25,7 @@ from prefsteer.methods.base import Method, check_options, config_from_options, g
 
 if TYPE_CHECKING:
     from prefsteer.attributes import AttributeLibrary
-    from prefsteer.memory import Memory
+    from prefsteer.storage import Memory
     from prefsteer.retrieval import Embedder
 
 

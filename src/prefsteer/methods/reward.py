@@ -150,17 +150,18 @@ class Reward(Method):
     def _state(self, user_id: str) -> dict[str, Any]:
         """The user's adapter and head weights, from this process or the memory."""
         if user_id not in self.states:
-            from safetensors.torch import load_file
+            from safetensors import SafetensorError
+            from safetensors.torch import load
 
             st = self.require_state(user_id)
-            path = st["files"].get(WEIGHTS_FILE)
-            if path is None:
+            data = st["files"].get(WEIGHTS_FILE)
+            if data is None:
                 raise NotFittedError(self.name, user_id)
             try:
-                tensors = load_file(path)
-            except OSError as e:
-                raise PrefsteerError(f"{path}: cannot read the reward weights of user '{user_id}' "
-                                     f"({e.strerror or e}); fit again with `prefsteer index --method reward`") from e
+                tensors = load(data)
+            except SafetensorError as e:
+                raise PrefsteerError(f"the stored reward weights of user '{user_id}' cannot be read ({e}); "
+                                     "fit again with `prefsteer index --method reward`") from e
             self.states[user_id] = {"lora": {k[len("adapter."):]: v for k, v in tensors.items()
                                              if k.startswith("adapter.")},
                                     "head": {"weight": tensors["head.weight"]}}

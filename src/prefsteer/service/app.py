@@ -95,21 +95,19 @@ class _BodyLimit:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    from prefsteer.memory import sha
-    from prefsteer.service import store
     from prefsteer.service.engine import Engine
     from prefsteer.service.routes import chat, meta, users, web
     from prefsteer.service.worker import Worker
+    from prefsteer.types import sha
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         backend, embedder, library = _load(settings)
         eng = Engine(settings, backend, embedder, library)
-        store.ensure_schema(eng.memory)
         eng.model_id = settings.model_id or settings.model or backend.info().get("model") or backend.name
         eng.system_fingerprint = "fp_" + sha(backend.fingerprint)[:12]
         eng.started = int(time.time())
-        if settings.auth and store.count_keys(eng.memory) == 0:
+        if settings.auth and eng.memory.count_keys() == 0:
             log.warning("no API keys in %s: every request will get 401; create one with "
                         "`prefsteer keys create --tenant T --db %s`", settings.db, settings.db)
         eng.worker = Worker(eng) if settings.worker else None

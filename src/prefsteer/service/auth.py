@@ -1,7 +1,7 @@
 """API keys and tenants: `current_tenant` is the dependency every /v1 route takes.
 
 A key is ``ps-`` + 32 random bytes (url-safe base64), made by `prefsteer keys create --tenant T`;
-the database keeps only its sha256 (`store.hash_key`). A request without a valid key is a 401.
+the database keeps only its sha256 (`prefsteer.storage.hash_key`). A request without a valid key is a 401.
 With ``--no-auth`` (allowed only on a loopback address) a request without a key acts in the local
 namespace, the one the `prefsteer` CLI uses; a valid key still selects its tenant.
 """
@@ -51,7 +51,7 @@ def current_tenant(request: Request, eng=Depends(engine)) -> Tenant:
     scheme, _, token = header.partition(" ")
     token = token.strip() if scheme.lower() == "bearer" else ""
     if token:
-        name = store.tenant_of(eng.memory, token)
+        name = eng.memory.tenant_of(token)
         if name is not None:
             return Tenant(name)
     if not eng.settings.auth:

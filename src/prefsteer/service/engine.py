@@ -10,7 +10,7 @@ import threading
 from collections import defaultdict
 from typing import Any, Callable
 
-from prefsteer.memory import Memory
+from prefsteer.storage import Memory
 
 
 class Engine:
@@ -29,12 +29,16 @@ class Engine:
     # -- per thread ---------------------------------------------------------------------------
     @property
     def memory(self) -> Memory:
-        """This thread's connection to the database (SQLite connections are not shared)."""
+        """The database: one connection per thread for SQLite (its connections are not shared), one
+        pool for every thread for PostgreSQL."""
         m = getattr(self._local, "memory", None)
         if m is None:
-            m = self._local.memory = Memory(self.settings.db)
             with self._locks_guard:
-                self._memories.append(m)
+                shared = self._memories[0] if self._memories and self._memories[0].thread_safe else None
+                m = shared or Memory(self.settings.db)
+                if shared is None:
+                    self._memories.append(m)
+            self._local.memory = m
         return m
 
     def defaults(self, name: str) -> dict[str, Any]:

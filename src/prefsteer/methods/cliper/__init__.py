@@ -134,13 +134,13 @@ class Cliper(Method):
             st = self.load_state(user_id)
             if st is None or HEAD_FILE not in st["files"]:
                 return None
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
             from prefsteer.methods.cliper.heads import PreferenceHead
 
             s = st["state"]
             head = PreferenceHead(int(s["hidden_size"]), int(s["rank"]), s["meta"])
-            head.load_state_dict(load_file(st["files"][HEAD_FILE]))
+            head.load_state_dict(load(st["files"][HEAD_FILE]))
             head.eval()
             self._personal[user_id] = head
         return self._personal[user_id]

@@ -23,8 +23,8 @@ from prefsteer.retrieval import Embedder, load_embedder, nearest
 from prefsteer.methods.exact.select import (OBJECTIVES, SELECTORS, Selection, greedy_select, make_objective,
                                             screened_greedy_select)
 from prefsteer.backends.cache import ScoreCache
-from prefsteer.memory import Entry, Memory, sha, with_id
-from prefsteer.types import PreferencePair
+from prefsteer.storage import Entry, Memory
+from prefsteer.types import PreferencePair, sha, with_id
 from prefsteer.methods.base import (Decoding, Method, NotFittedError, config_from_options, last_user_turn,
                                     register_method)
 
@@ -220,6 +220,7 @@ class Exact(Method):
         from tqdm.auto import tqdm
 
         self.memory.require_user(user_id)  # the caller stores the user's pairs first
+        mark = self.memory.pair_mark(user_id)  # pairs stored after this are feedback given meanwhile
         pool = [with_id(p) for p in pairs]
         self.memory.set_status(user_id, "indexing")
         cid = self.config_id
@@ -236,7 +237,7 @@ class Exact(Method):
         entries = list(best.values())
         self._embed(entries)
         with self.memory.transaction():
-            self.memory.put_entries(user_id, entries, replace_all=True)
+            self.memory.put_entries(user_id, entries, replace_all=True, keep_after=mark)
             self.memory.set_status(user_id, "ready")
 
     def length_contexts(self, pair: PreferencePair) -> list[list[dict]]:

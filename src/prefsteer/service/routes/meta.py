@@ -13,7 +13,7 @@ router = APIRouter()
 @router.get("/health")
 def health(eng=Depends(engine)) -> dict:
     w = eng.worker
-    queued = eng.memory.conn.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('queued','running')").fetchone()[0]
+    queued = sum(eng.memory.queue_depth().values())
     return {"status": "ok", "model": eng.model_id, "backend": eng.backend.name,
             "worker": {"alive": bool(w and w.alive()), "pending_jobs": queued}}
 

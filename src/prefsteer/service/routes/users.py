@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from prefsteer.memory import with_id
-from prefsteer.service import store
 from prefsteer.service.auth import Tenant, current_tenant, engine, known_user
 from prefsteer.service.errors import ApiError
 from prefsteer.service.schemas import (Deleted, FeedbackAccepted, FeedbackRequest, Job, Profile, ProfileEntry,
                                        error_responses)
-from prefsteer.types import PreferencePair
+from prefsteer.types import PreferencePair, with_id
 
 router = APIRouter(prefix="/v1")
 
@@ -49,7 +47,7 @@ def feedback(user_id: str, body: FeedbackRequest, tenant: Tenant = Depends(curre
     pairs = [with_id(PreferencePair(uid, p.prompt, p.chosen, p.rejected)) for p in body.pairs]
     with mem.transaction():  # pairs and their job: durable together, before the 202
         counts = mem.add_pairs(pairs)
-        job_id = store.add_job(mem, tenant.name, uid, list(dict.fromkeys(p.pair_id for p in pairs)))
+        job_id = mem.add_job(tenant.name, uid, list(dict.fromkeys(p.pair_id for p in pairs)))
     if eng.worker is not None:
         eng.worker.notify()
     return FeedbackAccepted(job_id=job_id, status="queued", user_id=user_id, pairs=len(pairs), new_pairs=counts["added"])
@@ -57,7 +55,7 @@ def feedback(user_id: str, body: FeedbackRequest, tenant: Tenant = Depends(curre
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=error_responses(401, 404))
 def job(job_id: str, tenant: Tenant = Depends(current_tenant), eng=Depends(engine)):
-    j = store.get_job(eng.memory, job_id)
+    j = eng.memory.job(job_id)
     if j is None or j["tenant"] != tenant.name:
         raise ApiError(404, f"job '{job_id}' not found", param="job_id", code="job_not_found")
     ext = j["user_id"] if tenant.name is None else j["user_id"].split("/", 1)[1]
@@ -72,15 +70,14 @@ def profile(user_id: str, tenant: Tenant = Depends(current_tenant), eng=Depends(
     mem = eng.memory
     entries = [ProfileEntry(prompt=e.prompt, pair_id=e.pair_id, attributes=e.attributes, gains=e.gains,
                             objective=e.objective, base_objective=e.base_objective) for e in mem.entries(uid)]
-    n_pairs = mem.conn.execute("SELECT COUNT(*) FROM pairs WHERE user_id=?", (uid,)).fetchone()[0]
     methods = [{k: v for k, v in s.items()} for s in mem.method_states(uid)]
-    return Profile(user_id=user_id, status=mem.user_status(uid), pairs=n_pairs, entries=entries,
-                   methods=methods, pending_jobs=store.pending_jobs(mem, uid))
+    return Profile(user_id=user_id, status=mem.user_status(uid), pairs=mem.pair_count(uid), entries=entries,
+                   methods=methods, pending_jobs=mem.pending_jobs(uid))
 
 
 @router.delete("/users/{user_id}", response_model=Deleted, responses=error_responses(401, 404, 422))
 def delete(user_id: str, tenant: Tenant = Depends(current_tenant), eng=Depends(engine)):
     uid = known_user(eng, tenant, user_id)
     with eng.user_lock(uid):  # the worker cannot be half way through one of this user's pairs
-        rows = store.delete_user(eng.memory, uid)
+        rows = eng.memory.delete_user(uid)
     return Deleted(user_id=user_id, rows=rows)
