@@ -12,6 +12,7 @@
     prefsteer attributes                             # the attribute library
     prefsteer eval --config quick | eval report RUN | eval compare A B
     prefsteer cliper train | calibrate | eval
+    prefsteer db copy memory.db postgresql://app@host/db   # the memory to PostgreSQL (and back)
 
 Every command takes the common options (--json, --db, --backend, --model, ...). A subcommand lives
 in a module of `prefsteer.cli` exposing ``add_parser(subparsers, parents)``, which sets
@@ -42,7 +43,8 @@ __all__ = ["COMMAND_MODULES", "DEMO_ATTRIBUTES", "Context", "main", "make_parser
 # add_parser(subparsers, parents) and its cmd_<name>(args, ctx). Beside them: `options` (the common
 # and the methods' options), `context` (Context: what the commands share), `output` (emit, errors).
 COMMAND_MODULES = tuple(f"prefsteer.cli.{m}" for m in (
-    "attributes", "index", "profile", "generate", "delete", "feedback", "demo", "eval", "cliper", "serve", "keys"))
+    "attributes", "index", "profile", "generate", "delete", "feedback", "demo", "eval", "cliper", "serve", "keys",
+    "db"))
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -686,3 +686,25 @@ def read_selections(path: str | Path) -> list[dict]:
         obj["objective"], obj["base_objective"] = float(obj["objective"]), float(obj["base_objective"])
         rows.append(obj)
     return rows
+
+
+def copy_memory(src: Memory, dst: Memory, batch: int = 500) -> dict[str, int]:
+    """Copy every row of ``src`` into ``dst``, which must be empty, in one transaction of ``dst``;
+    the row counts of both are compared before it commits. Returns the rows copied per table."""
+    from prefsteer.errors import PrefsteerError
+
+    held = {t: n for t, n in dst.table_counts().items() if n}
+    if held:
+        raise PrefsteerError(f"{dst.path} is not empty ({', '.join(f'{n} {t}' for t, n in held.items())}): "
+                             "copy into a new database")
+    want = src.table_counts()
+    with dst.transaction():
+        for table in TABLES:
+            cols = src.columns(table)
+            for rows in src.dump(table, batch):
+                dst.load(table, cols, rows)
+        got = dst.table_counts()
+        if got != want:
+            diff = ", ".join(f"{t}: {want[t]} -> {got[t]}" for t in TABLES if want[t] != got[t])
+            raise PrefsteerError(f"the copy's row counts differ ({diff}); nothing was written to {dst.path}")
+    return got
