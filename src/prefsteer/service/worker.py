@@ -127,8 +127,9 @@ class Worker:
         for pid in job["pair_ids"][indexed:]:
             if beat.lost.is_set():  # another replica has it now
                 return
-            if self._stop.is_set() or mem.others_waiting(job["tenant"]):
-                # a graceful stop, or another tenant's turn: what is done is saved, the rest resumes later
+            if self._stop.is_set() or actions and mem.others_waiting(job["tenant"]):
+                # a graceful stop, or (after a pair in this turn) another tenant's turn: what is done
+                # is saved, the rest resumes later
                 mem.release_job(jid, self.owner, status="queued", done=indexed)
                 return
             with self.engine.user_lock(user):
