@@ -68,7 +68,7 @@ def test_score_cache_lives_beside_the_backend_contract():
     others = [module_name(p) for p in SRC.rglob("*.py")
               if p != SRC / "backends" / "cache.py" and "ScoreCache" in defined_classes(p)]
     assert not others, f"ScoreCache is also defined in {others}"
-    assert not any(within(n, "prefsteer.memory") for n in imports(SRC / "backends" / "cache.py"))
+    assert not any(within(n, "prefsteer.storage") for n in imports(SRC / "backends" / "cache.py"))
 
 
 def test_guide_kinds_are_registered_inside_backends():

@@ -38,9 +38,11 @@ def fuzz_server(tmp_path_factory):
     mem = Memory(db)
     key = mem.create_key("fuzz")["key"]
     mem.close()
-    # small generations and limits: a generated max_tokens or text stays cheap on the fake model
+    # small generations and limits: a generated max_tokens or text stays cheap on the fake model; a
+    # rate limit the fuzz never reaches (it sends as fast as it can: 429s would replace its answers)
     s = Settings(db=db, backend="fake", embedder="hash", default_max_tokens=8, max_tokens_limit=16,
-                 max_prompt_chars=4000, max_text_chars=1000, max_pairs_per_request=5, max_body_bytes=200_000)
+                 max_prompt_chars=4000, max_text_chars=1000, max_pairs_per_request=5, max_body_bytes=200_000,
+                 rate_limit=100_000, rate_burst=10_000)
     with thread_server(s) as base:
         headers = {"Authorization": f"Bearer {key}"}
         pair = {"prompt": "How do I boil an egg?", "chosen": "9 minutes.", "rejected": "Eggs are magic!!"}

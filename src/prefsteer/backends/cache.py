@@ -4,7 +4,7 @@
     >>> scorer.score(requests)                   # only the misses reach the backend, in one call
 
 A score is keyed by what determines it: the model's fingerprint, its chat template, the request's
-messages and continuation (`score_key`); the store (the user memory, `prefsteer.memory.Memory`)
+messages and continuation (`score_key`); the store (the user memory, `prefsteer.storage.Memory`)
 keeps them across processes, users and seeds. The store is given, never imported here.
 """
 

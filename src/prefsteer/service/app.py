@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from fastapi import FastAPI
 
-from prefsteer.service.errors import ApiError, install
+from prefsteer.service.errors import install
 
 log = logging.getLogger("prefsteer.service")
 
@@ -40,7 +40,15 @@ class Settings:
     max_prompt_chars: int = field(default=32_000, metadata={"help": "characters of all messages together"})
     max_pairs_per_request: int = field(default=100, metadata={"help": "pairs in one feedback request"})
     max_text_chars: int = field(default=16_000, metadata={"help": "characters of a pair's prompt/chosen/rejected"})
-    max_body_bytes: int = field(default=2 << 20, metadata={"help": "request body size"})
+    max_body_bytes: int = field(default=2 << 20, metadata={
+        "help": "request body size, counted as it is read (chunked or not): past it a 413"})
+    body_read_timeout: float = field(default=30.0, metadata={
+        "help": "seconds a request's body may take to arrive; past them a 408"})
+    rate_limit: int = field(default=600, metadata={
+        "help": "requests a minute per client (an accepted API key, else the address; 0: no limit); "
+                "past it a 429 with Retry-After. Each replica limits on its own"})
+    rate_burst: int = field(default=120, metadata={
+        "help": "requests a client may make in a burst (its bucket's size), however fast"})
     worker: bool = field(default=True, metadata={"help": "index feedback in a background thread"})
     max_batch_rows: int = field(default=32, metadata={
         "help": "rows the engine decodes at once: concurrent answers are decoded together in one batch, "
@@ -58,10 +66,12 @@ class Settings:
             raise ValueError(f"--no-auth is allowed only on a loopback address (127.0.0.1, ::1, localhost), "
                              f"not on {self.host!r}: create keys with `prefsteer keys create --tenant T`")
         for name in ("default_max_tokens", "max_tokens_limit", "max_prompt_chars", "max_pairs_per_request",
-                     "max_text_chars", "max_body_bytes", "max_batch_rows", "max_waiting"):
-            least = 0 if name == "max_waiting" else 1
+                     "max_text_chars", "max_body_bytes", "max_batch_rows", "max_waiting", "rate_limit", "rate_burst"):
+            least = 0 if name in ("max_waiting", "rate_limit") else 1
             if getattr(self, name) < least:
                 raise ValueError(f"`{name}` (={getattr(self, name)}) has to be at least {least}")
+        if not self.body_read_timeout > 0:
+            raise ValueError(f"`body_read_timeout` (={self.body_read_timeout}) has to be a positive number of seconds")
 
 
 def _load(settings: Settings):
@@ -78,25 +88,23 @@ def _load(settings: Settings):
     return backend, embedder, load_library(settings.attributes)
 
 
-class _BodyLimit:
-    """Refuse a body larger than the limit (by its Content-Length) before reading it."""
+class _App(FastAPI):
+    """FastAPI, with the request id and the metrics outside its error handling: an unexpected
+    error's 500 carries ``X-Request-Id`` and is counted too."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def build_middleware_stack(self):
+        from prefsteer.service.logs import RequestId
+        from prefsteer.service.metrics import Observe
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.limit:
-                resp = ApiError(413, f"the request body has {int(length)} bytes, more than the limit of "
-                                     f"{self.limit} (max_body_bytes)", code="body_too_large").response()
-                return await resp(scope, receive, send)
-        return await self.app(scope, receive, send)
+        return RequestId(Observe(super().build_middleware_stack(), self.state.metrics, self.state.routes))
 
 
 def create_app(settings: Settings) -> FastAPI:
+    from prefsteer.service.edge import Edge
     from prefsteer.service.engine import Engine
+    from prefsteer.service.metrics import Metrics
     from prefsteer.service.routes import chat, meta, users, web
+    from prefsteer.service.schemas import EDGE_ERRORS, error_responses
     from prefsteer.service.worker import Worker
     from prefsteer.types import sha
 
@@ -114,6 +122,7 @@ def create_app(settings: Settings) -> FastAPI:
         if eng.worker:
             eng.worker.start()
         app.state.engine = eng
+        eng.serving.metrics = app.state.metrics  # tokens generated, admission refusals
         try:
             yield
         finally:
@@ -123,10 +132,15 @@ def create_app(settings: Settings) -> FastAPI:
 
     # /docs: routes/web.py serves Swagger UI from installed files (FastAPI's loads it from a CDN);
     # ReDoc would need a CDN too, so there is no /redoc
-    app = FastAPI(title="prefsteer", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="OpenAI-compatible chat, personalized per user from their preference feedback.")
+    app = _App(title="prefsteer", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+               description="OpenAI-compatible chat, personalized per user from their preference feedback.")
+    app.state.metrics = Metrics(lambda: getattr(app.state, "engine", None))
     install(app)
-    for r in (meta.router, chat.router, users.router, web.router):
-        app.include_router(r)
-    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    routers = (meta.router, chat.router, users.router, web.router)
+    for r in routers:
+        app.include_router(r, responses=error_responses(*EDGE_ERRORS))  # what the edge answers, on any route
+    # the routes whose templates label the metrics (the routers' own: how an app keeps the routes it
+    # includes differs between FastAPI versions)
+    app.state.routes = [r for r in app.router.routes if hasattr(r, "path")] + [x for r in routers for x in r.routes]
+    app.add_middleware(Edge, settings=settings, metrics=app.state.metrics)
     return app

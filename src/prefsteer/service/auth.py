@@ -37,7 +37,8 @@ def is_loopback(host: str) -> bool:
 
 
 def check_user_id(user_id: str) -> None:
-    if not isinstance(user_id, str) or not store.NAME.match(user_id):
+    # fullmatch: `$` in the pattern also matches before a final newline ("nl\n" would pass .match)
+    if not isinstance(user_id, str) or not store.NAME.fullmatch(user_id):
         raise ApiError(422, f"user id {user_id!r} does not match the user id format: {store.NAME_RULE}",
                        param="user_id", code="invalid_user_id")
 
@@ -53,6 +54,7 @@ def current_tenant(request: Request, eng=Depends(engine)) -> Tenant:
     if token:
         name = eng.memory.tenant_of(token)
         if name is not None:
+            request.state.api_key_accepted = True  # the edge's rate limit: this key gets its own bucket
             return Tenant(name)
     if not eng.settings.auth:
         return Tenant(None)

@@ -14,8 +14,9 @@ from prefsteer.errors import PrefsteerError
 log = logging.getLogger("prefsteer.service")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 500: "server_error", 503: "server_error"}
+          405: "invalid_request_error", 408: "invalid_request_error", 409: "conflict_error",
+          413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+          500: "server_error", 503: "server_error"}
 
 
 class ApiError(Exception):

@@ -1,17 +1,23 @@
 """Request and response models: OpenAI's chat completion API field for field, prefsteer's extras
 in a ``prefsteer`` object. Unknown request fields are refused (400 naming the field), so a client
-never believes an option was applied when it was not."""
+never believes an option was applied when it was not. Numbers and booleans are taken as JSON types
+only (``"max_tokens": "10"`` or ``true`` for a number is a 400 naming the field); an integer is a
+number, so ``"temperature": 1`` is accepted."""
 
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from prefsteer.methods import available_methods
 
 # every registered method, as the schema's enum (a method registered later is served too)
 MethodName = Literal[tuple(available_methods())]  # type: ignore[valid-type]
+
+# `seed`: a signed 64-bit integer, as OpenAI's API defines it; torch.Generator.manual_seed (every
+# backend's sampler, the fake one included) takes -2**63 .. 2**64-1 and fails past it
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
 class _Strict(BaseModel):
@@ -37,7 +43,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class PrefsteerOptions(_Strict):
@@ -45,31 +51,31 @@ class PrefsteerOptions(_Strict):
     method: Optional[MethodName] = Field(
         None, description="personalization method (default: the service's, exact, when a user is given, "
                           "else none)")
-    prefs: Optional[Union[dict[str, float], str]] = Field(None, description="cliper: preference -> weight")
-    alpha: Optional[float] = Field(None, ge=0, description="cliper: guidance strength")
+    prefs: Optional[Union[dict[str, StrictFloat], str]] = Field(None, description="cliper: preference -> weight")
+    alpha: Optional[StrictFloat] = Field(None, ge=0, description="cliper: guidance strength")
 
 
 class ChatCompletionRequest(_Strict):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    seed: Optional[int] = None
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    temperature: Optional[StrictFloat] = Field(None, ge=0, le=2)
+    top_p: Optional[StrictFloat] = Field(None, gt=0, le=1)
+    seed: Optional[StrictInt] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: Union[str, list[str], None] = None
-    n: Optional[int] = Field(None, ge=1)
-    stream: Optional[bool] = False
+    n: Optional[StrictInt] = Field(None, ge=1)
+    stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     # accepted at their defaults only (a non-default value is refused, naming the field)
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    presence_penalty: Optional[StrictFloat] = None
+    frequency_penalty: Optional[StrictFloat] = None
+    logit_bias: Optional[dict[str, StrictFloat]] = None
+    logprobs: Optional[StrictBool] = None
+    top_logprobs: Optional[StrictInt] = None
     metadata: Optional[dict[str, str]] = None
-    store: Optional[bool] = None
+    store: Optional[StrictBool] = None
     prefsteer: Optional[PrefsteerOptions] = None
 
 
@@ -195,14 +201,21 @@ class ErrorResponse(BaseModel):
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "invalid request: the field is named in `error.param` (a validation error is a 400 too)",
+    400: "invalid request: the field is named in `error.param` (a validation error is a 400 too; so are a "
+         "second Authorization header and, without keys, a Host that is not a loopback name)",
     401: "missing or invalid API key",
     404: "not found (another tenant's user is not found either)",
+    408: "the request body did not arrive within `body_read_timeout` seconds",
     409: "the user's feedback is not indexed yet, or the method is not fitted",
     413: "a size limit: body, prompt, pairs per request, text length, context",
     422: "the user id does not match the user id format",
+    429: "rate limit reached (per API key, else per client address; not /health or /ready): retry after "
+         "`Retry-After` s",
     503: "the engine is full (rows decoding and requests waiting at their bounds): retry after `Retry-After` s",
 }
+
+# what the edge (`prefsteer.service.edge`) may answer on any route, before the route runs
+EDGE_ERRORS = (400, 408, 413, 429)
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:

@@ -188,6 +188,7 @@ class ChatServing:
 
     def __init__(self, engine):
         self.engine = engine
+        self.metrics = None  # the app's `Metrics` (set by the app): tokens generated, admission refusals
 
     def _method(self, name: str, options: dict[str, Any]):
         try:
@@ -257,6 +258,8 @@ class ChatServing:
             raise ApiError(413, f"method '{method.name}': {e}", param="messages",
                            code="context_length_exceeded") from None
         except EngineBusy as e:
+            if self.metrics is not None:
+                self.metrics.refused_busy()
             raise ApiError(503, f"the server is busy: {e}; retry after {e.retry_after:g} s", code="overloaded",
                            headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
         except UnsupportedOperation as e:
@@ -305,7 +308,12 @@ class ChatServing:
     def _whole(self, reply: Reply, start: float) -> Answer:
         reply.scan.flush()
         reply.info.timings.setdefault("generation", round(time.perf_counter() - start, 6))
-        return reply.answer(self.engine)
+        return self._answered(reply.answer(self.engine))
+
+    def _answered(self, a: Answer) -> Answer:
+        if self.metrics is not None:  # counted as an answer ends (a stream its client left is not)
+            self.metrics.generated(a.info.method, a.completion_tokens)
+        return a
 
     # -- shaping the answer ------------------------------------------------------------------
     def completion(self, a: Answer) -> ChatCompletion:
@@ -347,7 +355,7 @@ class ChatServing:
             if out := reply.scan.flush():
                 yield chunk({"content": out})
             reply.info.timings.setdefault("generation", round(time.perf_counter() - start, 6))
-            a = reply.answer(eng)
+            a = self._answered(reply.answer(eng))
             yield chunk({}, a.finish_reason)
             if include_usage:
                 usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,

@@ -27,6 +27,7 @@ import time
 import uuid
 
 from prefsteer.service.engine import call_quietly
+from prefsteer.service.metrics import JOB_SECONDS, PAIRS_INDEXED
 
 log = logging.getLogger("prefsteer.service.worker")
 
@@ -113,8 +114,9 @@ class Worker:
                     self._process(job, beat)
             except Exception as e:  # a bug or a model error: the job fails, the worker goes on
                 log.exception("job %s failed", job["job_id"])
-                mem.release_job(job["job_id"], self.owner, status="failed", finished=time.time(),
-                                error=f"{type(e).__name__}: {e}")
+                if mem.release_job(job["job_id"], self.owner, status="failed", finished=time.time(),
+                                   error=f"{type(e).__name__}: {e}"):
+                    JOB_SECONDS.observe(time.time() - job["started"])
             finally:
                 self.current = None
 
@@ -140,11 +142,13 @@ class Worker:
                     raise RuntimeError(f"pair {pid} of the job is not in the memory")
                 actions.add(method.feedback(user, [pair]))
                 indexed += 1
+                PAIRS_INDEXED.inc()
                 if not mem.update_job(jid, holder=self.owner, done=indexed):
                     return
         result = {method.name: {"indexed": indexed, "result": ", ".join(sorted(actions)) or "resumed", **method.summary(user)}}
         result.update(self._other_methods(user, job["pair_ids"], skip=method.name))
-        mem.release_job(jid, self.owner, status="done", done=indexed, finished=time.time(), result=result)
+        if mem.release_job(jid, self.owner, status="done", done=indexed, finished=time.time(), result=result):
+            JOB_SECONDS.observe(time.time() - job["started"])
 
     def _other_methods(self, user: str, pair_ids: list[str], skip: str) -> dict:
         """Tell the user's other fitted methods of the new pairs (each the way it can)."""

@@ -1,0 +1,151 @@
+"""Prometheus metrics, served at ``GET /metrics`` (text format, no key needed).
+
+Each app has its own registry (`Metrics.registry`, never prometheus-client's global one), so that
+the many apps a test run builds in one process count apart. The feedback worker's metrics are the
+process's (`JOB_SECONDS`, `PAIRS_INDEXED`): every app's registry serves them too.
+
+    prefsteer_requests_total{route,method,status}   answers, by route template (never the raw path)
+    prefsteer_request_seconds{route}                time from the request to the end of its answer
+    prefsteer_generation_tokens_total{method}       tokens generated, by personalization method
+    prefsteer_queue_depth{tenant}                   feedback jobs queued or running (read at scrape)
+    prefsteer_job_seconds                           a feedback job's duration (the worker observes it)
+    prefsteer_pairs_indexed_total                   pairs the worker indexed
+    prefsteer_rate_limited_total                    requests refused with 429 (rate limit)
+    prefsteer_admission_refused_total               answers refused with 503 (the engine is full)
+
+    m = Metrics(lambda: app.state.engine)
+    app = Observe(app, m, routes)     # counts and times every answer, errors included
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger("prefsteer.service")
+
+# -- the process's: the feedback worker's metrics --------------------------------------------
+PROCESS_REGISTRY = CollectorRegistry(auto_describe=True)
+JOB_SECONDS = Histogram("prefsteer_job_seconds", "Duration of a feedback job, from its start to done or failed",
+                        buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+                        registry=PROCESS_REGISTRY)
+PAIRS_INDEXED = Counter("prefsteer_pairs_indexed", "Preference pairs the feedback worker indexed",
+                        registry=PROCESS_REGISTRY)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+UNMATCHED = "unmatched"  # the route label of a path no route serves (the raw path would be unbounded)
+GONE = "499"  # the status label of a request whose client left before any answer (nginx's code)
+
+
+class _Process:
+    """Serves the process's metrics from an app's registry."""
+
+    def collect(self):
+        yield from PROCESS_REGISTRY.collect()
+
+    def describe(self):
+        return list(PROCESS_REGISTRY.collect())
+
+
+class QueueDepth:
+    """``prefsteer_queue_depth{tenant}``, read when scraped from ``memory.queue_depth()`` (tenant ->
+    jobs queued or running; the local namespace is the empty tenant). A database that fails gives no
+    samples: a scrape never fails for it."""
+
+    def __init__(self, engine: Callable[[], Any]):
+        self.engine = engine
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily("prefsteer_queue_depth", "Feedback jobs queued or running, by tenant",
+                                 labels=["tenant"])
+
+    def describe(self):
+        return [self._family()]
+
+    def collect(self):
+        family = self._family()
+        eng = self.engine()
+        try:
+            for tenant, n in sorted((eng.memory.queue_depth() if eng is not None else {}).items()):
+                family.add_metric([tenant or ""], float(n))
+        except Exception as e:  # the database is down: /ready says so; the scrape still answers
+            log.warning("queue depth unavailable for /metrics: %s: %s", type(e).__name__, e)
+        yield family
+
+
+class Metrics:
+    """One app's metrics and its registry (see the module's docstring for the names)."""
+
+    def __init__(self, engine: Callable[[], Any] = lambda: None):
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("prefsteer_requests", "HTTP answers, by route template, method and status",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("prefsteer_request_seconds", "Time from a request to the end of its answer",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("prefsteer_generation_tokens", "Tokens generated, by personalization method",
+                              ["method"], registry=r)
+        self.rate_limited = Counter("prefsteer_rate_limited", "Requests refused with 429 by the rate limit",
+                                    registry=r)
+        self.admission_refused = Counter("prefsteer_admission_refused",
+                                         "Answers refused with 503 because the engine was full", registry=r)
+        r.register(_Process())
+        r.register(QueueDepth(engine))
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition (body, content type)."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # what the serving object reports
+    def generated(self, method: str, tokens: int) -> None:
+        if tokens > 0:
+            self.tokens.labels(method).inc(tokens)
+
+    def refused_busy(self) -> None:
+        self.admission_refused.inc()
+
+
+def route_template(routes, scope) -> str:
+    """The template of the route that serves ``scope`` (``/v1/users/{user_id}/feedback``), found
+    before the app runs so that a request refused at the edge is labelled too; a path served by a
+    route under another method gets that route's template."""
+    from starlette.routing import Match
+
+    partial = None
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return route.path
+        if match is Match.PARTIAL and partial is None:
+            partial = route.path
+    return partial or UNMATCHED
+
+
+class Observe:
+    """Pure ASGI middleware: counts and times every HTTP answer by route template and status. Put
+    outside the app's error handling so that a 500 is counted too."""
+
+    def __init__(self, app, metrics: Metrics, routes: list):
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = route_template(self.routes, scope)
+        status = GONE
+        start = time.perf_counter()
+
+        async def send_observed(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            self.metrics.requests.labels(route, scope["method"], status).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
