@@ -59,16 +59,16 @@ def _db_state(db: str, user: str) -> dict:
 def _start(db: str, tmp_path, name: str):
     port = free_port()
     log = tmp_path / f"{name}.log"
-    proc = start_process(serve_script(db, port, auth=False), log)
+    proc = start_process(serve_script(db, port, auth=False, job_lease_seconds=2.0), log)
     base = f"http://127.0.0.1:{port}"
     wait_http(base, proc, log)
     return proc, base
 
 
-def _wait_indexed(h: httpx.Client, jid: str, at_least: int, timeout: float = 60.0) -> dict:
+def _wait_indexed(h: httpx.Client, jid: str, at_least: int, timeout: float = 60.0, headers=None) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        j = h.get(f"/v1/jobs/{jid}").json()
+        j = h.get(f"/v1/jobs/{jid}", headers=headers).json()
         if j["indexed"] >= at_least or j["status"] in ("done", "failed"):
             return j
         time.sleep(0.02)
@@ -158,3 +158,60 @@ def test_concurrent_duplicate_feedback_is_stored_once(tmp_path):
             time.sleep(0.1)
         prof = h.get("/v1/users/dup-u/profile").json()
         assert prof["pairs"] == 2 and len(prof["entries"]) == 2 and prof["pending_jobs"] == []
+
+
+# -- several replicas on one PostgreSQL database ------------------------------------------------------
+
+def test_two_replicas_on_postgresql_share_the_queue_and_take_over_a_killed_ones_job(tmp_path, postgres):
+    url = postgres.new_database()
+    first, base1 = _start(url, tmp_path, "r1")
+    second, base2 = _start(url, tmp_path, "r2")
+    try:
+        h1, h2 = httpx.Client(base_url=base1, timeout=60), httpx.Client(base_url=base2, timeout=60)
+        jobs = [h.post(f"/v1/users/rep-{i}/feedback", json={"pairs": PAIRS}).json()["job_id"]
+                for i, h in enumerate((h1, h2, h1, h2))]
+        _wait_indexed(h2, jobs[0], 1)
+        os.kill(first.pid, signal.SIGKILL)  # with jobs running and queued
+        first.wait(10)
+        for jid in jobs:  # the survivor takes the dead replica's job once its lease (2 s) runs out
+            job = wait_job(h2, jid, timeout=120)
+            assert job["status"] == "done" and job["indexed"] == len(PAIRS)
+        for i in range(4):
+            prof = h2.get(f"/v1/users/rep-{i}/profile").json()
+            assert prof["pairs"] == len(PAIRS) and len(prof["entries"]) == len(PAIRS)
+        assert h2.get("/ready").status_code == 200
+    finally:
+        stop_process(first)
+        stop_process(second)
+    import psycopg
+
+    with psycopg.connect(url) as conn:  # every job done once: its count of pairs, no more
+        rows = conn.execute("SELECT status, done, pair_ids, owner FROM jobs").fetchall()
+    assert [(s, d, o) for s, d, _, o in rows] == [("done", len(PAIRS), None)] * 4
+
+
+def test_one_tenants_backlog_does_not_hold_up_anothers_first_pair(tmp_path):
+    from prefsteer.backends.fake import FakeBackend
+
+    class Slow(FakeBackend):  # a pair's selection takes a while, as on a real model
+        def score(self, requests, *, progress=False):
+            time.sleep(0.0004 * len(requests))
+            return super().score(requests, progress=progress)
+
+    db = str(tmp_path / "m.db")
+    mem = Memory(db)
+    keys = {t: {"Authorization": f"Bearer {mem.create_key(t)['key']}"} for t in ("big", "small")}
+    mem.close()
+    backlog = [{"prompt": f"Question {i}: how long do I cook {TOPICS[i % 10]}?", "chosen": "Ten minutes.",
+                "rejected": "A magical journey of wonder!!"} for i in range(30)]
+    with thread_server(Settings(db=db, backend="fake", embedder="hash", make_backend=Slow)) as base:
+        h = httpx.Client(base_url=base, timeout=60)
+        big = h.post("/v1/users/b/feedback", json={"pairs": backlog}, headers=keys["big"]).json()["job_id"]
+        _wait_indexed(h, big, 1, headers=keys["big"])
+        small = h.post("/v1/users/s/feedback", json={"pairs": PAIRS[:1]}, headers=keys["small"]).json()["job_id"]
+        done = wait_job(h, small, keys["small"], timeout=60)
+        at_that_time = h.get(f"/v1/jobs/{big}", headers=keys["big"]).json()
+        assert done["status"] == "done"
+        # the small tenant waited for the pair in flight (and the one claimed with it), not the backlog
+        assert at_that_time["status"] == "running" and at_that_time["indexed"] <= 5, at_that_time
+        assert wait_job(h, big, keys["big"], timeout=120)["indexed"] == len(backlog)

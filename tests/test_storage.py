@@ -275,3 +275,49 @@ def test_postgresql_refusals_name_the_database_without_its_password(postgres):
     assert "hunter2" not in str(e.value) and "cannot be reached" in str(e.value) and "***" in str(e.value)
     with pytest.raises(MemoryFileError, match="mysql://"):
         Memory("mysql://u@h/db")
+
+
+# -- a pair's identity survives file names and migrations ------------------------------------------------
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+def _index(db: str, data, capsys) -> None:
+    assert main(["index", "--data", str(data), "--db", db, "--backend", "fake", "--embedder", "hash", "--quiet"]) == 0
+    capsys.readouterr()
+
+
+def test_two_tldr_files_of_the_same_name_in_two_folders_are_both_kept(tmp_path, capsys):
+    src = (FIXTURES / "tldr_small.json").read_text().splitlines()
+    other = [json.loads(line) for line in src]
+    for o in other:  # other comparisons, as another batch of the same name would hold
+        o["summaries"][0]["text"] += " (second batch)"
+    for folder, lines in (("a", src), ("b", [json.dumps(o) for o in other])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "batch13.json").write_text("\n".join(lines) + "\n")
+    db = str(tmp_path / "m.db")
+    _index(db, tmp_path / "a" / "batch13.json", capsys)
+    _index(db, tmp_path / "b" / "batch13.json", capsys)
+    mem = Memory(db)
+    assert sum(mem.pair_count(u) for u in mem.users()) == 2 * len(src)
+
+
+def test_after_the_v0_migration_the_same_tldr_file_adds_no_pair(tmp_path, capsys):
+    from prefsteer.data import load_pairs
+
+    from tests.test_memory import V0_SCHEMA
+
+    pairs = load_pairs(FIXTURES / "tldr_small.json")
+    path = tmp_path / "old.db"
+    c = sqlite3.connect(path)
+    c.executescript(V0_SCHEMA)
+    for i, p in enumerate(pairs):  # as prefsteer 0.x stored them: "<file stem>:<line>"
+        c.execute("INSERT OR IGNORE INTO users VALUES (?, 'ready')", (p.user_id,))
+        c.execute("INSERT INTO pairs VALUES (?,?,?,?,?,'{}',?)",
+                  (p.user_id, f"tldr_small:{i}", p.prompt, p.chosen, p.rejected, i))
+    c.commit()
+    c.close()
+    _index(str(path), FIXTURES / "tldr_small.json", capsys)
+    mem = Memory(path)
+    stored = [q for u in mem.users() for q in mem.pairs(u)]
+    assert sorted(q.pair_id for q in stored) == sorted(p.pair_id for p in pairs)  # once each, by content

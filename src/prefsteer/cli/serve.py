@@ -31,6 +31,7 @@ _NOT_FROM_ENV = {"help", "json", "quiet", "verbose", "db", "model", "backend", "
 _LIMITS = ("default_max_tokens", "max_tokens_limit", "max_prompt_chars", "max_pairs_per_request", "max_text_chars")
 _EDGE = ("max_body_bytes", "body_read_timeout", "rate_limit", "rate_burst")
 _ADMISSION = ("max_batch_rows", "max_waiting")
+_QUEUE = ("job_lease_seconds",)
 
 
 def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
@@ -66,6 +67,12 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
         "that is a loopback name. GET /health (alive), /ready (model loaded, database answering) and "
         "/metrics (Prometheus) need no key.")
     for name in _EDGE:
+        setting(g, name)
+    g = p.add_argument_group(
+        "feedback queue", "Feedback is indexed by a worker in every replica, from one queue in the database: "
+        "a job is leased to one replica, which renews the lease while it works; a replica that stops "
+        "renewing (killed) loses the job to another once the lease runs out. Tenants take turns.")
+    for name in _QUEUE:
         setting(g, name)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: info)")
@@ -158,11 +165,11 @@ def settings_from_args(args, ctx):
     # EXACT's options, with the command line's default preset (the product's; --preset paper: the paper's)
     exact = dataclasses.asdict(method_config("exact", options["exact"], CLI_DEFAULTS))
     return Settings(
-        db=ctx.memory.path, backend=args.backend, model=getattr(args, "model", None),
+        db=ctx.memory.db, backend=args.backend, model=getattr(args, "model", None),
         embedder=getattr(args, "embedder", None), attributes=getattr(args, "attributes", None),
         host=args.host, auth=not args.no_auth, model_id=args.model_id, exact=exact,
         default_method=args.method, method_options={n: o for n, o in options.items() if o},
-        **{n: getattr(args, n) for n in (*_LIMITS, *_ADMISSION, *_EDGE)},
+        **{n: getattr(args, n) for n in (*_LIMITS, *_ADMISSION, *_EDGE, *_QUEUE)},
         make_backend=lambda: ctx.backend, make_embedder=lambda: ctx.embedder)
 
 
@@ -193,7 +200,7 @@ def cmd_serve(args, ctx) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     logging.getLogger("prefsteer.service").info(
         "loading the %s model, then serving http://%s:%s/v1 (%s; db %s)", args.backend, host, args.port,
-        "no auth, loopback only" if args.no_auth else "API keys required", settings.db)
+        "no auth, loopback only" if args.no_auth else "API keys required", ctx.memory.path)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30,
                 log_config=None)
     return 0

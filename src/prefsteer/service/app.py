@@ -21,7 +21,8 @@ log = logging.getLogger("prefsteer.service")
 
 @dataclass
 class Settings:
-    db: str = field(metadata={"help": "the user memory (SQLite) the service reads and writes"})
+    db: str = field(metadata={"help": "the user memory the service reads and writes: a SQLite file, or a "
+                                      "postgresql:// URL that several replicas share"})
     backend: str = field(default="hf", metadata={"help": "model backend: hf, fake, ..."})
     model: str | None = field(default=None, metadata={"help": "model path or hub name (hf)"})
     embedder: str | None = field(default=None, metadata={"help": "prompt embedder (None: all-MiniLM-L6-v2)"})
@@ -50,6 +51,9 @@ class Settings:
     rate_burst: int = field(default=120, metadata={
         "help": "requests a client may make in a burst (its bucket's size), however fast"})
     worker: bool = field(default=True, metadata={"help": "index feedback in a background thread"})
+    job_lease_seconds: float = field(default=30.0, metadata={
+        "help": "how long a feedback job stays a replica's without a renewal (renewed every third of it); "
+                "a killed replica's job is taken over after this"})
     max_batch_rows: int = field(default=32, metadata={
         "help": "rows the engine decodes at once: concurrent answers are decoded together in one batch, "
                 "each taking one row (a Drift answer 1 + its branches); a request waits for a place"})
@@ -70,6 +74,8 @@ class Settings:
             least = 0 if name in ("max_waiting", "rate_limit") else 1
             if getattr(self, name) < least:
                 raise ValueError(f"`{name}` (={getattr(self, name)}) has to be at least {least}")
+        if not self.job_lease_seconds > 0:
+            raise ValueError(f"`job_lease_seconds` (={self.job_lease_seconds}) has to be a positive number of seconds")
         if not self.body_read_timeout > 0:
             raise ValueError(f"`body_read_timeout` (={self.body_read_timeout}) has to be a positive number of seconds")
 
@@ -117,7 +123,7 @@ def create_app(settings: Settings) -> FastAPI:
         eng.started = int(time.time())
         if settings.auth and eng.memory.count_keys() == 0:
             log.warning("no API keys in %s: every request will get 401; create one with "
-                        "`prefsteer keys create --tenant T --db %s`", settings.db, settings.db)
+                        "`prefsteer keys create --tenant T --db %s`", eng.memory.path, eng.memory.path)
         eng.worker = Worker(eng) if settings.worker else None
         if eng.worker:
             eng.worker.start()

@@ -202,6 +202,7 @@ class Memory:
     nothing is created."""
 
     path: str          # what to show the user: the file path, or the URL without its password
+    db: str            # what `Memory(db)` opens again (the URL with its password)
     thread_safe = False  # one object may serve every thread (a pool) rather than one per thread
 
     def __new__(cls, db: str | Path | None = None, *, create: bool = True):

@@ -56,13 +56,13 @@ class PostgresMemory(Memory):
         except ImportError:
             raise MemoryFileError(redact(str(url)), "is a PostgreSQL database, and psycopg is not installed",
                                   "pip install 'prefsteer[postgres]'") from None
-        self.url, self.path = str(url), redact(str(url))
-        if not self.url.startswith(("postgresql://", "postgres://")):
-            scheme = self.url.split("://", 1)[0]
+        self.db, self.path = str(url), redact(str(url))
+        if not self.db.startswith(("postgresql://", "postgres://")):
+            scheme = self.db.split("://", 1)[0]
             raise MemoryFileError(self.path, f"is a {scheme}:// URL; the memory is a file path (SQLite) or a "
                                   "postgresql:// URL", "give --db memory.db or --db postgresql://user@host/db")
         self._local = threading.local()
-        self._pool = ConnectionPool(self.url, min_size=1, max_size=pool_size, open=False,
+        self._pool = ConnectionPool(self.db, min_size=1, max_size=pool_size, open=False,
                                     kwargs={"autocommit": True}, name="prefsteer")
         try:
             self._pool.open(wait=True, timeout=15)

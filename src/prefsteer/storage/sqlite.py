@@ -81,7 +81,7 @@ class SQLiteMemory(Memory):
     def __init__(self, path: str | Path | None = None, *, create: bool = True):
         from prefsteer.paths import default_db_path
 
-        self.path = str(path) if path is not None else str(default_db_path())
+        self.path = self.db = str(path) if path is not None else str(default_db_path())
         self._lock = threading.RLock()
         self._depth = 0
         if not self.path.strip():
