@@ -363,3 +363,13 @@ def test_table7_studies_a_pair_once_across_seeds(fake_backend, data, tmp_path):
     seed1.run()
     fresh = {(r["user"], r["pair_id"]) for r in read_records(tmp_path / "other") if r["kind"] == "table7"}
     assert first & fresh  # the two seeds share pairs, so the first directory skipped them
+
+
+def test_a_run_on_either_store_gives_the_same_records(fake_backend, data, tmp_path, db):
+    cfg = make_config(data)
+    Runner(cfg, fake_backend, tmp_path / "file", embedder="hash", methods=["exact"], progress=False).run()
+    on_db = Runner(cfg, fake_backend, tmp_path / "db", embedder="hash", methods=["exact"], progress=False, db=db)
+    on_db.run()
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("time", "timings")}  # noqa: E731
+    assert [strip(r) for r in read_records(tmp_path / "file")] == [strip(r) for r in read_records(tmp_path / "db")]
+    assert on_db.memory.db == db and sum(on_db.memory.pair_count(u) for u in on_db.memory.users()) > 0

@@ -35,6 +35,9 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (…/v1)")
     p.add_argument("--judge-model", default=None, help="model name at the judge endpoint")
     p.add_argument("--max-records", type=int, default=None, help="stop after this many new records")
+    p.add_argument("--run-db", default=None,
+                   help="where the run keeps its selections, entries and score cache: a SQLite file or a "
+                        "postgresql:// URL (default: memory.sqlite in the run directory)")
     p.add_argument("--report", action="store_true", help="also write the report into the run directory")
     p.add_argument("--n-prompts", type=int, default=None,
                    help="known-answer configurations: new prompts per style (default: the configuration's)")
@@ -106,7 +109,8 @@ def cmd_eval(args, ctx) -> int:
     backend = ctx.backend
     out = Path(args.out) if args.out else default_out(config.name, backend.fingerprint)
     runner = Runner(config, backend, out, embedder=ctx.embedder, methods=args.methods, seeds=args.seeds,
-                    judge=judge, winrate=args.winrate, table7=args.table7, progress=not args.quiet)
+                    judge=judge, winrate=args.winrate, table7=args.table7, progress=not args.quiet,
+                    db=args.run_db)
     summary = runner.run(max_records=args.max_records)
     if args.report:
         from prefsteer.evaluation.report import write_report

@@ -106,7 +106,7 @@ class Runner:
     def __init__(self, config: EvalConfig, backend, out_dir: str | Path, *, embedder: Any = None,
                  methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                  judge=None, winrate: bool | None = None, table7: bool | None = None,
-                 progress: bool = True):
+                 progress: bool = True, db: str | None = None):
         from prefsteer.attributes import load_library
         from prefsteer.backends.cache import ScoreCache
         from prefsteer.storage import Memory
@@ -119,7 +119,7 @@ class Runner:
         self.winrate = config.winrate.enabled if winrate is None else winrate
         self.table7 = config.table7.enabled if table7 is None else table7
         self.progress = progress
-        self.memory = Memory(self.out / "memory.sqlite")
+        self.memory = Memory(db or self.out / "memory.sqlite")
         self.scorer = ScoreCache(backend, self.memory)
         library = load_library()
         self.full_library = library
