@@ -17,7 +17,7 @@ from prefsteer.cli.output import emit
 def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
     help_ = "manage the memory's database: copy a whole memory between SQLite and PostgreSQL"
     p = subparsers.add_parser("db", parents=parents, help=help_, description=help_)
-    sub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    sub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True, help="copy")
     c = sub.add_parser("copy", parents=parents, help="copy every table of SRC into DST (new or empty)",
                        description=__doc__.split("\n\n")[2])
     c.add_argument("src", metavar="SRC", help="the memory to copy: a SQLite file or a postgresql:// URL")
