@@ -27,7 +27,7 @@ def local_ray():
     ray.shutdown()
 
 
-def _memory(db: Path) -> dict:
+def _memory(db: Path | str) -> dict:
     mem = Memory(str(db))
     out = {}
     for u in mem.users():
@@ -51,6 +51,15 @@ def test_ray_index_equals_serial(tmp_path):
     assert serial and serial == distributed
     assert all(status == "ready" for _, status, _ in distributed.values())
     assert _selections(tmp_path / "s.db") == _selections(tmp_path / "r.db")
+
+
+def test_ray_index_into_postgresql_equals_serial_into_sqlite(tmp_path, postgres):
+    url = postgres.new_database()
+    assert main(["index", *COMMON, "--data", DATA, "--db", str(tmp_path / "s.db")]) == 0
+    assert main(["index", *COMMON, "--executor", "ray", "--workers", "2", "--data", DATA, "--db", url]) == 0
+    serial, distributed = _memory(tmp_path / "s.db"), _memory(url)  # the driver wrote PostgreSQL
+    assert serial and serial == distributed
+    assert Memory(str(tmp_path / "s.db")).all_selections() == Memory(url).all_selections()
 
 
 def test_ray_resumes_from_stored_selections_and_writes_them_as_they_come(tmp_path, monkeypatch):
