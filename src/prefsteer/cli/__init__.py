@@ -7,7 +7,7 @@
     prefsteer generate --user alice "PROMPT"         # EXACT online: retrieve, inject, generate
     prefsteer generate --method drift --drift-beta 2 --user alice "PROMPT"
     prefsteer generate --method cliper --prefs concise=1,humor=0.5 --alpha 0.5 "PROMPT"
-    prefsteer delete --user alice                    # every row and file stored about alice
+    prefsteer delete --user alice                    # every row stored about alice
     prefsteer feedback --user alice --prompt P --chosen A --rejected B
     prefsteer attributes                             # the attribute library
     prefsteer eval --config quick | eval report RUN | eval compare A B

@@ -1,4 +1,4 @@
-"""`prefsteer delete`: a user, and every row and file stored about them.
+"""`prefsteer delete`: a user, and every row stored about them.
 
     prefsteer delete --user alice
 """
@@ -11,7 +11,7 @@ from prefsteer.cli.output import emit
 
 
 def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
-    help_ = "delete a user: every pair, selection, entry, method state and file"
+    help_ = "delete a user: every pair, selection, entry, method state and job"
     p = subparsers.add_parser("delete", parents=parents, help=help_, description=help_)
     p.set_defaults(func=cmd_delete, writes=False)
     p.add_argument("--user", required=True, help="user id")

@@ -1,5 +1,5 @@
-"""What every request shares: the backend (loaded once), the embedder, the attribute library, a
-memory connection per thread, method objects per thread (built by the method registry), the chat
+"""What every request shares: the backend (loaded once), the embedder, the attribute library, the
+memory (a connection per thread on SQLite, one pool on PostgreSQL), method objects per thread (built by the method registry), the chat
 serving object, and a lock per user that deletion and the feedback worker take so that a deleted
 user's job cannot write the user back."""
 
