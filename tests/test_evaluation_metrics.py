@@ -152,6 +152,9 @@ def test_table7_summary():
     assert s["gap"] == 1.0 and s["greedy_optimal"] == 0.5
     assert s["improvement_ratio"] == pytest.approx((1.0 + 2.0) / (1.0 + 4.0))  # pooled over the pairs
     assert s["ratio"] == pytest.approx((1.0 + 1 / 3) / 2)
+    # Eq. 12: anchored at plain, means over both pairs: F(S_k) = (1 + 2) / 2, F(S*) = (1 + 4) / 2, r = 3 / 5
+    assert (s["eq12_greedy"], s["eq12_exhaustive"]) == (pytest.approx(1.5), pytest.approx(2.5))
+    assert s["eq12_ratio"] == pytest.approx(0.6)
     # exhaustive barely beating plain while greedy falls below it: pooled, not a per-pair -50
     barely = {"greedy": 0.5, "exhaustive": 1.01, "base": 1.0, "k": 3, "library_size": 12}
     assert table7_summary(recs + [barely])["improvement_ratio"] == pytest.approx((1.0 + 2.0 - 0.5) / (1.0 + 4.0 + 0.01))

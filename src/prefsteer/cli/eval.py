@@ -34,6 +34,12 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
                    help="win-rate judge: the evaluation's own model, or an OpenAI-compatible endpoint")
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (…/v1)")
     p.add_argument("--judge-model", default=None, help="model name at the judge endpoint")
+    p.add_argument("--judge-pairs", type=int, default=None,
+                   help="training pairs shown to the win-rate judge at most, 0: all (default: the "
+                        "configuration's winrate.judge_pairs, 10)")
+    p.add_argument("--judge-chars", type=int, default=None,
+                   help="characters of history shown to the win-rate judge at most, 0: no limit (default: "
+                        "the configuration's winrate.judge_chars, 6000)")
     p.add_argument("--max-records", type=int, default=None, help="stop after this many new records")
     p.add_argument("--run-db", default=None,
                    help="where the run keeps its selections, entries and score cache: a SQLite file or a "
@@ -100,6 +106,11 @@ def cmd_eval(args, ctx) -> int:
     if known_answer.is_known_answer(args.config):  # its own protocol: evaluation/known_answer.py
         return cmd_known_answer(args, ctx)
     config = load_config(args.config)
+    caps = {k: v for k, v in (("judge_pairs", args.judge_pairs), ("judge_chars", args.judge_chars)) if v is not None}
+    if caps:  # validated as the configuration's own fields are; the records' config_json carries it
+        import dataclasses
+
+        config.winrate = dataclasses.replace(config.winrate, **caps)
     for spec in config.methods:  # an unknown method or option stops the run before the model loads
         spec.check()
     judge = None

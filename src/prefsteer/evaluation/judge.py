@@ -4,6 +4,12 @@ A judge sees the user's training pairs, the prompt and two responses labelled A 
 its preference for A (> 0: A, < 0: B, 0: tie). `compare` asks in both orders so a position bias
 cancels (see `metrics.prompt_winrate`).
 
+The history shown is capped: at most ``max_pairs`` of the user's training pairs (10 by default) and
+``max_chars`` characters of history (6,000), whole pairs only, the earliest first. The paper's judge
+(EXACT §6.3) is given the user's training pairs with no cap stated; 0 lifts a cap (``max_pairs=0,
+max_chars=0``: every pair, however long). The evaluation sets both from its configuration's ``winrate.judge_pairs`` and
+``winrate.judge_chars``, and its report states them (`cap_text`).
+
 * `LocalJudge`: the evaluation's own backend; preference = log p("A") - log p("B") as the answer.
 * `OpenAIJudge`: any OpenAI-compatible ``/chat/completions`` endpoint, called with the official
   `openai` client (a `prefsteer serve`, vLLM, OpenAI itself); the first letter of the reply
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Callable, Protocol, Sequence
 
 from prefsteer.backends.base import ScoreRequest
@@ -32,9 +39,40 @@ QUESTION = ("Which response would this user prefer for the request above? "
             "Answer with a single letter, A or B.")
 
 
+JUDGE_PAIRS = 10     # training pairs shown to the judge at most (0: all)
+JUDGE_CHARS = 6000   # characters of history shown to the judge at most (0: no limit)
+
+
+def check_judge_cap(max_pairs: int, max_chars: int, names: tuple[str, str] = ("max_pairs", "max_chars")) -> None:
+    """A cap is a whole number: 0 (no cap) or, for pairs, at least 1 and, for characters, more than
+    the judge's header. ``names`` are the argument names the message uses."""
+    for name, v in zip(names, (max_pairs, max_chars)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"`{name}` (={v!r}) has to be a whole number (0: no cap)")
+        if v < 0:
+            raise ValueError(f"`{name}` (={v}) has to be 0 (no cap) or positive")
+    if 0 < max_chars <= len(JUDGE_HEADER):
+        raise ValueError(f"`{names[1]}` (={max_chars}) has to be 0 (no cap) or exceed the judge header's "
+                         f"{len(JUDGE_HEADER)} characters")
+
+
+def cap_text(max_pairs: int, max_chars: int) -> str:
+    """The cap in words, for reports: 'at most 10 of the user's training pairs and at most 6,000
+    characters of history'."""
+    pairs = "all of the user's training pairs" if max_pairs == 0 else \
+        f"at most {max_pairs:,} of the user's training pairs"
+    chars = "no limit on characters" if max_chars == 0 else f"at most {max_chars:,} characters of history"
+    return f"{pairs} and {chars}"
+
+
 def judge_messages(history: Sequence[PreferencePair], prompt: str, a: str, b: str,
-                   max_pairs: int = 10, max_chars: int = 6000) -> list[dict]:
-    system, _ = build_system_prompt(list(history), max_pairs, max_chars, header=JUDGE_HEADER)
+                   max_pairs: int = JUDGE_PAIRS, max_chars: int = JUDGE_CHARS) -> list[dict]:
+    """The judge's chat: the user's history (capped, see the module's docstring) as the system
+    message, the request and both responses as the user's."""
+    check_judge_cap(max_pairs, max_chars)
+    history = list(history)
+    system, _ = build_system_prompt(history, max_pairs or max(len(history), 1), max_chars or sys.maxsize,
+                                    header=JUDGE_HEADER)
     user = f"Request: {prompt}\n\nResponse A: {a}\n\nResponse B: {b}\n\n{QUESTION}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
@@ -47,7 +85,8 @@ class Judge(Protocol):
 
 
 class LocalJudge:
-    def __init__(self, backend, max_pairs: int = 10, max_chars: int = 6000):
+    def __init__(self, backend, max_pairs: int = JUDGE_PAIRS, max_chars: int = JUDGE_CHARS):
+        check_judge_cap(max_pairs, max_chars)
         self.backend, self.max_pairs, self.max_chars = backend, max_pairs, max_chars
         self.name = f"local:{backend.fingerprint}"
 
@@ -98,7 +137,8 @@ class OpenAITransport:
 
 class OpenAIJudge:
     def __init__(self, url: str, model: str, api_key: str | None = None,
-                 transport: Transport | None = None, max_pairs: int = 10, max_chars: int = 6000):
+                 transport: Transport | None = None, max_pairs: int = JUDGE_PAIRS, max_chars: int = JUDGE_CHARS):
+        check_judge_cap(max_pairs, max_chars)
         if not url:
             raise ValueError("`judge_url` has to be given for the OpenAI-compatible judge")
         if not model:

@@ -1,9 +1,19 @@
 """The protocol's numbers, as pure functions over margins and records.
 
-* pairwise accuracy of a user: share of test pairs whose margin is > 0 (chosen ranked first);
+A margin is log p(chosen | prompt) - log p(rejected | prompt) under a method's prompt; the plain
+prompt's margin is the same gap with nothing added to the prompt.
+
+* pairwise accuracy (margin > 0) of a user: share of test pairs whose margin is > 0 (chosen ranked
+  first), EXACT §6.2;
 * a method's accuracy for a seed: the mean over that seed's users; reported as the mean and the
   sample standard deviation (ddof=1) over seeds (None with a single seed);
-* Table 8's share: test pairs whose margin under the method exceeds the plain prompt's margin;
+* obj_match > 0 (EXACT Appendix C.5.2, Table 8, and the paper's EXACT row of Table 2): share of test
+  pairs whose margin under the method exceeds an anchor's margin on the same pair. The paper's
+  anchor, "the Base prompt", is read two ways, so both are computed: the plain prompt (Eq. 12's
+  anchor: record key ``table8``) and the `base` method's history prompt (``table8_base``, from the
+  `base` record of the same seed, user and test pairs, see `anchor_to`);
+* Table 7 (Eq. 12): F(A) = mean over the studied pairs of (margin with A - plain margin), and
+  r = F(S_k) / F(S*), a ratio of those means (`table7_summary`);
 * win-rate: per prompt the mean of the two orders' verdicts (1 win, 0 loss, 0.5 tie), so a judge
   that always picks the first position scores 0.5; the mean over prompts.
 
@@ -26,13 +36,43 @@ def pairwise_accuracy(margins: Sequence[float]) -> float:
     return sum(m > 0 for m in margins) / len(margins)
 
 
+def anchored_objective(margins: Sequence[float], anchor: Sequence[float]) -> list[float]:
+    """obj_match per pair (EXACT Appendix C.5.2): the method's margin minus the anchor's margin on
+    the same pair; with the plain prompt as the anchor, Eq. 12's term for that pair."""
+    if len(margins) != len(anchor):
+        raise ValueError(f"{len(margins)} margins but {len(anchor)} anchor margins")
+    return [m - a for m, a in zip(margins, anchor)]
+
+
 def improvement_share(margins: Sequence[float], plain: Sequence[float]) -> float:
-    """Table 8: share of pairs where the method's chosen-minus-rejected gap beats the plain prompt's."""
+    """Table 8 (obj_match > 0): share of pairs where the method's chosen-minus-rejected gap beats the
+    anchor's (the plain prompt's unless another anchor's margins are given)."""
     if len(margins) != len(plain):
         raise ValueError(f"{len(margins)} margins but {len(plain)} plain margins")
     if not margins:
         raise ValueError("no test pairs: the share is undefined")
-    return sum(m > p for m, p in zip(margins, plain)) / len(margins)
+    return sum(g > 0 for g in anchored_objective(margins, plain)) / len(margins)
+
+
+BASE_ANCHOR = "base"
+
+
+def anchor_to(records: Iterable[dict], anchor: str = BASE_ANCHOR, key: str = "table8_base") -> list[dict]:
+    """Method records with ``key``: their obj_match > 0 share against the ``anchor`` method's margins
+    on the same test pairs (the record of the same seed and user whose ``test_ids`` are the same).
+    A record without such a partner, or without margins, is returned as it is; so is the anchor's
+    own record, and one that already holds ``key``. Other records pass through unchanged."""
+    records = list(records)
+    partner = {(r["seed"], r["user"]): r for r in records
+               if r.get("kind") == "method" and r.get("method") == anchor and r.get("margins") is not None}
+    out = []
+    for r in records:
+        a = partner.get((r.get("seed"), r.get("user"))) if r.get("kind") == "method" else None
+        if (a is not None and r.get("method") != anchor and r.get(key) is None and r.get("margins")
+                and r.get("test_ids") is not None and r.get("test_ids") == a.get("test_ids")):
+            r = {**r, key: improvement_share(r["margins"], a["margins"])}
+        out.append(r)
+    return out
 
 
 def margin_shift(margins: Sequence[float], plain: Sequence[float]) -> float:
@@ -97,9 +137,12 @@ def summarize(records: Sequence[dict]) -> dict:
     methods = [r for r in records if r.get("kind") == "method"]
     order = list(dict.fromkeys(r["method"] for r in methods))
     out: dict = {"methods": order, "accuracy": {}, "accuracy_std": {}, "accuracy_per_seed": {},
-                 "table8": {}, "table8_std": {}, "shift": {}, "n_users": {}, "n_test_pairs": {}, "seconds": {}}
+                 "table8": {}, "table8_std": {}, "table8_base": {}, "table8_base_std": {},
+                 "shift": {}, "n_users": {}, "n_test_pairs": {}, "seconds": {}}
+    methods = anchor_to(methods)
     per_seed = seed_means(methods, "accuracy")
     t8 = seed_means(methods, "table8")
+    t8b = seed_means(methods, "table8_base")
     shifts = seed_means([{**r, "shift": margin_shift(r["margins"], r["plain_margins"])} for r in methods
                          if r.get("margins") and r.get("plain_margins")], "shift")
     for m in order:
@@ -109,6 +152,8 @@ def summarize(records: Sequence[dict]) -> dict:
         out["accuracy_per_seed"][m] = {str(s): v for s, v in per_seed[m].items()}
         if m in t8:
             out["table8"][m], out["table8_std"][m] = mean_std(list(t8[m].values()))
+        if m in t8b:
+            out["table8_base"][m], out["table8_base_std"][m] = mean_std(list(t8b[m].values()))
         if m in shifts:
             out["shift"][m] = mean(list(shifts[m].values()))
         out["n_users"][m] = len(rs)
@@ -129,12 +174,21 @@ def summarize(records: Sequence[dict]) -> dict:
 
 
 def table7_summary(records: Sequence[dict]) -> dict:
-    """Greedy versus exhaustive: mean objectives, mean gap, share of pairs where greedy is optimal,
-    and the share of the best achievable improvement over the plain prompt that greedy gets,
-    sum(F_g - F_0) / sum(F_e - F_0) over the pairs where F_e > F_0. The sums are pooled: a per-pair
-    ratio explodes when exhaustive barely beats the plain prompt (one pair with F_e - F_0 = 0.11 and
-    a greedy set 0.64 below plain would weigh -5.8). Raw F can be negative, so F_g / F_e is
-    reported only when both are > 0.
+    """Greedy versus exhaustive, per record: ``greedy``, ``exhaustive`` and ``base`` are the raw
+    objectives of one training pair (its margin with greedy's set, with the best set, with no
+    attributes: the plain prompt).
+
+    Under the paper's definition (Eq. 12, Table 7): F(A) is anchored at the plain prompt,
+    F(A) = mean over all studied pairs of (margin with A - plain margin) (``eq12_greedy``,
+    ``eq12_exhaustive``), r = F(S_k) / F(S*) is the ratio of those two means (``eq12_ratio``; None
+    unless F(S*) > 0), and the gap F(S*) - F(S_k) (``gap``) is the same anchored or not.
+
+    The project's own measures, kept beside them: the raw means (``greedy``, ``exhaustive``,
+    ``plain``), the share of pairs where greedy is optimal, the improvement share over the pairs
+    where exhaustive beats plain, sum(F_g - F_0) / sum(F_e - F_0) over those pairs only
+    (``improvement_ratio``; pooled, because a per-pair ratio explodes when exhaustive barely beats
+    the plain prompt), and the raw ratio, the mean of F_g / F_e over the pairs where both raw
+    objectives are > 0 (``ratio``).
 
     A pair studied again under another seed (a user's pair lands in several seeds' splits) counts
     once: the first record of each (user, pair, library, k) is kept (records without a pair_id are
@@ -144,18 +198,26 @@ def table7_summary(records: Sequence[dict]) -> dict:
         key = (r.get("user"), r["pair_id"], tuple(r.get("library", ())), r["k"]) if "pair_id" in r else i
         first.setdefault(key, r)
     records = list(first.values())
+    if not records:
+        raise ValueError("no Table 7 records: the objectives are undefined")
     fg = [r["greedy"] for r in records]
     fe = [r["exhaustive"] for r in records]
     f0 = [r["base"] for r in records]
+    eq12_g = mean(anchored_objective(fg, f0))
+    eq12_e = mean(anchored_objective(fe, f0))
     improving = [(g - b, e - b) for g, e, b in zip(fg, fe, f0) if e - b > 1e-9]
     raw = [g / e for g, e in zip(fg, fe) if g > 0 and e > 0]
     unordered = [r["exhaustive_unordered"] for r in records if "exhaustive_unordered" in r]
     return {"n_pairs": len(records), "library_size": records[0]["library_size"], "k": records[0]["k"],
             "ordered": all(r.get("ordered", False) for r in records),
             "exhaustive_unordered": mean(unordered) if len(unordered) == len(records) else None,
+            "eq12_greedy": eq12_g, "eq12_exhaustive": eq12_e,
+            "eq12_ratio": eq12_g / eq12_e if eq12_e > 1e-12 else None,
             "greedy": mean(fg), "exhaustive": mean(fe), "plain": mean(f0),
             "gap": mean([e - g for g, e in zip(fg, fe)]),
             "greedy_optimal": mean([float(abs(e - g) < 1e-6) for g, e in zip(fg, fe)]),
+            "n_improving": len(improving),
             "improvement_ratio": (sum(g for g, _ in improving) / sum(e for _, e in improving)
                                   if improving else None),
+            "n_raw_ratio": len(raw),
             "ratio": mean(raw) if raw else None}

@@ -82,8 +82,19 @@ class WinRateConfig:
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
     top_k: int = field(default=50, metadata={"help": "top-k sampling"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling"})
-    judge_pairs: int = field(default=10, metadata={"help": "training pairs shown to the judge"})
-    judge_chars: int = field(default=6000, metadata={"help": "characters of training pairs shown to the judge"})
+    judge_pairs: int = field(default=10, metadata={
+        "help": "training pairs shown to the judge at most (0: all; the paper's judge sees all)"})
+    judge_chars: int = field(default=6000, metadata={
+        "help": "characters of history shown to the judge at most (0: no limit)"})
+
+    def __post_init__(self):
+        from prefsteer.evaluation.judge import check_judge_cap
+
+        try:
+            check_judge_cap(self.judge_pairs, self.judge_chars, ("judge_pairs", "judge_chars"))
+        except ValueError as e:
+            bad = "judge_chars" if "`judge_chars`" in str(e) else "judge_pairs"
+            raise InputError(str(e), field=f"winrate.{bad}") from None
 
 
 @dataclass
@@ -170,7 +181,10 @@ def config_from_dict(obj: dict, where: str = "<config>") -> EvalConfig:
     obj = dict(obj)
     obj.pop("extends", None)
     obj["methods"] = [MethodSpec.parse(m) for m in obj.get("methods", [])]
-    obj["winrate"] = _build(WinRateConfig, obj.get("winrate", {}), where)
+    try:
+        obj["winrate"] = _build(WinRateConfig, obj.get("winrate", {}), where)
+    except InputError as e:
+        raise InputError(e.reason, file=e.file or where, line=e.line, field=e.field) from None
     obj["table7"] = _build(Table7Config, obj.get("table7", {}), where)
     try:
         return _build(EvalConfig, obj, where)
