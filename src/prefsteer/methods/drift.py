@@ -24,6 +24,11 @@ which lets the transformers backend compute the prompt once per pair (several ti
 Given a ``memory``, scores are cached across users and seeds (the features do not depend on the user),
 and each user's weights are stored there: a new process generates from them. ``feedback`` refits.
 
+The paper runs Drift with two models (Appendix C.1.2): a small one scores the attributes and decodes
+their branches, the large one decodes the base row. ``small_backend`` / ``small_model``
+(``--drift-backend`` / ``--drift-model``) load the small one (`load_small_backend`); unset, the
+backend plays both parts.
+
 Generation runs on either of two backend operations:
 * ``start_decoding`` (the transformers and fake backends): the branches are rows of a lock-step
   session in this process, and `decode_branches` picks every token from their logits.
@@ -43,6 +48,7 @@ import numpy as np
 
 from prefsteer.attributes import Attribute, AttributeLibrary, load_library
 from prefsteer.backends.base import GenerationConfig, Messages, ScoreRequest, UnsupportedOperation, require
+from prefsteer.errors import PrefsteerError
 from prefsteer.types import PreferencePair
 # Drift's step as data (what an engine in another process runs) is the guide kind's, re-exported here
 from prefsteer.backends.guides.drift import DriftGuide, check_drift_description, combine_logits  # noqa: F401
@@ -74,6 +80,20 @@ class DriftConfig:
         "help": "attributes with |w| at or below this get no decoding branch"})
     top_m: int = field(default=0, metadata={
         "help": "decode with at most this many attributes, the largest |w| (0: all active)"})
+    # The paper's Drift (Appendix C.1.2) scores the attributes with a smaller instruction-tuned model
+    # beside the large one (Llama-3.2-1B for Llama-3.1-8B, Qwen2.5-0.5B for Qwen2.5-7B). No package
+    # ships a smaller model of the embedded SmolLM2-135M's tokenizer (the other causal LMs installable
+    # offline are Gemma 3 270M base, without a chat template, and Qwen2.5-Coder-0.5B, larger and of
+    # another vocabulary), so here these are checked with the same model in both roles.
+    small_backend: str | None = field(default=None, metadata={
+        "flag": "drift-backend",
+        "help": "the small model's backend (hf, fake, ...), loaded beside the large one to score the "
+                "attributes and decode their branches (the paper's slm_model); unset: the backend's own "
+                "engine when --drift-model is given, else the large model does both"})
+    small_model: str | None = field(default=None, metadata={
+        "flag": "drift-model",
+        "help": "the small model: a local path or hub name, loaded with --drift-backend (generation needs "
+                "the large model's tokenizer; margins do not); unset: that backend's default model"})
 
     def __post_init__(self):
         if self.l2 < 0:
@@ -139,8 +159,12 @@ DECODING_OPTIONS = ("beta", "include_base", "threshold", "top_m")
 class Drift(Method):
     """Options: the fields of `DriftConfig`; ``library`` (an AttributeLibrary or a JSON path);
     ``memory`` (a Memory: the weights are stored in it and scores cached); ``drift_backend`` (a
-    separate small model for the attribute rewards; its tokenizer has to match the backend's for
-    generation)."""
+    separate small model for the attribute rewards, as a loaded backend; its tokenizer has to match
+    the backend's for generation). Without ``drift_backend``, the config's ``small_backend`` /
+    ``small_model`` (``--drift-backend`` / ``--drift-model``) name one, loaded by `load_small_backend`.
+
+        >>> Drift(large, small_backend="hf", small_model="meta-llama/Llama-3.2-1B-Instruct")
+    """
 
     config_class = DriftConfig
     resources = ("memory", "library", "progress")
@@ -152,6 +176,13 @@ class Drift(Method):
         lib = library if isinstance(library, AttributeLibrary) else load_library(library)
         self.config = config_from_options(DriftConfig, options, "drift", config)
         self.library = lib.subset(list(self.config.attributes)) if self.config.attributes else lib
+        if drift_backend is None and (self.config.small_backend or self.config.small_model):
+            c = self.config
+            try:
+                drift_backend = load_small_backend(backend, c.small_backend, c.small_model)
+            except PrefsteerError as e:  # name the options that asked for it
+                raise OptionError(f"method 'drift': the small model (--drift-backend {c.small_backend or '-'}, "
+                                  f"--drift-model {c.small_model or '-'}): {e}") from e
         self.drift_backend = drift_backend if drift_backend is not None else backend
         if memory is not None:
             from prefsteer.backends.cache import ScoreCache
@@ -165,9 +196,13 @@ class Drift(Method):
         self.fit_info: dict[str, dict[str, Any]] = {}
 
     def state_options(self) -> dict[str, Any]:
-        opts = {k: v for k, v in asdict(self.config).items() if k not in DECODING_OPTIONS}
+        """The weights depend on the model that scored them, by its fingerprint, not on how it was
+        named: a small model that is the large one (same fingerprint) keeps the id of a Drift without
+        one, so the states stored before ``small_backend`` existed stay served."""
+        opts = {k: v for k, v in asdict(self.config).items()
+                if k not in DECODING_OPTIONS and k not in ("small_backend", "small_model")}
         opts["library"] = [(a.name, a.description) for a in self.library.attributes]
-        if self.drift_backend is not self.backend:
+        if self.drift_backend is not self.backend and self.drift_backend.fingerprint != self.backend.fingerprint:
             opts["drift_backend"] = self.drift_backend.fingerprint
         return opts
 
@@ -240,13 +275,27 @@ class Drift(Method):
     def margins(self, user_id: str, pairs: Sequence[PreferencePair]) -> list[float]:
         """w . (phi(y_w) - phi(y_l)): the paper's reward, the weighted sum of attribute
         log-ratios. ``include_base`` adds the plain log-probability gap, i.e. the preference of
-        the decoding distribution p_base * exp(r / beta) (when the plain branch is the base)."""
+        the decoding distribution p_base * exp(r / beta) (when the plain branch is the base): with a
+        small model, p_base is the large model's, so the gap is the large model's."""
         w = self._weights(user_id)
         diffs, base_gap = self.features(pairs)
         m = diffs @ w
         if self.config.include_base:
+            if self.drift_backend is not self.backend:
+                base_gap = self._plain_gap(pairs)
             m = m / self.config.beta + base_gap
         return m.tolist()
+
+    def _plain_gap(self, pairs: Sequence[PreferencePair]) -> np.ndarray:
+        """The large model's log-probability gap (N,) of each pair under the plain context."""
+        reqs = []
+        for p in pairs:
+            ctx = self.context(p.prompt)
+            reqs += [ScoreRequest.of(ctx, p.chosen), ScoreRequest.of(ctx, p.rejected)]
+        if not reqs:
+            return np.zeros(0)
+        lp = np.array([s.logprob for s in self.base_scorer.score(reqs)])
+        return lp[0::2] - lp[1::2]
 
     def generate(self, user_id: str | None, conversations: Sequence[str | Messages],
                  config: GenerationConfig | None = None) -> list[MethodOutput]:
@@ -332,6 +381,27 @@ class Drift(Method):
             for i, g in zip(idx, gens):
                 texts[i] = g.text
         return texts
+
+
+# engine settings a small model takes from the large one when both run on the same engine: where
+# and in what precision it runs (transformers' float32 matmul precision is process-wide: a second
+# setting would be refused)
+_SHARED_ENGINE_SETTINGS = ("device", "dtype", "matmul_precision", "batch_size")
+
+
+def load_small_backend(backend, name: str | None = None, model: str | None = None):
+    """Drift's small model, loaded through `prefsteer.backends.load_backend`: engine ``name``
+    (default: the large ``backend``'s) and ``model`` (a local path or hub name; default: the
+    engine's default model). On the large model's engine it runs on the same device, in the same
+    precision and batch size (`Backend.info`)."""
+    from prefsteer.backends import load_backend
+
+    name = name or backend.name
+    kw: dict[str, Any] = {"model": model} if model else {}
+    if name == backend.name:
+        info = backend.info()
+        kw.update({k: info[k] for k in _SHARED_ENGINE_SETTINGS if info.get(k) is not None})
+    return load_backend(name, **kw)
 
 
 def decode_branches(backend, small, base: Messages, branches: list[Messages], weights: list[float],

@@ -44,6 +44,10 @@ EXACT_PRESETS: dict[str, dict] = {
 }
 PAPER_PRESET, PRODUCT_PRESET = "paper", "product"
 
+# exact-global's ways to find its one set (`ExactGlobal`): "greedy" is the default (the set stored
+# before this option existed), "best-entry" the paper's Table 8 reading
+GLOBAL_MODES = ("greedy", "best-entry", "best-mean")
+
 
 @dataclass
 class ExactConfig:
@@ -74,7 +78,12 @@ class ExactConfig:
                 "less weight on the responses' lengths); unset: the preset's"})
     system: str | None = field(default=None, metadata={"help": "system prompt for scoring and generation"})
     global_pairs: int = field(default=0, metadata={
-        "help": "exact-global: training pairs its global greedy search scores (0: all)"})
+        "help": "exact-global: training pairs its global greedy search scores (0: all; global_mode greedy only)"})
+    global_mode: str = field(default="greedy", metadata={
+        "help": "exact-global: how the one set is found: greedy (greedy search on the objective summed over "
+                "the training pairs), best-entry (the paper's Table 8 reading: of the sets EXACT selected "
+                "per training pair, the one with the highest objective on its own pair) or best-mean (of "
+                "those sets, the one with the highest mean objective over all training pairs)"})
     screen_top: int = field(default=8, metadata={
         "help": "screened: candidates per step that the model itself scores, the screen's best"})
     screen_dtype: str = field(default="bfloat16", metadata={
@@ -105,6 +114,13 @@ class ExactConfig:
             raise ValueError(f"`placement` (={self.placement!r}) has to be one of {', '.join(PLACEMENTS)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"`objective` (={self.objective!r}) has to be one of {', '.join(OBJECTIVES)}")
+        if self.global_mode not in GLOBAL_MODES:
+            raise ValueError(f"`global_mode` (={self.global_mode!r}) has to be one of {', '.join(GLOBAL_MODES)}")
+        if self.global_pairs < 0:
+            raise ValueError(f"`global_pairs` (={self.global_pairs}) has to be non-negative")
+        if self.global_pairs and self.global_mode != "greedy":
+            raise ValueError(f"`global_pairs` (={self.global_pairs}) applies to `global_mode` 'greedy' only; "
+                             f"'{self.global_mode}' uses every training pair")
 
     @classmethod
     def of_preset(cls, name: str, **overrides) -> "ExactConfig":
@@ -174,7 +190,9 @@ class Exact(Method):
 
     def _config_id(self, k: int) -> str:
         c = asdict(self.config)
-        c.pop("global_pairs"), c.pop("preset")  # the preset is only a name for the values below
+        # exact-global's options choose among the per-pair selections, they do not change them; the
+        # preset is only a name for the values below
+        c.pop("global_pairs"), c.pop("global_mode"), c.pop("preset")
         if c["mode"] != "screened":  # ids of the other modes stay what they were before screening
             c.pop("screen_top"), c.pop("screen_dtype")
         # the levers added later enter the id only when set, so stored selections stay valid;
@@ -371,14 +389,51 @@ class Exact(Method):
 
 @register_method("exact-global")
 class ExactGlobal(Exact):
-    """EXACT without retrieval: one attribute set per user, the best over all their training pairs
-    (greedy, or screened greedy in ``mode="screened"``, on the summed objective), injected into
-    every prompt. The set is saved with `save_state`, so another process generates without a fit."""
+    """EXACT without retrieval (the paper's Table 8): one attribute set per user, injected into every
+    prompt. The set is saved with `save_state`, so another process generates without a fit.
+    ``global_mode`` says how the set is found:
+
+    * ``"greedy"`` (the default, and what exact-global did before the option existed): greedy (or
+      screened greedy in ``mode="screened"``) on the objective summed over the training pairs, or
+      over ``global_pairs`` of them drawn at random: Eq. (13)'s maximisation of F (Eq. 12) over all
+      sets of at most k attributes.
+    * ``"best-entry"``: the paper's non-retrieval variant as this project reads Appendix C.5.2 ("always
+      injects the single attribute set that achieves the highest objective score on the training
+      data"): of the sets EXACT selected for the user's training pairs (Algorithm 1), the one whose
+      objective (Eq. 11, F(A) on its own pair) is highest. The paper builds both variants from the
+      same prompt-attribute index ("can be instantiated in two ways"), and that index already keeps,
+      per prompt, "the attribute subset that attains the largest objective value in Eq. (11)" (§4.1):
+      the non-retrieval set is that rule applied over all the user's training data, so this is the
+      retrieval index's entry with the largest objective. Ties go to the earliest pair. It is
+      Eq. (11)'s value, not the gain over the plain prompt (objective - base_objective), that ranks,
+      as in the index's own rule.
+    * ``"best-mean"``: the other reading of "on the training data": each of those per-prompt sets
+      scored on every training pair, the highest mean objective (F of Eq. 12, up to the plain prompt's
+      terms, which every set shares). It costs a score of every set on every pair (the cache answers
+      a set on its own pair).
+
+    Both paper readings reuse EXACT's stored selections (the same `config_id` as `exact` with the
+    same settings, whatever ``global_mode``): a pair already selected is not selected again, and a pair
+    selected here is stored for `exact`."""
 
     selects_per_pair = False
 
+    def state_options(self) -> dict:
+        """The stored set depends on ``global_mode``; its default leaves the id what it was before the
+        option existed, so the states stored then are still served."""
+        opts = super().state_options()
+        if opts.get("global_mode") == "greedy":
+            opts.pop("global_mode")
+        return opts
+
     def fit(self, user_id: str, pairs: Sequence[PreferencePair]) -> None:
         pool = [with_id(p) for p in pairs]
+        if self.config.global_mode != "greedy":
+            if not pool:
+                raise ValueError(f"exact-global (global_mode '{self.config.global_mode}') needs at least one "
+                                 f"training pair for user '{user_id}'")
+            self._fit_among_selections(user_id, pool)
+            return
         n = self.config.global_pairs
         subset = list(pool) if not n or n >= len(pool) else \
             [pool[i] for i in np.random.default_rng(0).choice(len(pool), n, replace=False)]
@@ -394,13 +449,56 @@ class ExactGlobal(Exact):
         else:
             self.selection = greedy_select(summed(0), self.library.names, self.config.k,
                                            self.config.stop_when_no_gain)
+        self._store(user_id, {"pairs": [p.pair_id for p in subset]}, len(pool))
+
+    def _store(self, user_id: str, extra: dict, n_pairs: int) -> None:
         self.global_sets = getattr(self, "global_sets", {})
         self.global_sets[user_id] = list(self.selection.attributes)
         self.save_state(user_id, {"attributes": list(self.selection.attributes),
                                   "objective": float(self.selection.objective),
                                   "base_objective": float(self.selection.base_objective),
-                                  "gains": [float(g) for g in self.selection.gains],
-                                  "pairs": [p.pair_id for p in subset]}, n_pairs=len(pool))
+                                  "gains": [float(g) for g in self.selection.gains], **extra}, n_pairs=n_pairs)
+
+    def pair_selections(self, user_id: str, pool: Sequence[PreferencePair]) -> list[dict]:
+        """Each pair's EXACT selection under this configuration: the stored one, else selected now
+        (Algorithm 1, as `Exact` does) and stored."""
+        cid = self.config_id
+        out = []
+        for p in pool:
+            sel = self.memory.selection(user_id, p.pair_id, cid)
+            if sel is None:
+                s = self.select(p)
+                sel = {"attributes": list(s.attributes), "objective": s.objective,
+                       "base_objective": s.base_objective, "gains": s.gains}
+                self.memory.put_selection(user_id, p.pair_id, cid, **sel)
+            out.append(sel)
+        return out
+
+    def _fit_among_selections(self, user_id: str, pool: list[PreferencePair]) -> None:
+        """``global_mode`` best-entry or best-mean: the one set among the user's index entries."""
+        sels = self.pair_selections(user_id, pool)
+        best: dict[str, int] = {}  # the index's rule: per prompt, the pair whose selection scores highest
+        for i, (p, s) in enumerate(zip(pool, sels)):
+            if p.prompt not in best or s["objective"] > sels[best[p.prompt]]["objective"]:
+                best[p.prompt] = i
+        entries = sorted(best.values())
+        if self.config.global_mode == "best-entry":
+            i = max(entries, key=lambda j: sels[j]["objective"])  # the first of equals
+            s = sels[i]
+            self.selection = Selection(tuple(s["attributes"]), s["objective"], s["base_objective"],
+                                       list(s["gains"]), 0)
+            self._store(user_id, {"global_mode": "best-entry", "pair": pool[i].pair_id,
+                                  "pairs": [p.pair_id for p in pool]}, len(pool))
+            return
+        sets = list(dict.fromkeys(tuple(sels[i]["attributes"]) for i in entries))
+        values = np.array([self._objectives(p)[0](sets) for p in pool])  # (pairs, sets)
+        means = values.mean(axis=0)                                        # (sets,)
+        j = int(np.argmax(means))  # the first of equals
+        base = float(np.mean([s["base_objective"] for s in sels]))
+        self.selection = Selection(sets[j], float(means[j]), base, [], values.size)
+        self._store(user_id, {"global_mode": "best-mean", "pairs": [p.pair_id for p in pool],
+                              "candidates": [{"attributes": list(a), "objective": float(m)}
+                                             for a, m in zip(sets, means)]}, len(pool))
 
     def attributes_for(self, user_id: str | None, prompts: Sequence[str]) -> list[list[str]]:
         if user_id is None:
