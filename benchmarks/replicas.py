@@ -76,11 +76,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=("replicas", "fairness", "edge"), help="run one part (default: all three)")
     p.add_argument("--out", default=str(REPO / "results" / "replicas"), help="where replicas.json and README.md go")
     p.add_argument("--chat-tokens", type=int, default=16, help="max_tokens of each chat request (default: 16)")
-    p.add_argument("--mix", default="0.7,0.05,0.25",
-                   help="chat,feedback,profile shares (default: 0.7,0.05,0.25; the toy model indexes ~5 pairs/s "
-                        "on an idle machine, so a larger feedback share builds a backlog of many minutes)")
+    p.add_argument("--mix", default="0.72,0.03,0.25",
+                   help="chat,feedback,profile shares (default: 0.72,0.03,0.25: a worker indexes ~4-5 pairs/s of "
+                        "the toy model on an idle machine and almost none under this load, so a larger feedback "
+                        "share leaves a backlog that takes longer than --drain-seconds)")
     p.add_argument("--kill-at", type=float, default=0.5, help="when replica 1 is killed, a fraction of --seconds")
-    p.add_argument("--drain-seconds", type=float, default=300.0, help="longest wait for the queued feedback")
+    p.add_argument("--drain-seconds", type=float, default=600.0, help="longest wait for the queued feedback (default: 600)")
     p.add_argument("--fairness-pairs", type=int, default=600, help="tenant A's backlog (default: 600)")
     p.add_argument("--edge-sends", type=int, default=20, help="chunked bodies sent (default: 20)")
     p.add_argument("--edge-mb", type=int, default=200, help="size of each chunked body in MB (default: 200)")
@@ -133,13 +134,20 @@ class Replica:
             stop_process(self.proc)
 
     def scrape(self, name: str) -> float | None:
-        """A metric's value (summed over its labels) from /metrics; None when it does not answer."""
+        """A metric's value (summed over its labels) from /metrics; None when it does not answer.
+        /metrics is rate limited like any route: after a 429 it waits its Retry-After once."""
         import httpx
 
         try:
-            text = httpx.get(self.base + "/metrics", timeout=10).text
+            r = httpx.get(self.base + "/metrics", timeout=10)
+            if r.status_code == 429:
+                time.sleep(float(r.headers.get("retry-after", 1)))
+                r = httpx.get(self.base + "/metrics", timeout=10)
         except httpx.HTTPError:
             return None
+        if r.status_code != 200:
+            return None
+        text = r.text
         vals = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                 if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {"]
         return sum(vals) if vals else 0.0
@@ -340,6 +348,11 @@ def check_memory(load: Load, db: Db, base: str, keys: dict) -> dict:
 
     problems: list[str] = []
     users = {}
+    jobs = db.jobs()
+    # the prompts of pairs still to index (in a job queued or running): not indexed yet, not lost
+    todo = {(j["user_id"], pid) for j in jobs if j["status"] in ("queued", "running") for pid in j["pair_ids"][j["done"]:]}
+    waiting = {p for u, p, pid in db.rows("SELECT user_id, prompt, pair_id FROM pairs") if (u, pid) in todo}
+    not_yet = 0
     for tenant in TENANTS:
         for user in USERS:
             acc = load.accepted.get((tenant, user), set())
@@ -359,14 +372,17 @@ def check_memory(load: Load, db: Db, base: str, keys: dict) -> dict:
             if len(prompts) != len(set(prompts)):
                 problems.append(f"{tenant}/{user}: {len(prompts) - len(set(prompts))} prompt(s) with two entries")
             if missing := acc - set(prompts):
-                problems.append(f"{tenant}/{user}: {len(missing)} accepted pair(s) without an entry, e.g. {min(missing)!r}")
+                lost = missing - waiting
+                if lost:
+                    problems.append(f"{tenant}/{user}: {len(lost)} accepted pair(s) without an entry and in no "
+                                    f"pending job, e.g. {min(lost)!r}")
+                not_yet += len(missing) - len(lost)
             if extra := set(prompts) - acc - unsure:
                 problems.append(f"{tenant}/{user}: {len(extra)} entries never accepted, e.g. {min(extra)!r}")
-            if prof["pairs"] != len(prompts):
+            if prof["pairs"] != len(prompts) + len((acc & waiting) - set(prompts)):
                 problems.append(f"{tenant}/{user}: profile pairs {prof['pairs']} != entries {len(prompts)}")
             if bad := [p for p in prompts if not p.startswith(f"[{tenant}-")]:
                 problems.append(f"{tenant}/{user}: {len(bad)} entries of another tenant, e.g. {bad[0]!r}")
-    jobs = db.jobs()
     statuses: dict[str, int] = defaultdict(int)
     for j in jobs:
         statuses[j["status"]] += 1
@@ -381,7 +397,7 @@ def check_memory(load: Load, db: Db, base: str, keys: dict) -> dict:
     return {"users": users, "jobs": dict(statuses), "job_pairs": sum(len(j["pair_ids"]) for j in jobs),
             "job_pairs_done": sum(j["done"] for j in jobs),
             "stored_pairs": db.rows("SELECT COUNT(*) FROM pairs")[0][0],
-            "entries": db.rows("SELECT COUNT(*) FROM entries")[0][0],
+            "entries": db.rows("SELECT COUNT(*) FROM entries")[0][0], "accepted_not_indexed_yet": not_yet,
             "problems": problems[:50], "n_problems": len(problems)}
 
 
@@ -398,7 +414,13 @@ def part_replicas(args, pg, logs: Path) -> dict:
         print(f"replicas: 2 replicas on PostgreSQL, {args.clients} clients for {args.seconds:.0f}s, "
               f"replica 1 killed at {args.seconds * args.kill_at:.0f}s", file=sys.stderr)
         load, elapsed, kill = asyncio.run(run_load(reps, keys, args, db, kill=True))
+        at_end = db.jobs()
+        progress = {"pairs_queued_at_load_end": sum(len(j["pair_ids"]) for j in at_end),
+                    "pairs_indexed_at_load_end": sum(j["done"] for j in at_end)}
         drained, left = drain(db, args.drain_seconds)
+        progress["pairs_indexed_at_drain_end"] = sum(j["done"] for j in db.jobs())
+        progress["drain_pairs_per_second"] = (progress["pairs_indexed_at_drain_end"]
+                                              - progress["pairs_indexed_at_load_end"]) / max(drained, 1e-9)
         held = {j["job_id"]: j for j in db.jobs()}
         for o in kill.get("orphaned_jobs", []):
             j = held.get(o["job_id"], {})
@@ -407,7 +429,7 @@ def part_replicas(args, pg, logs: Path) -> dict:
         indexed_end = [r.scrape("prefsteer_pairs_indexed_total") for r in reps]
         kill["pairs_indexed_by_worker"] = (kill.get("pairs_indexed_before_kill") or 0) + sum(x or 0 for x in indexed_end)
         run = load.summary(elapsed)
-        run.update(kill=kill, drain_seconds=drained, pending_after_drain=left,
+        run.update(kill=kill, drain_seconds=drained, pending_after_drain=left, indexing=progress,
                    memory=check_memory(load, db, reps[1].base, keys))
         out["two_replicas_kill"] = run
     finally:
@@ -650,8 +672,9 @@ def write(out: Path, result: dict) -> None:
              f"Conditions: {c['machine']} ({c['platform']}, Python {c['python']}), the clients, the servers and "
              f"{c['postgres']} (local, loopback, from tests/postgres_server.py: fsync off) all on it; "
              f"`prefsteer serve --backend fake --embedder hash` (a toy model: the numbers measure the service, "
-             f"not a language model), uvicorn with 1 process per replica, logs at warning; "
-             f"git {c['git']}; run {c['date']}, {c['run_minutes']:.1f} min in all. "
+             f"not a language model), uvicorn with 1 process per replica, logs at warning. Each part below says "
+             "when it ran, at which commit, and the machine's load average (1 min) before and after it: other work "
+             "shares these cores. "
              "Reproduce: `.venv/bin/python benchmarks/replicas.py` (`--only replicas|fairness|edge`, `--seconds`, "
              "`--clients`).", ""]
     r = result.get("replicas")
@@ -667,24 +690,30 @@ def write(out: Path, result: dict) -> None:
                   "sends each request to the next replica in turn. Replica 1 was SIGKILLed "
                   f"{kill['killed_at_s']:.0f} s in and answered again {kill['restart_seconds']:.1f} s later (same "
                   "port). A request it refused or dropped then was sent again to replica 2; it is counted in the "
-                  "last two columns, not as an error. Latencies are of the answered try.", ""]
+                  "last two columns, not as an error. Latencies are of the answered try." + part_line(r), ""]
         lines += load_table(k, kill=True)
         lines += ["", f"Answers by replica: {k['by_replica']}. Requests with no answer after {ATTEMPTS} tries: "
                   f"{k['total']['failed_after_retries']}.", "",
-                  "Checks after the run (all jobs done "
-                  f"{k['drain_seconds']:.0f} s after the load ended; {k['pending_after_drain']} still pending):", "",
+                  ("Checks after the run (all jobs done " f"{k['drain_seconds']:.0f} s after the load ended):"
+                   if not k["pending_after_drain"] else f"Checks after the run (waited {k['drain_seconds']:.0f} s "
+                   f"after the load; {k['pending_after_drain']} jobs still pending then):"), "",
+                  f"- indexing: when the load ended {k['indexing']['pairs_indexed_at_load_end']} of "
+                  f"{k['indexing']['pairs_queued_at_load_end']} queued pairs were indexed; after it the two workers "
+                  f"indexed {k['indexing']['drain_pairs_per_second']:.1f} pairs/s",
                   f"- pairs accepted (202): {k['accepted_pairs']}; sent but never answered 202: {k['unsure_pairs']}; "
                   f"stored: {m['stored_pairs']}; memory entries: {m['entries']}; jobs: {m['jobs']}",
+                  f"- accepted pairs not indexed yet (their job still pending): {m['accepted_not_indexed_yet']}",
                   f"- jobs' pairs: {m['job_pairs']}, indexed (`done` summed): {m['job_pairs_done']}; pairs the "
                   f"workers indexed (prefsteer_pairs_indexed_total, replica 1 read just before the kill): "
                   f"{kill['pairs_indexed_by_worker']:.0f}",
-                  "- every user's profile: `pairs` = entries = pairs accepted, and every job's `done` = its pairs: "
+                  "- every user's profile: `pairs` = pairs accepted, entries = pairs accepted (less those still "
+                  "queued), no prompt with two entries; every done job's `done` = its pairs; no job failed: "
                   f"**{'yes' if m['n_problems'] == 0 else 'NO (' + str(m['n_problems']) + ' problems)'}**",
                   f"- answers to one tenant holding the other tenant's mark, during the load: **{k['leaks']}** "
                   "(after it, a profile entry of the other tenant would be a problem above)",
                   f"- errors (non-2xx, or a connection error outside the kill): **{k['total']['errors']}**"]
         for o in kill["orphaned_jobs"]:
-            lines.append(f"- job held by replica 1 when it died: {o['pairs']} pairs, {o['done']} indexed; ended "
+            lines.append(f"- a job held by replica 1 when it died: {o['pairs']} pair(s), {o['done']} indexed; it ended "
                          f"{o['status']} with {o['done_end']} indexed, "
                          f"{f1(o['finished_after_kill_s'])} s after the kill (lease 30 s)")
         if not kill["orphaned_jobs"]:
@@ -706,14 +735,17 @@ def write(out: Path, result: dict) -> None:
         cost = r["cost"]
         lines += ["", f"PostgreSQL / SQLite, one replica: throughput x{cost['rps_pg_over_sqlite']:.2f}; p50 "
                   + ", ".join(f"{kind} x{v:.2f}" for kind, v in cost["p50_pg_over_sqlite"].items() if v) + ".",
-                  f"Jobs when those servers stopped: PostgreSQL {r['pg_one']['jobs_at_end']}, SQLite "
-                  f"{r['sqlite_one']['jobs_at_end']} (not drained: only throughput is compared)."]
+                  "Indexing under this load (those servers were stopped with their queue as it was): when the "
+                  f"load ended the PostgreSQL replica had indexed {r['pg_one']['jobs_at_end']['pairs_indexed']} of "
+                  f"{r['pg_one']['jobs_at_end']['pairs_queued']} queued pairs, the SQLite one "
+                  f"{r['sqlite_one']['jobs_at_end']['pairs_indexed']} of {r['sqlite_one']['jobs_at_end']['pairs_queued']}."]
     fa = result.get("fairness")
     if fa:
         lines += ["", "## 2. Fairness: one tenant's backlog, another tenant's one pair", "",
                   f"One replica on PostgreSQL. Tenant A queued {fa['a_pairs']} pairs ({fa['a_requests']} requests "
                   f"of up to 100, in {fa['a_queue_seconds']:.1f} s); then tenant B sent 1 pair, three times while "
-                  "A's backlog lasted (each after A had gone a third further). The jobs table was read every 10 ms.",
+                  "A's backlog lasted (each after A had gone a third further). The jobs table was read every 10 ms."
+                  + part_line(fa),
                   "", "| B's pair | A indexed at B's 202 | A indexed when B's job was done | A's pairs during "
                   "B's wait | B: 202 to done (s, server) | B: 202 to seen done (s) | B queued (s) |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
@@ -733,7 +765,8 @@ def write(out: Path, result: dict) -> None:
         lines += ["", "## 3. The edge", "",
                   f"One replica on SQLite with the default limits (2 MiB bodies, 600 requests a minute, bursts of "
                   f"120). {len(b['sends'])} chunked bodies of {result['conditions'].get('edge_mb', 200)} MB, no "
-                  "key, each on a raw socket in 1 MiB chunks, the sending stopped at the first socket error:", "",
+                  "key, each on a raw socket in 1 MiB chunks, the sending stopped at the first socket error."
+                  + part_line(ed), "",
                   "| | value |", "|---|---:|",
                   f"| server RSS before (MiB) | {b['rss_before_kb'] / 1024:.1f} |",
                   f"| server RSS after the sends (MiB) | {b['rss_after_kb'] / 1024:.1f} |",
@@ -767,6 +800,22 @@ def git_rev() -> str:
         return "unknown"
 
 
+def timing(t0: float, load0: tuple) -> dict:
+    """A part's minutes and the machine's load average (1 min) before and after: other work on the
+    shared cores shows there."""
+    return {"minutes": (time.monotonic() - t0) / 60, "loadavg_before": round(load0[0], 2),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "git": git_rev(),
+            "loadavg_after": round(os.getloadavg()[0], 2)}
+
+
+def part_line(part: dict) -> str:
+    m = part.get("machine")
+    return "" if not m else (f" (This part: finished {m.get('date', '')} at git {m.get('git', '?')}, {m['minutes']:.1f} min; load average "
+                             f"{m['loadavg_before']} before, "
+                             f"{m['loadavg_after']} after.)")
+
+
 def main(args: argparse.Namespace) -> int:
     from tests.postgres_server import PostgresServer, binaries
 
@@ -785,14 +834,20 @@ def main(args: argparse.Namespace) -> int:
         if "replicas" in parts or "fairness" in parts:
             pg = PostgresServer().start()
         if "replicas" in parts:
+            t0, load0 = time.monotonic(), os.getloadavg()
             result["replicas"] = part_replicas(args, pg, logs)
+            result["replicas"]["machine"] = timing(t0, load0)
             result["replicas"]["conditions"] = {"clients": args.clients, "seconds": args.seconds, "mix": args.mix,
                                                 "chat_tokens": args.chat_tokens, "kill_at": args.kill_at,
                                                 "seed": args.seed}
         if "fairness" in parts:
+            t0, load0 = time.monotonic(), os.getloadavg()
             result["fairness"] = part_fairness(args, pg, logs)
+            result["fairness"]["machine"] = timing(t0, load0)
         if "edge" in parts:
+            t0, load0 = time.monotonic(), os.getloadavg()
             result["edge"] = part_edge(args, logs)
+            result["edge"]["machine"] = timing(t0, load0)
     finally:
         if pg is not None:
             log = pg.dir / "server.log"

@@ -65,7 +65,7 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
         "edge", "Checked before any route runs: the body's size as it is read and the time it takes, a "
         "rate limit per client (429 with Retry-After), one Authorization header, and without keys a Host "
         "that is a loopback name. GET /health (alive), /ready (model loaded, database answering) and "
-        "/metrics (Prometheus) need no key.")
+        "/metrics (Prometheus) need no key and are never rate limited.")
     for name in _EDGE:
         setting(g, name)
     g = p.add_argument_group(

@@ -18,8 +18,8 @@ connection (``Connection: close``): the rest of the body is never read.
 Rate limit: a token bucket per client (``rate_limit`` requests a minute, bursts of ``rate_burst``;
 0 turns it off). A client is its API key once a route has accepted that key, else its address, so
 wrong keys, however many and however varied, all draw on their address's bucket (the address
-uvicorn reports: behind a proxy it trusts, the one the proxy forwards). /health and /ready are not
-limited (probes). The buckets live in this process: each replica limits on its own, so N replicas
+uvicorn reports: behind a proxy it trusts, the one the proxy forwards). /health, /ready and
+/metrics are not limited (probes, and a Prometheus scraper sharing an address with a noisy client). The buckets live in this process: each replica limits on its own, so N replicas
 behind a balancer let a client make up to N times ``rate_limit``.
 
     app.add_middleware(Edge, settings=settings, metrics=metrics)
@@ -37,7 +37,7 @@ import anyio
 from prefsteer.service.auth import is_loopback
 from prefsteer.service.errors import ApiError
 
-EXEMPT = frozenset({"/health", "/ready"})  # probes: never rate limited
+EXEMPT = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes: never rate limited
 MAX_CLIENTS = 65_536  # buckets kept (least recently used dropped: a dropped bucket is a full one again)
 MAX_KEYS = 16_384  # accepted keys remembered
 KEY_ACCEPTED = "api_key_accepted"  # set in the request's state by the auth dependency
