@@ -244,12 +244,7 @@ class Exact(Method):
         cid = self.config_id
         best: dict[str, Entry] = {}
         for p in tqdm(pool, desc=f"indexing {user_id}", unit="pair", disable=not self.progress, leave=False):
-            sel = self.memory.selection(user_id, p.pair_id, cid)
-            if sel is None:
-                s = self.select(p)
-                sel = {"attributes": list(s.attributes), "objective": s.objective,
-                       "base_objective": s.base_objective, "gains": s.gains}
-                self.memory.put_selection(user_id, p.pair_id, cid, **sel)
+            sel = self.stored_selection(user_id, p)
             if p.prompt not in best or sel["objective"] > best[p.prompt].objective:
                 best[p.prompt] = Entry(user_id, p.prompt, p.pair_id, config_id=cid, **sel)
         entries = list(best.values())
@@ -257,6 +252,18 @@ class Exact(Method):
         with self.memory.transaction():
             self.memory.put_entries(user_id, entries, replace_all=True, keep_after=mark)
             self.memory.set_status(user_id, "ready")
+
+    def stored_selection(self, user_id: str, pair: PreferencePair) -> dict:
+        """The pair's selection under this configuration: the stored one, else selected now
+        (Algorithm 1) and stored, so an interrupted run resumes where it stopped."""
+        cid = self.config_id
+        sel = self.memory.selection(user_id, pair.pair_id, cid)
+        if sel is None:
+            s = self.select(pair)
+            sel = {"attributes": list(s.attributes), "objective": s.objective,
+                   "base_objective": s.base_objective, "gains": s.gains}
+            self.memory.put_selection(user_id, pair.pair_id, cid, **sel)
+        return sel
 
     def length_contexts(self, pair: PreferencePair) -> list[list[dict]]:
         """The pair's prompt with the k attributes whose rendering is longest, injected as this
@@ -460,19 +467,8 @@ class ExactGlobal(Exact):
                                   "gains": [float(g) for g in self.selection.gains], **extra}, n_pairs=n_pairs)
 
     def pair_selections(self, user_id: str, pool: Sequence[PreferencePair]) -> list[dict]:
-        """Each pair's EXACT selection under this configuration: the stored one, else selected now
-        (Algorithm 1, as `Exact` does) and stored."""
-        cid = self.config_id
-        out = []
-        for p in pool:
-            sel = self.memory.selection(user_id, p.pair_id, cid)
-            if sel is None:
-                s = self.select(p)
-                sel = {"attributes": list(s.attributes), "objective": s.objective,
-                       "base_objective": s.base_objective, "gains": s.gains}
-                self.memory.put_selection(user_id, p.pair_id, cid, **sel)
-            out.append(sel)
-        return out
+        """Each pair's EXACT selection under this configuration (`Exact.stored_selection`)."""
+        return [self.stored_selection(user_id, p) for p in pool]
 
     def _fit_among_selections(self, user_id: str, pool: list[PreferencePair]) -> None:
         """``global_mode`` best-entry or best-mean: the one set among the user's index entries."""
