@@ -126,13 +126,14 @@ def test_the_same_feedback_twice_is_stored_once_and_different_texts_never_collid
     assert len(entries(capsys, db)) == 1
 
 
-def test_a_failed_feedback_stores_nothing(tmp_path, fake_backend, capsys):
+def test_a_failed_feedback_stores_nothing(tmp_path, fake_backend, capsys, monkeypatch):
     db = str(tmp_path / "m.db")
     write_jsonl(tmp_path / "p.jsonl", [JOKE])
     assert cli(capsys, "index", "--data", str(tmp_path / "p.jsonl"), "--db", db, "--k", "1")[0] == 0
-    from prefsteer.backends import register_backend
+    import prefsteer.backends
 
-    register_backend("fake-failing", "tests.test_memory:FailingFake")
+    # registered for this test only: other tests list the backends available
+    monkeypatch.setitem(prefsteer.backends._REGISTRY, "fake-failing", "tests.test_memory:FailingFake")
     code = main(["feedback", "--user", "u", "--prompt", "p", "--chosen", "python code", "--rejected", "lol",
                  "--db", db, "--backend", "fake-failing", "--embedder", "hash", "--quiet"])
     err = capsys.readouterr().err
