@@ -48,6 +48,21 @@ def db(request, tmp_path):
     return request.getfixturevalue("postgres").new_database()
 
 
+@pytest.fixture
+def slow_service(tmp_path):
+    """The service on a fake model whose step takes 20 ms, with one row and one waiting place:
+    (its base URL, the backend)."""
+    from prefsteer.backends.fake import FakeBackend
+    from prefsteer.service import Settings
+    from tests.test_service_helpers import thread_server
+
+    backend = FakeBackend(step_seconds=0.02)
+    settings = Settings(db=str(tmp_path / "m.db"), backend="fake", embedder="hash", auth=False, max_batch_rows=1,
+                        max_waiting=1, make_backend=lambda: backend)
+    with thread_server(settings) as base:
+        yield base, backend
+
+
 @pytest.fixture(scope="session")
 def hf_backend():
     """The embedded default model, loaded once for every real-model test of the session."""

@@ -327,35 +327,28 @@ def test_an_integer_is_a_number(client):
 
 # -- admission, the non-streamed path ----------------------------------------------------------
 
-def test_past_the_admission_bound_a_whole_answer_is_a_503_too(tmp_path):
-    from prefsteer.backends.fake import FakeBackend
-
-    db = str(tmp_path / "m.db")
-    Memory(db).close()
-    backend = FakeBackend(step_seconds=0.02)
-    settings = Settings(db=db, backend="fake", embedder="hash", auth=False, max_batch_rows=1, max_waiting=1,
-                        make_backend=lambda: backend)
+def test_past_the_admission_bound_a_whole_answer_is_a_503_too(slow_service):
+    base, backend = slow_service
     body = {"model": "fake", "messages": [{"role": "user", "content": "tell me a long story"}],
             "max_tokens": 100, "temperature": 0}
-    with thread_server(settings) as base:
-        results: dict[int, httpx.Response] = {}
+    results: dict[int, httpx.Response] = {}
 
-        def hold(i):
-            results[i] = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
-        threads = [threading.Thread(target=hold, args=(i,)) for i in range(2)]  # one decoding, one waiting
-        for n, t in enumerate(threads, 1):
-            t.start()
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                stats = backend.scheduler.stats() if backend.scheduler is not None else {}
-                if stats.get("requests", 0) + stats.get("waiting", 0) >= n:
-                    break
-                time.sleep(0.01)
-        r = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
-        with httpx.Client(base_url=base) as c:
-            refused = _metric(c, "prefsteer_admission_refused_total")
-        for t in threads:
-            t.join(60)
+    def hold(i):
+        results[i] = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+    threads = [threading.Thread(target=hold, args=(i,)) for i in range(2)]  # one decoding, one waiting
+    for n, t in enumerate(threads, 1):
+        t.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            stats = backend.scheduler.stats() if backend.scheduler is not None else {}
+            if stats.get("requests", 0) + stats.get("waiting", 0) >= n:
+                break
+            time.sleep(0.01)
+    r = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+    with httpx.Client(base_url=base) as c:
+        refused = _metric(c, "prefsteer_admission_refused_total")
+    for t in threads:
+        t.join(60)
     assert r.status_code == 503 and error(r)["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1
     assert refused == 1
     assert [results[i].status_code for i in range(2)] == [200, 200]  # the held answers were given in full

@@ -217,18 +217,6 @@ def _sse(base: str, body: dict, headers=None) -> tuple[str, list[dict], httpx.He
     return text, chunks, r.headers
 
 
-@pytest.fixture
-def slow_service(tmp_path):
-    """The service on a fake model whose step takes 20 ms, one row and one waiting place."""
-    db = str(tmp_path / "m.db")
-    Memory(db).close()
-    backend = FakeBackend(step_seconds=0.02)
-    settings = Settings(db=db, backend="fake", embedder="hash", auth=False, max_batch_rows=1, max_waiting=1,
-                        make_backend=lambda: backend)
-    with thread_server(settings) as base:
-        yield base, backend
-
-
 def test_the_service_streams_while_decoding_and_a_disconnect_frees_the_row(slow_service):
     base, backend = slow_service
     body = {"model": "fake", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 200,

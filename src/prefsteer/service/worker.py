@@ -61,10 +61,10 @@ class _Heartbeat:
 
 
 class Worker:
-    def __init__(self, engine, poll_seconds: float = 1.0, lease_seconds: float | None = None):
+    def __init__(self, engine, poll_seconds: float = 1.0):
         self.engine = engine
         self.poll_seconds = poll_seconds
-        self.lease_seconds = lease_seconds or engine.settings.job_lease_seconds
+        self.lease_seconds = engine.settings.job_lease_seconds
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = threading.Event()
         self._stop = threading.Event()

@@ -31,6 +31,7 @@ an id of its own; the same pair given twice is stored once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -190,8 +191,6 @@ class Entry:
 
 
 def hash_key(key: str) -> str:
-    import hashlib
-
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -236,9 +235,6 @@ class Memory:
 
     def _deleted(self) -> None:
         """After a user's deletion: make the deleted text unreadable in the engine's files."""
-
-    def _now(self) -> float:
-        return time.time()
 
     # -- small helpers --------------------------------------------------------------------------
     def _one(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
@@ -467,7 +463,7 @@ class Memory:
                       "DO UPDATE SET fingerprint=excluded.fingerprint, state=excluded.state, files=excluded.files, "
                       "n_pairs=excluded.n_pairs, stale=0, updated=excluded.updated",
                       (user_id, method, state_id, fingerprint, json.dumps(state), json.dumps(names), n_pairs,
-                       self._now()))
+                       time.time()))
 
     def method_state(self, user_id: str, method: str, state_id: str) -> dict | None:
         """The state, with ``"files"``: name -> bytes."""
@@ -514,7 +510,7 @@ class Memory:
         """A new key for ``tenant``: ``{"key", "key_id", "tenant", "created"}``; only its hash is kept."""
         key = "ps-" + secrets.token_urlsafe(32)
         key_id = "key-" + secrets.token_hex(6)
-        now = self._now()
+        now = time.time()
         with self.transaction() as c:
             c.execute("INSERT INTO api_keys VALUES (?,?,?,?,NULL)", (hash_key(key), tenant, key_id, now))
         return {"key": key, "key_id": key_id, "tenant": tenant, "created": now}
@@ -526,7 +522,7 @@ class Memory:
     def revoke_key(self, key_id: str) -> bool:
         with self.transaction() as c:
             return c.execute("UPDATE api_keys SET revoked=? WHERE key_id=? AND revoked IS NULL",
-                             (self._now(), key_id)).rowcount > 0
+                             (time.time(), key_id)).rowcount > 0
 
     def tenant_of(self, key: str) -> str | None:
         """The tenant of a valid, unrevoked key, else None. The lookup is by hash: the time it takes
@@ -542,7 +538,7 @@ class Memory:
         job_id = "job-" + uuid.uuid4().hex
         with self.transaction() as c:
             c.execute("INSERT INTO jobs(job_id, tenant, user_id, status, pair_ids, created) VALUES (?,?,?,?,?,?)",
-                      (job_id, tenant or "", user_id, "queued", json.dumps(pair_ids), self._now()))
+                      (job_id, tenant or "", user_id, "queued", json.dumps(pair_ids), time.time()))
         return job_id
 
     def job(self, job_id: str) -> dict[str, Any] | None:
@@ -569,7 +565,7 @@ class Memory:
         leased to ``owner`` until ``lease_seconds`` from now. A job whose lease ran out (its replica
         died) is claimable again; a job of a user whose pairs another live worker is selecting is
         not. None when there is nothing to do."""
-        now = self._now()
+        now = time.time()
         until = now + lease_seconds
         with self.transaction() as c:
             for job_id, _tenant, user_id in self._claimable(c, now):
@@ -592,7 +588,7 @@ class Memory:
     def renew_lease(self, job_id: str, owner: str, lease_seconds: float) -> bool:
         """Extend ``owner``'s lease on the job and its user; False when the lease was lost (the job
         was taken over, or its user deleted): the worker then stops working on it."""
-        now = self._now()
+        now = time.time()
         until = now + lease_seconds
         with self.transaction() as c:
             n = c.execute("UPDATE jobs SET lease_until=?, served=? WHERE job_id=? AND owner=? AND status='running'",
@@ -626,7 +622,7 @@ class Memory:
     def others_waiting(self, tenant: str | None) -> bool:
         """Whether another tenant has a job waiting (the worker then yields between pairs)."""
         return self._one("SELECT 1 FROM jobs WHERE tenant<>? AND (status='queued' OR (status='running' AND "
-                         "(lease_until IS NULL OR lease_until < ?))) LIMIT 1", (tenant or "", self._now())) is not None
+                         "(lease_until IS NULL OR lease_until < ?))) LIMIT 1", (tenant or "", time.time())) is not None
 
     def pending_jobs(self, user_id: str) -> list[str]:
         return [r[0] for r in self._rows("SELECT job_id FROM jobs WHERE user_id=? AND status IN ('queued','running') "
@@ -659,9 +655,6 @@ class Memory:
         with self.transaction() as c:
             for r in rows:
                 c.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", r)
-
-    def is_empty(self) -> bool:
-        return not any(self.table_counts().values())
 
 
 def read_selections(path: str | Path) -> list[dict]:

@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any, Iterator, Sequence
 
 from prefsteer.errors import MemoryFileError, MemoryNotFoundError
-from prefsteer.storage.base import SCHEMA_VERSION, TABLES, Memory, schema_statements
+from prefsteer.storage.base import SCHEMA_VERSION, Memory, schema_statements
 
 STATEMENTS = schema_statements(blob="BYTEA", real="DOUBLE PRECISION", integer="BIGINT")
 META = "CREATE TABLE IF NOT EXISTS prefsteer_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
@@ -133,12 +133,6 @@ class PostgresMemory(Memory):
             return tx.execute(sql, params).fetchall()
         with self._pool.connection() as conn:
             return conn.execute(_pg(sql), tuple(params)).fetchall()
-
-    def drop_all(self) -> None:
-        """Remove every prefsteer table (tests, and `db copy` into a database that must be empty)."""
-        with self.transaction() as t:
-            for table in (*reversed(TABLES), "prefsteer_meta"):
-                t.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
 
 
 def _reason(e: Exception) -> str:

@@ -45,9 +45,6 @@ class _Conn:
     def execute(self, *a):
         return self._wrap(self._conn.execute, *a)
 
-    def executemany(self, *a):
-        return self._wrap(self._conn.executemany, *a)
-
     def close(self) -> None:
         self._conn.close()
 
