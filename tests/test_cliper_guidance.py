@@ -140,6 +140,21 @@ def test_guide_top_k_and_validation():
         CliperGuide(HeadBank(heads), [1.0], 1.0, 3, emb)
 
 
+def test_guide_scores_on_the_embeddings_dtype_and_device_the_bank_starts_on_cpu_float32():
+    """A model in bfloat16 (a GPU's default) gives bfloat16 hidden states and embeddings: the guide
+    moves the bank to them (a float32 bank on the CPU failed on CUDA) and agrees with float32."""
+    heads = small_bank()
+    bank = HeadBank(heads)
+    emb, h, logits = torch.randn(30, 8), torch.randn(2, 8), torch.randn(2, 30)
+    ref = CliperGuide(bank, [1.0, -0.5], alpha=1.0, top_k=4, embeddings=emb)(h, logits, None)
+    half = CliperGuide(bank, [1.0, -0.5], alpha=1.0, top_k=4, embeddings=emb.bfloat16())
+    assert half.bank.Wh.dtype == torch.bfloat16 and bank.Wh.dtype == torch.float32  # the given bank is untouched
+    assert bank.to("cpu") is bank
+    out = half(h.bfloat16(), logits, None)
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+    assert torch.allclose(out[torch.isfinite(out)].float(), ref[torch.isfinite(ref)], atol=0.15)
+
+
 def test_parse_prefs():
     assert parse_prefs("concise=1, humorous=0.5") == {"concise": 1.0, "humor": 0.5}
     assert parse_prefs("formal") == {"formal": 1.0}

@@ -73,3 +73,16 @@ def test_guided_decoding_batches_and_samples(backend):
     a = m.generate("u", PROMPTS[:2], cfg)
     b = m.generate("u", PROMPTS[:2], cfg)
     assert [o.text for o in a] == [o.text for o in b] and all(o.text for o in a)
+
+
+def test_the_shipped_heads_serve_the_model_in_bfloat16_too(backend):
+    """A GPU loads the model in bfloat16 (another fingerprint): the heads trained on the float32
+    model are found by the weights' identity, and the guide scores bfloat16 hidden states with them."""
+    half = backend.cast("bfloat16")
+    assert half.fingerprint != backend.fingerprint and half.weights_id == backend.weights_id
+    guide, prefs = cliper(half, prefs="concise=1").guide_for(None)
+    assert prefs == {"concise": 1.0} and guide.fingerprint == half.fingerprint
+    assert guide.bank.Wh.dtype == torch.bfloat16
+    logits = torch.randn(1, half.token_embeddings().shape[0])
+    out = guide(torch.randn(1, half.hidden_size, dtype=torch.bfloat16), logits, None)
+    assert torch.isfinite(out).sum().item() == guide.top_k

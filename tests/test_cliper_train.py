@@ -72,6 +72,32 @@ def test_load_by_name_checks_the_fingerprint(classifier_dir, backend):
         load_classifier("mine", backend.fingerprint, [classifier_dir])
 
 
+def test_a_head_serves_the_same_weights_in_another_precision_by_its_weights_id(tmp_path):
+    """A head records the model's fingerprint and its weights' identity: a backend of the same
+    weights in another precision (a GPU's bfloat16) finds it by the second, another model does not;
+    a head of the backend's own fingerprint comes first."""
+    from prefsteer.methods.cliper.heads import PreferenceHead
+
+    def write(folder, name, fp, wid, rank):
+        meta = {"name": name, "fingerprint": fp, **({"weights_id": wid} if wid else {})}
+        save_classifier(PreferenceHead(8, rank, meta), tmp_path / folder)
+    write("fp32", "humor", "hf:float32", "weights:w1", 2)
+    write("other", "concise", "hf:othermodel", "weights:w2", 2)
+    write(".", "formal", "hf:old", None, 2)  # a head from before weights ids: its fingerprint alone
+    dirs = [tmp_path]
+    assert load_classifier("humor", "hf:bfloat16", dirs, weights_id="weights:w1").meta["fingerprint"] == "hf:float32"
+    assert set(available_classifiers("hf:bfloat16", dirs, "weights:w1")) == {"humor"}
+    with pytest.raises(ValueError, match="trained for another model"):
+        load_classifier("humor", "hf:bfloat16", dirs)  # no weights id given: the fingerprint must match
+    with pytest.raises(ValueError, match="trained for another model"):
+        load_classifier("concise", "hf:bfloat16", dirs, weights_id="weights:w1")
+    with pytest.raises(ValueError, match="trained for another model"):
+        load_classifier("formal", "hf:bfloat16", dirs, weights_id="weights:w1")
+    write("bf16", "humor", "hf:bfloat16", "weights:w1", 3)  # one trained on the bfloat16 model itself wins
+    assert load_classifier("humor", "hf:bfloat16", dirs, weights_id="weights:w1").rank == 3
+    assert available_classifiers("hf:bfloat16", dirs, "weights:w1")["humor"].parent.name == "bf16"
+
+
 def cliper(backend, classifier_dir, **kw):
     return get_method_class("cliper")(backend, classifier_dirs=[str(classifier_dir)], **kw)
 

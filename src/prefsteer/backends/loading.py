@@ -75,6 +75,24 @@ def gguf_identity(local_dir: str, gguf_file: str) -> str:
     return hashlib.sha256(f"{gguf_file}:{size}".encode()).hexdigest()[:16]
 
 
+def weights_identity(arch: dict[str, Any], vocab_size: int, samples: Any) -> str:
+    """The identity of a model's weights whatever the precision they are held in: its architecture,
+    vocabulary and the first values of a few named tensors (``samples``: (name, tensor) pairs),
+    rounded to bfloat16, which a float32 weight and its bfloat16 cast share. A classifier head
+    trained on the float32 model is for the same weights in bfloat16 (a GPU's default); the
+    fingerprint, which keeps the precision apart, is what caches are keyed by."""
+    import json
+
+    import torch
+
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
+    h.update(f"vocab={vocab_size}".encode())
+    for name, t in samples:
+        h.update(name.encode())
+        h.update(t.detach().flatten()[:4096].to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return f"weights:{h.hexdigest()[:32]}"
+
+
 def _default_dtype(device: str, dtype: Any) -> Any:
     import torch
 

@@ -86,6 +86,19 @@ class HeadBank:
                              f"{bank.n_heads * (1 + bank.r)} columns, the state has {bank.Wh.shape[1]}")
         return bank
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "HeadBank":
+        """The bank with its tensors on ``device`` (its two matrices also in ``dtype``, the dtype of
+        the hidden states and embeddings it will score): ``self`` when they already are."""
+        dtype = dtype or self.Wh.dtype
+        if self.Wh.device == torch.device(device) and self.Wh.dtype == dtype:
+            return self
+        bank = HeadBank.from_state({"tensors": {k: getattr(self, k) for k in self._TENSORS}, "names": self.names,
+                                    "fingerprints": getattr(self, "fingerprints", []), "rank": self.r})
+        for k in self._TENSORS:
+            t = getattr(bank, k).to(device)
+            setattr(bank, k, t.to(dtype) if k in ("Wh", "We") else t)
+        return bank
+
     def logits(self, hidden: torch.Tensor, cand_emb: torch.Tensor) -> torch.Tensor:
         """hidden (B, d), cand_emb (B, k, d) -> log-odds (B, P, k)."""
         P, r = self.n_heads, self.r
@@ -167,7 +180,7 @@ class CliperGuide:
     def __init__(self, bank: HeadBank, weights: Sequence[float], alpha: float, top_k: int,
                  embeddings: torch.Tensor, fingerprint: str | None = None):
         self.alpha, self.top_k = check_alpha(alpha), check_top_k(top_k)
-        self.bank = bank
+        self.bank = bank.to(embeddings.device, embeddings.dtype)  # where the model's hidden states are
         self.weights = torch.as_tensor(list(weights), dtype=torch.float32)  # (P,)
         if self.weights.numel() != bank.n_heads:
             raise ValueError(f"`weights` has {self.weights.numel()} entries for {bank.n_heads} "
@@ -208,7 +221,6 @@ class CliperGuide:
         if bank.Wh.shape[0] != embeddings.shape[-1]:
             raise ValueError(f"the heads are for hidden size {bank.Wh.shape[0]}, the embeddings have "
                              f"{embeddings.shape[-1]}")
-        bank.Wh, bank.We = bank.Wh.to(embeddings.dtype), bank.We.to(embeddings.dtype)
         return cls(bank, desc["weights"], desc["alpha"], desc["top_k"], embeddings, desc["fingerprint"])
 
     def __call__(self, hidden: torch.Tensor, logits: torch.Tensor,
@@ -221,7 +233,7 @@ class CliperGuide:
             ids = torch.topk(logits, k, dim=-1).indices                 # (B, k)
             emb = self.embeddings[ids.to(self.embeddings.device)]       # (B, k, d)
             z = self.bank.logits(hidden.to(emb.dtype), emb)             # (B, P, k)
-            return guided_logits(logits, ids, z.to(logits.device), self.weights, self.alpha)
+            return guided_logits(logits, ids, z.to(logits.device), self.weights.to(logits.device), self.alpha)
 
 
 def check_description(desc: Any) -> None:

@@ -126,6 +126,7 @@ class TransformersBackend(ScheduledStreaming, ChatTokenization):
         self._casts: dict[torch.dtype, TransformersBackend] = {}  # see `cast`
         self._casts_lock = threading.Lock()
         self._fingerprint: str | None = None
+        self._weights_id: str | None = None
         self._local = threading.local()
         self._stats_lock = threading.Lock()
         self.stats: dict[str, Any] = {}  # cumulative over score / hidden_states calls, all threads
@@ -175,10 +176,8 @@ class TransformersBackend(ScheduledStreaming, ChatTokenization):
             h.update(f"vocab={len(self.tokenizer)};dtype={self.model.dtype}".encode())
             with torch.no_grad(), self._lock.shared("fingerprint"):
                 # a sample of the weights: the first values of a few tensors and their sums
-                params = dict(self.model.named_parameters())
-                names = sorted(params)
-                for name in sorted({names[0], names[len(names) // 2], names[-1]}):
-                    t = params[name].detach().flatten()
+                for name, t in self._weight_samples():
+                    t = t.detach().flatten()
                     h.update(name.encode())
                     h.update(t[:4096].float().cpu().numpy().tobytes())
                     h.update(f"{t.double().sum().item():.6e}".encode())
@@ -187,6 +186,25 @@ class TransformersBackend(ScheduledStreaming, ChatTokenization):
                 fp += f":matmul-{self.matmul_precision}"
             self._fingerprint = fp
         return self._fingerprint
+
+    def _weight_samples(self) -> list[tuple[str, torch.Tensor]]:
+        """The first, middle and last of the model's parameters by name: what identities sample."""
+        params = dict(self.model.named_parameters())
+        names = sorted(params)
+        return [(name, params[name]) for name in sorted({names[0], names[len(names) // 2], names[-1]})]
+
+    @property
+    def weights_id(self) -> str:
+        """The weights' identity whatever their precision (`prefsteer.backends.loading.weights_identity`):
+        the same for this model in float32 and in bfloat16, where the fingerprints differ."""
+        if self._weights_id is None:
+            from prefsteer.backends.loading import weights_identity
+
+            cfg = self.config.to_dict()
+            with torch.no_grad(), self._lock.shared("fingerprint"):
+                self._weights_id = weights_identity({k: cfg[k] for k in _ARCH_FIELDS if k in cfg}, len(self.tokenizer),
+                                                    self._weight_samples())
+        return self._weights_id
 
     @property
     def max_context(self) -> int:

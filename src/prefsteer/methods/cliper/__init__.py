@@ -94,15 +94,20 @@ class Cliper(Method):
         from prefsteer.methods.cliper.heads import available_classifiers
 
         try:
-            return list(available_classifiers(self.backend.fingerprint, self.classifier_dirs))
+            return list(available_classifiers(self.backend.fingerprint, self.classifier_dirs, self._weights_id))
         except OSError:
             return []
+
+    @property
+    def _weights_id(self) -> str | None:
+        """The backend's weights identity, where it has one: heads of its weights in another precision serve it."""
+        return getattr(self.backend, "weights_id", None)
 
     def _head(self, name: str):
         from prefsteer.methods.cliper.heads import load_classifier
 
         if name not in self._heads:
-            self._heads[name] = load_classifier(name, self.backend.fingerprint, self.classifier_dirs)
+            self._heads[name] = load_classifier(name, self.backend.fingerprint, self.classifier_dirs, self._weights_id)
         return self._heads[name]
 
     # -- the personal classifier ----------------------------------------------------------------
@@ -191,7 +196,7 @@ class Cliper(Method):
         require(self.backend, "token_embeddings", "cliper's guidance")
         heads = [self.personal_head(user_id) if n == "personal" else self._head(n) for n in prefs]
         guide = CliperGuide(HeadBank(heads), list(prefs.values()), self.alpha, self.top_k,
-                            self.backend.token_embeddings())
+                            self.backend.token_embeddings(), self.backend.fingerprint)
         return guide, prefs
 
     def decodings(self, user_id: str | None, conversations: list[Messages],

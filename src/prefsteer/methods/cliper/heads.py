@@ -126,37 +126,52 @@ def read_classifier(path: str | Path) -> PreferenceHead:
     return head
 
 
-def _candidates(name: str, fingerprint: str, dirs: Iterable[str | Path] | None) -> list[Path]:
-    roots = [Path(d) for d in (dirs or [])] + [user_classifier_dir(), packaged_classifier_dir()]
+def _for_model(meta: dict, fingerprint: str, weights_id: str | None) -> bool:
+    """Whether a head's sidecar is for this model: its fingerprint, or the same weights in another
+    precision (``weights_id``, recorded by heads trained since it exists)."""
+    return meta.get("fingerprint") == fingerprint or bool(weights_id and meta.get("weights_id") == weights_id)
+
+
+def _candidates(name: str, fingerprint: str, dirs: Iterable[str | Path] | None,
+                weights_id: str | None = None) -> list[Path]:
     out = []
-    for root in roots:
-        for d in (root / fingerprint_slug(fingerprint), root):
+    for root in _search_roots(dirs):
+        # the model's own sub-directory first; with a weights id, those of its other precisions too
+        subdirs = sorted(p for p in root.glob("*") if p.is_dir()) if weights_id and root.is_dir() else []
+        for d in (root / fingerprint_slug(fingerprint), root, *subdirs):
             p = d / f"{name}.json"
             if p.is_file() and p not in out:
                 out.append(p)
     return out
 
 
-def load_classifier(name: str, fingerprint: str, dirs: Iterable[str | Path] | None = None) -> PreferenceHead:
-    """Find the classifier ``name`` trained for the model ``fingerprint``.
+def load_classifier(name: str, fingerprint: str, dirs: Iterable[str | Path] | None = None,
+                    weights_id: str | None = None) -> PreferenceHead:
+    """Find the classifier ``name`` trained for the model ``fingerprint`` (or, given the model's
+    ``weights_id``, for the same weights in another precision: a head trained on the float32 model
+    serves it in bfloat16).
 
     Looks in ``dirs``, then the user's classifier directory, then the classifiers shipped with
     prefsteer (each directory and its ``<fingerprint-slug>/`` sub-directory). A classifier of that
     name trained for another model is refused with a message saying how to train one."""
-    found = _candidates(name, fingerprint, dirs)
-    others = []
+    found = _candidates(name, fingerprint, dirs, weights_id)
+    others, same_weights = [], None
     for sidecar in found:
         meta = json.loads(sidecar.read_text("utf-8"))
         if meta.get("fingerprint") == fingerprint:
             return read_classifier(sidecar)
+        if same_weights is None and _for_model(meta, fingerprint, weights_id):
+            same_weights = sidecar
         others.append(f"{sidecar} (for {meta.get('fingerprint')})")
+    if same_weights is not None:
+        return read_classifier(same_weights)
     if others:
         problem = (f"the classifier '{name}' was trained for another model: {'; '.join(others)}; "
                    f"this backend's fingerprint is {fingerprint}")
     else:
         problem = (f"no classifier '{name}' for model {fingerprint} (looked in "
                    f"{', '.join(str(p) for p in _search_roots(dirs))})")
-    raise ClassifierNotFoundError(name, fingerprint, problem, sorted(_available_or_none(fingerprint, dirs)))
+    raise ClassifierNotFoundError(name, fingerprint, problem, sorted(_available_or_none(fingerprint, dirs, weights_id)))
 
 
 class ClassifierNotFoundError(PrefsteerError, FileNotFoundError, ValueError):
@@ -182,9 +197,9 @@ class ClassifierNotFoundError(PrefsteerError, FileNotFoundError, ValueError):
         return str(self.args[0])
 
 
-def _available_or_none(fingerprint: str, dirs: Iterable[str | Path] | None) -> list[str]:
+def _available_or_none(fingerprint: str, dirs: Iterable[str | Path] | None, weights_id: str | None = None) -> list[str]:
     try:
-        return list(available_classifiers(fingerprint, dirs))
+        return list(available_classifiers(fingerprint, dirs, weights_id))
     except OSError:
         return []
 
@@ -193,11 +208,15 @@ def _search_roots(dirs: Iterable[str | Path] | None) -> list[Path]:
     return [Path(d) for d in (dirs or [])] + [user_classifier_dir(), packaged_classifier_dir()]
 
 
-def available_classifiers(fingerprint: str, dirs: Iterable[str | Path] | None = None) -> dict[str, Path]:
-    """name -> sidecar path of every classifier trained for ``fingerprint`` (first found wins)."""
-    out: dict[str, Path] = {}
+def available_classifiers(fingerprint: str, dirs: Iterable[str | Path] | None = None,
+                          weights_id: str | None = None) -> dict[str, Path]:
+    """name -> sidecar path of every classifier trained for ``fingerprint`` or, given ``weights_id``,
+    for the same weights in another precision (first found wins, the exact fingerprint first)."""
+    exact: dict[str, Path] = {}
+    same: dict[str, Path] = {}
     for root in _search_roots(dirs):
-        for d in (root / fingerprint_slug(fingerprint), root):
+        subdirs = sorted(p for p in root.glob("*") if p.is_dir()) if weights_id and root.is_dir() else []
+        for d in (root / fingerprint_slug(fingerprint), root, *subdirs):
             if not d.is_dir():
                 continue
             for sidecar in sorted(d.glob("*.json")):
@@ -205,6 +224,10 @@ def available_classifiers(fingerprint: str, dirs: Iterable[str | Path] | None = 
                     meta = json.loads(sidecar.read_text("utf-8"))
                 except (OSError, json.JSONDecodeError):
                     continue
-                if meta.get("format") == FORMAT and meta.get("fingerprint") == fingerprint:
-                    out.setdefault(str(meta.get("name")), sidecar)
-    return out
+                if meta.get("format") != FORMAT:
+                    continue
+                if meta.get("fingerprint") == fingerprint:
+                    exact.setdefault(str(meta.get("name")), sidecar)
+                elif _for_model(meta, fingerprint, weights_id):
+                    same.setdefault(str(meta.get("name")), sidecar)
+    return {**same, **exact}

@@ -184,6 +184,7 @@ def train_classifier(backend, items: Sequence[LabelledText], name: str, cfg: Tra
     head.meta = {
         "name": name,
         "fingerprint": backend.fingerprint,
+        **({"weights_id": backend.weights_id} if getattr(backend, "weights_id", None) else {}),
         "template_id": backend.template_id,
         "hidden_size": d,
         "rank": cfg.rank,
