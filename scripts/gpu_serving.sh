@@ -31,7 +31,7 @@ timeout 420 python3 benchmarks/serving_speed.py --embedder hash --out "$out" 2>&
 
 step "profile: the engine alone, 1 and 8 streamed requests of 64 tokens (where a step's time goes)"
 timeout 120 python3 - <<'PY' 2>&1 | tee "$out/profile.txt" | tail -8
-import collections, threading, time, torch
+import collections, os, threading, time, torch
 from prefsteer.backends import load_backend
 from prefsteer.backends.base import GenerationConfig, user_turn
 from prefsteer.backends.hf.batch import KVBatch
@@ -47,7 +47,7 @@ def timed(cls, name, key):
     setattr(cls, name, g)
 for cls, name in ((KVBatch, "add"), (KVBatch, "step"), (KVBatch, "outputs"), (KVBatch, "keep"), (Scheduler, "_step")):
     timed(cls, name, f"{cls.__name__}.{name}")
-b = load_backend("hf")
+b = load_backend("hf", model=os.environ.get("PREFSTEER_MODEL"))
 cfg = GenerationConfig(max_new_tokens=64)
 def burst(n):
     ss = [b.stream(user_turn(f"Tell me a long story about the number {i}."), cfg) for i in range(n)]

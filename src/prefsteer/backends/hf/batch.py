@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from prefsteer.backends.hf.decode import output_logits
 from prefsteer.backends.hf.planner import left_pad
 
 
@@ -91,4 +92,4 @@ class KVBatch:
 
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         with self.b._lock.shared("a streamed request"), torch.inference_mode():
-            return self.hidden.float(), self.b.lm_head(self.hidden).float()
+            return self.hidden.float(), output_logits(self.b, self.hidden)

@@ -21,6 +21,19 @@ from prefsteer.backends.hf.scoring import prefix_kv
 from prefsteer.backends.sampling import sample_next
 
 
+def output_logits(b, hidden: torch.Tensor) -> torch.Tensor:
+    """The output layer on the rows being decoded, hidden (B, d) -> logits (B, V), float32.
+
+    On a CPU, MKL's matrix product of a few rows (2 to 16) by the (V, d) output matrix runs at a
+    third of the speed of the same product taken as W·hᵀ (SmolLM2's 49,152 x 576 head: 28 ms for 4
+    rows against 9 ms, and 12 ms for one), so a small batch of decoding rows takes it that way."""
+    head = b.lm_head
+    if hidden.device.type == "cpu" and 1 < hidden.shape[0] <= 16 and getattr(head, "bias", None) is None \
+            and isinstance(getattr(head, "weight", None), torch.Tensor):
+        return (head.weight @ hidden.T).T.float().contiguous()
+    return head(hidden).float()
+
+
 def decode_step(b, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
                 state: CascadeState | None) -> torch.Tensor:
     """Feed ``ids`` (B, q) on the cache; ``mask`` (B, K) marks the real keys among all K cached
@@ -60,7 +73,7 @@ def decode_batch(b, prompts: list[list[int]], config: GenerationConfig, guide: G
     eos = torch.tensor(sorted(b.eos_ids), device=b.device)
     steps = min(config.max_new_tokens, b.max_context - T)
     for step in range(steps):
-        logits = b.lm_head(hidden).float()  # (B, V)
+        logits = output_logits(b, hidden)  # (B, V)
         if guide is not None:
             logits = guide(hidden.float(), logits, ids)
         tok = sample_next(logits, config, gen).to(b.device)
@@ -109,7 +122,7 @@ class Rows:
     def logits(self) -> torch.Tensor:
         """Next-token logits (R, V, float32) of every row."""
         with self.b._lock.shared("a decoding session"), torch.inference_mode():
-            return self.b.lm_head(self.hidden).float()
+            return output_logits(self.b, self.hidden)
 
     def append(self, tokens: Sequence[int]) -> None:
         """Extend row r by ``tokens[r]``."""
