@@ -132,16 +132,23 @@ def _for_model(meta: dict, fingerprint: str, weights_id: str | None) -> bool:
     return meta.get("fingerprint") == fingerprint or bool(weights_id and meta.get("weights_id") == weights_id)
 
 
+def _head_dirs(dirs: Iterable[str | Path] | None, fingerprint: str, weights_id: str | None) -> list[Path]:
+    """Where heads are looked for, in order: in each search root, the model's own sub-directory,
+    the root itself and, given a weights id, every other sub-directory (the model's other precisions)."""
+    out = []
+    for root in _search_roots(dirs):
+        subdirs = sorted(p for p in root.glob("*") if p.is_dir()) if weights_id and root.is_dir() else []
+        out += [root / fingerprint_slug(fingerprint), root, *subdirs]
+    return out
+
+
 def _candidates(name: str, fingerprint: str, dirs: Iterable[str | Path] | None,
                 weights_id: str | None = None) -> list[Path]:
     out = []
-    for root in _search_roots(dirs):
-        # the model's own sub-directory first; with a weights id, those of its other precisions too
-        subdirs = sorted(p for p in root.glob("*") if p.is_dir()) if weights_id and root.is_dir() else []
-        for d in (root / fingerprint_slug(fingerprint), root, *subdirs):
-            p = d / f"{name}.json"
-            if p.is_file() and p not in out:
-                out.append(p)
+    for d in _head_dirs(dirs, fingerprint, weights_id):
+        p = d / f"{name}.json"
+        if p.is_file() and p not in out:
+            out.append(p)
     return out
 
 
@@ -214,20 +221,18 @@ def available_classifiers(fingerprint: str, dirs: Iterable[str | Path] | None = 
     for the same weights in another precision (first found wins, the exact fingerprint first)."""
     exact: dict[str, Path] = {}
     same: dict[str, Path] = {}
-    for root in _search_roots(dirs):
-        subdirs = sorted(p for p in root.glob("*") if p.is_dir()) if weights_id and root.is_dir() else []
-        for d in (root / fingerprint_slug(fingerprint), root, *subdirs):
-            if not d.is_dir():
+    for d in _head_dirs(dirs, fingerprint, weights_id):
+        if not d.is_dir():
+            continue
+        for sidecar in sorted(d.glob("*.json")):
+            try:
+                meta = json.loads(sidecar.read_text("utf-8"))
+            except (OSError, json.JSONDecodeError):
                 continue
-            for sidecar in sorted(d.glob("*.json")):
-                try:
-                    meta = json.loads(sidecar.read_text("utf-8"))
-                except (OSError, json.JSONDecodeError):
-                    continue
-                if meta.get("format") != FORMAT:
-                    continue
-                if meta.get("fingerprint") == fingerprint:
-                    exact.setdefault(str(meta.get("name")), sidecar)
-                elif _for_model(meta, fingerprint, weights_id):
-                    same.setdefault(str(meta.get("name")), sidecar)
+            if meta.get("format") != FORMAT:
+                continue
+            if meta.get("fingerprint") == fingerprint:
+                exact.setdefault(str(meta.get("name")), sidecar)
+            elif _for_model(meta, fingerprint, weights_id):
+                same.setdefault(str(meta.get("name")), sidecar)
     return {**same, **exact}
