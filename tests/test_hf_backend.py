@@ -420,3 +420,25 @@ def test_greedy_generate_equals_transformers_generate(backend, plain):
         (g,) = backend.generate([msgs], GenerationConfig(max_new_tokens=n))
         assert g.token_ids == out
         assert g.text == tok.decode(out, skip_special_tokens=True)
+
+
+def test_a_cpu_backend_decodes_on_packed_weights_close_to_the_plain_model(backend, plain):
+    """On a CPU every linear layer is packed for the decode step (`packing`); a step's logits stay
+    within 1e-4 of a plain forward."""
+    from prefsteer.backends.hf.packing import PackedLinear
+
+    if backend.device.type != "cpu":
+        pytest.skip("packing is for a CPU")
+    model, tok = plain
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert backend.info()["packed_linears"] == len(linears)
+    assert isinstance(backend.lm_head, PackedLinear)
+    msgs = user_turn("Name a fruit.")
+    ids = _chat_ids(tok, msgs, add_generation_prompt=True)
+    rows = backend.start_decoding([msgs, user_turn("Say hi to my neighbour, please.")])
+    nxt = int(rows.logits()[0].argmax())
+    rows.append([nxt, nxt])
+    with torch.inference_mode():
+        want = model(input_ids=torch.tensor([ids + [nxt]])).logits[0, -1].float()
+    got = rows.logits()[0]
+    assert (got - want).abs().max().item() < 1e-4

@@ -37,9 +37,15 @@ Serving (``stream``) decodes concurrent requests together: the `Scheduler` of
 key/value cache that rows join (prefilled between steps) and leave, each with its own guide and
 sampling settings; a request's greedy tokens are those of ``generate``.
 
+On a CPU the decode steps multiply by a oneDNN-packed copy of every linear layer's weight
+(`packing`), with which a step of a few rows costs little more than a step of one, on a key/value
+cache that appends into spare room (`kvcache`); scoring and prefill keep the plain products.
+``pack_weights`` says whether to pack (default: on a CPU, for models of up to 2B parameters, as
+the packed copies take the weights' memory again).
+
 Modules: `backend` (the class, identity, tokenization, threads), `attention`, `planner`,
-`scoring`, `decode`, `batch` (the streamed rows), `adapter` (LoRA), `lock`; loading and casting helpers live in
-`prefsteer.backends.loading`.
+`scoring`, `decode`, `batch` (the streamed rows), `kvcache`, `packing`, `adapter` (LoRA), `lock`;
+loading and casting helpers live in `prefsteer.backends.loading`.
 
     >>> from prefsteer.backends.hf import TransformersBackend
     >>> backend = TransformersBackend(dtype="float32")

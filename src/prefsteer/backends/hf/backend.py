@@ -32,7 +32,7 @@ import torch
 
 from prefsteer.backends.base import (MATMUL_PRECISIONS, OPERATIONS, AdapterSpec, Generation, GenerationConfig,
                                      Guide, Messages, Score, ScoreRequest, local_guide)
-from prefsteer.backends.hf import attention, decode, planner, scoring
+from prefsteer.backends.hf import attention, decode, packing, planner, scoring
 from prefsteer.backends.hf.batch import KVBatch
 from prefsteer.backends.hf.lock import ModelLock
 from prefsteer.backends.scheduler import ScheduledStreaming
@@ -78,7 +78,7 @@ class TransformersBackend(ScheduledStreaming, ChatTokenization):
                  batch_size: int = 32, threads: int | None = None, cache_dir: str | None = None,
                  share_prefix: bool = True, restrict_logits: bool = True,
                  matmul_precision: str | None = None, max_batch_rows: int | None = None,
-                 max_waiting: int | None = None, **_: Any):
+                 max_waiting: int | None = None, pack_weights: bool | None = None, **_: Any):
         from prefsteer.backends.loading import load_model
 
         if batch_size < 1:
@@ -99,6 +99,10 @@ class TransformersBackend(ScheduledStreaming, ChatTokenization):
             raise InputError(f"the model '{self.source['model']}' has no chat template; prefsteer needs "
                              "an instruction-tuned model", field="model")
         self.attn_implementation = attention.install(self.model)
+        if pack_weights is None:  # packed copies double the weights' memory: by default for small models on a CPU
+            pack_weights = self.device.type == "cpu" and \
+                sum(p.numel() for p in self.model.parameters()) <= packing.AUTO_MAX_PARAMETERS
+        self.packed_linears = packing.pack_linears(self.model) if pack_weights else 0
         self._bind_model()
         # transformers 5.x renames the decoder's `past_key_values` argument to `cache` (the old name
         # goes in 5.40): pass whichever this version takes
@@ -222,7 +226,7 @@ class TransformersBackend(ScheduledStreaming, ChatTokenization):
                 "dtype": str(self.model.dtype).replace("torch.", ""), "parameters": n_params,
                 "vocab_size": len(self.tokenizer), "max_context": self.max_context,
                 "batch_size": self.batch_size, "threads": torch.get_num_threads(),
-                "matmul_precision": self.matmul_precision,
+                "matmul_precision": self.matmul_precision, "packed_linears": self.packed_linears,
                 "load_seconds": round(self.load_seconds, 2)}
 
     # -- tokenization: `ChatTokenization` (encode_context, encode_continuation, decode_tokens,

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from prefsteer.backends.hf.decode import output_logits
+from prefsteer.backends.hf.kvcache import growing_cache
+from prefsteer.backends.hf.packing import decoding
 from prefsteer.backends.hf.planner import left_pad
 
 
@@ -42,13 +44,11 @@ class KVBatch:
         return 0 if self.mask is None else self.mask.shape[0]
 
     def add(self, prompts: Sequence[Sequence[int]]) -> None:
-        from transformers import DynamicCache
-
         b = self.b
         ids, mask = left_pad(prompts, b.pad_id)
         ids, mask = ids.to(b.device), mask.to(b.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=b.config)
+        cache = growing_cache(b.config)
         with b._lock.shared("a streamed request"), torch.inference_mode():
             hidden = b.extend(cache, input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
         if not self.rows:
@@ -83,7 +83,7 @@ class KVBatch:
         R = self.rows
         if len(tokens) != R:
             raise ValueError(f"{len(tokens)} tokens for {R} rows (one per row)")
-        with b._lock.shared("a streamed request"), torch.inference_mode():
+        with b._lock.shared("a streamed request"), torch.inference_mode(), decoding():
             self.mask = torch.cat([self.mask, torch.ones((R, 1), dtype=self.mask.dtype, device=self.mask.device)], 1)
             self.pos = self.pos + 1
             ids = torch.tensor(list(tokens), dtype=torch.long, device=self.mask.device)[:, None]

@@ -10,12 +10,15 @@ The functions take the `TransformersBackend` ``b`` for its model parts.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch
 
 from prefsteer.backends.base import GenerationConfig, Guide
 from prefsteer.backends.hf.attention import CascadeState
+from prefsteer.backends.hf.kvcache import growing_cache
+from prefsteer.backends.hf.packing import PackedLinear, decoding
 from prefsteer.backends.hf.planner import left_pad, shared_prefix
 from prefsteer.backends.hf.scoring import prefix_kv
 from prefsteer.backends.sampling import sample_next
@@ -24,14 +27,16 @@ from prefsteer.backends.sampling import sample_next
 def output_logits(b, hidden: torch.Tensor) -> torch.Tensor:
     """The output layer on the rows being decoded, hidden (B, d) -> logits (B, V), float32.
 
-    On a CPU, MKL's matrix product of a few rows (2 to 16) by the (V, d) output matrix runs at a
-    third of the speed of the same product taken as W·hᵀ (SmolLM2's 49,152 x 576 head: 28 ms for 4
-    rows against 9 ms, and 12 ms for one), so a small batch of decoding rows takes it that way."""
+    A packed output layer (`packing`) serves any number of rows. Without one, on a CPU, MKL's
+    matrix product of a few rows (2 to 16) by the (V, d) output matrix runs at a third of the speed
+    of the same product taken as W·hᵀ (SmolLM2's 49,152 x 576 head: 28 ms for 4 rows against 9 ms,
+    and 12 ms for one), so a small batch of decoding rows takes it that way."""
     head = b.lm_head
-    if hidden.device.type == "cpu" and 1 < hidden.shape[0] <= 16 and getattr(head, "bias", None) is None \
-            and isinstance(getattr(head, "weight", None), torch.Tensor):
-        return (head.weight @ hidden.T).T.float().contiguous()
-    return head(hidden).float()
+    with decoding():
+        if not isinstance(head, PackedLinear) and hidden.device.type == "cpu" and 1 < hidden.shape[0] <= 16 \
+                and getattr(head, "bias", None) is None and isinstance(getattr(head, "weight", None), torch.Tensor):
+            return (head.weight @ hidden.T).T.float().contiguous()
+        return head(hidden).float()
 
 
 def decode_step(b, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
@@ -40,7 +45,8 @@ def decode_step(b, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tenso
     ones. With ``state`` the shared prefix's keys/values are attended through the cascade.
     Returns the last position's hidden state (B, d)."""
     if state is None:
-        return b.extend(cache, input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
+        with decoding() if ids.shape[1] == 1 else nullcontext():
+            return b.extend(cache, input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
     q, K = ids.shape[1], mask.shape[1]
     causal = torch.ones(q, K, dtype=torch.bool, device=b.device).tril(K - q)
     own = torch.zeros(q, K, dtype=torch.bool, device=b.device)
@@ -48,15 +54,14 @@ def decode_step(b, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tenso
     allowed = (causal & mask.bool()[:, None, :]) | own
     mask4 = torch.zeros(allowed.shape, dtype=b.model.dtype, device=b.device)[:, None]   # (B, 1, q, K)
     mask4.masked_fill_(~allowed[:, None], float("-inf"))
-    out = b.extend(cache, input_ids=ids, position_ids=positions, attention_mask=mask4, prefsteer_cascade=state)
+    with decoding() if q == 1 else nullcontext():
+        out = b.extend(cache, input_ids=ids, position_ids=positions, attention_mask=mask4, prefsteer_cascade=state)
     return out.last_hidden_state[:, -1]
 
 
 def decode_batch(b, prompts: list[list[int]], config: GenerationConfig, guide: Guide | None,
                  gen: torch.Generator | None) -> list[tuple[list[int], str]]:
     """Left-padded prefill, then one token per step; a row stops at an end-of-turn token."""
-    from transformers import DynamicCache
-
     B, T = len(prompts), max(len(p) for p in prompts)
     P = shared_prefix(prompts) if b.share_prefix else 0
     state = CascadeState(prefix_kv(b, prompts[0][:P])[0]) if P else None
@@ -65,7 +70,7 @@ def decode_batch(b, prompts: list[list[int]], config: GenerationConfig, guide: G
     feed, mask = left_pad([p[P:] for p in prompts], b.pad_id)
     feed, mask = feed.to(b.device), mask.to(b.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0) + P
-    cache = DynamicCache(config=b.config)
+    cache = growing_cache(b.config)
     hidden = decode_step(b, feed, mask, positions, cache, state)
     last_pos = positions[:, -1:]
     new = [[] for _ in range(B)]
@@ -101,8 +106,6 @@ class Rows:
     """
 
     def __init__(self, b, contexts: Sequence[Sequence[int]]):
-        from transformers import DynamicCache
-
         self.b = b
         dev = b.device
         ids, mask = left_pad(contexts, b.pad_id)  # every row's last token at position T-1
@@ -110,7 +113,7 @@ class Rows:
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.pos = positions[:, -1:]                                    # (R, 1)
         self.length = ids.shape[1]
-        self.cache = DynamicCache(config=b.config)
+        self.cache = growing_cache(b.config)
         with b._lock.shared("start_decoding"), torch.inference_mode():
             out = b.extend(self.cache, input_ids=ids.to(dev), attention_mask=self.mask, position_ids=positions)
             self.hidden = out.last_hidden_state[:, -1]                  # (R, d)
@@ -133,7 +136,7 @@ class Rows:
         if self.length >= self.b.max_context:
             raise ValueError(f"the session's rows reached the model's limit of {self.b.max_context} tokens")
         dev = self.mask.device
-        with self.b._lock.shared("a decoding session"), torch.inference_mode():
+        with self.b._lock.shared("a decoding session"), torch.inference_mode(), decoding():
             self.mask = torch.cat([self.mask, torch.ones((R, 1), dtype=self.mask.dtype, device=dev)], 1)
             self.pos = self.pos + 1
             out = self.b.extend(self.cache, input_ids=torch.tensor(tokens, dtype=torch.long, device=dev)[:, None],

@@ -43,8 +43,7 @@ class SideRows:
     advanced by its own number of tokens per step."""
 
     def __init__(self, b, prompts: Sequence[Sequence[int]]):
-        from transformers import DynamicCache
-
+        from prefsteer.backends.hf.kvcache import growing_cache
         from prefsteer.backends.hf.planner import left_pad
 
         self.b = b
@@ -54,7 +53,7 @@ class SideRows:
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.pos = positions[:, -1].clone()                              # (R,): last token's position
         self.read = [len(p) for p in prompts]                            # tokens each row has read
-        self.cache = DynamicCache(config=b.config)
+        self.cache = growing_cache(b.config)
         with torch.inference_mode():
             out = b.extend(self.cache, input_ids=ids.to(dev), attention_mask=self.mask, position_ids=positions)
         self.hidden = out.last_hidden_state[:, -1].float()               # (R, d)
@@ -65,6 +64,8 @@ class SideRows:
 
     def advance(self, new: dict[int, Sequence[int]]) -> None:
         """Row r reads ``new[r]`` (rows not in ``new``, or with no tokens, read nothing)."""
+        from prefsteer.backends.hf.packing import decoding
+
         new = {r: [int(t) for t in toks] for r, toks in new.items() if toks}
         if not new:
             return
@@ -78,7 +79,7 @@ class SideRows:
             m[r, q - n:] = 1
             pos[r, q - n:] = self.pos[r].item() + 1 + torch.arange(n)
         self.mask = torch.cat([self.mask, m.to(dev)], 1)
-        with torch.inference_mode():
+        with torch.inference_mode(), decoding():
             out = self.b.extend(self.cache, input_ids=ids.to(dev), attention_mask=self.mask,
                                 position_ids=pos.to(dev))
             h = out.last_hidden_state[:, -1].float()
