@@ -15,7 +15,7 @@ rows that have read the same 42-token chat prompt and 30 generated tokens. The l
 each engine's step by its own one-row step: how much a row beside the first one costs, which
 bounds what decoding requests together gains over decoding them one after another.
 
-    .venv/bin/python benchmarks/decode_step.py            # ~3 min on 2 cores
+    .venv/bin/python benchmarks/decode_step.py            # ~8 min on 2 cores
 
 Writes results/serving/decode-step.json and .md and prints the table.
 """
