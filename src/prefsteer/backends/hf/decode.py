@@ -10,7 +10,6 @@ The functions take the `TransformersBackend` ``b`` for its model parts.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -45,8 +44,7 @@ def decode_step(b, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tenso
     ones. With ``state`` the shared prefix's keys/values are attended through the cascade.
     Returns the last position's hidden state (B, d)."""
     if state is None:
-        with decoding() if ids.shape[1] == 1 else nullcontext():
-            return b.extend(cache, input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
+        return b.extend(cache, input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
     q, K = ids.shape[1], mask.shape[1]
     causal = torch.ones(q, K, dtype=torch.bool, device=b.device).tril(K - q)
     own = torch.zeros(q, K, dtype=torch.bool, device=b.device)
@@ -54,8 +52,7 @@ def decode_step(b, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tenso
     allowed = (causal & mask.bool()[:, None, :]) | own
     mask4 = torch.zeros(allowed.shape, dtype=b.model.dtype, device=b.device)[:, None]   # (B, 1, q, K)
     mask4.masked_fill_(~allowed[:, None], float("-inf"))
-    with decoding() if q == 1 else nullcontext():
-        out = b.extend(cache, input_ids=ids, position_ids=positions, attention_mask=mask4, prefsteer_cascade=state)
+    out = b.extend(cache, input_ids=ids, position_ids=positions, attention_mask=mask4, prefsteer_cascade=state)
     return out.last_hidden_state[:, -1]
 
 
@@ -93,7 +90,8 @@ def decode_batch(b, prompts: list[list[int]], config: GenerationConfig, guide: G
         ids = torch.cat([ids, tok[:, None]], 1)
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=b.device)], 1)
         last_pos = last_pos + 1
-        hidden = decode_step(b, tok[:, None], mask, last_pos, cache, state)
+        with decoding():  # one token a row: the packed products (`packing`); the prefill keeps the plain ones
+            hidden = decode_step(b, tok[:, None], mask, last_pos, cache, state)
     return [(n, b.tokenizer.decode(n, skip_special_tokens=True)) for n in new]
 
 
