@@ -1,7 +1,8 @@
 """Serving at speed: streamed answers from `prefsteer serve` with 1 to 32 concurrent clients.
 
 For each method (none, exact, cliper) and each number of concurrent clients, the clients each send
-one streamed chat request at the same moment (greedy, ``max_tokens`` 128, distinct prompts) and
+one streamed chat request at the same moment (greedy, ``max_tokens`` 128 and ``min_tokens`` 128, so
+that every answer, personalized or not, is 128 tokens long; distinct prompts) and
 the run records, per request, the time to the first text chunk and the gaps between chunks, and
 over the run the tokens made per second (``usage.completion_tokens`` summed over the wall time).
 The 1-client row sends 4 requests one at a time: the figure the others are compared with (the same
@@ -66,8 +67,9 @@ def pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def stream_one(base: str, model: str, prompt: str, extra: dict, max_tokens: int) -> dict:
+def stream_one(base: str, model: str, prompt: str, extra: dict, max_tokens: int, min_tokens: int = 0) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            **({"min_tokens": min_tokens} if min_tokens else {}),
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "prefsteer": extra}
     t0 = time.perf_counter()
     arrivals, n, text = [], 0, ""
@@ -89,19 +91,19 @@ def stream_one(base: str, model: str, prompt: str, extra: dict, max_tokens: int)
             "tokens": n, "seconds": total, "text": text}
 
 
-def run_level(base: str, model: str, extra: dict, clients: int, max_tokens: int) -> dict:
+def run_level(base: str, model: str, extra: dict, clients: int, max_tokens: int, min_tokens: int) -> dict:
     """``clients`` requests at once (1: four requests one after another)."""
     ps = prompts(max(clients, 4))
     results: list[dict] = []
     t0 = time.perf_counter()
     if clients == 1:
         for p in ps[:4]:
-            results.append(stream_one(base, model, p, extra, max_tokens))
+            results.append(stream_one(base, model, p, extra, max_tokens, min_tokens))
     else:
         lock = threading.Lock()
 
         def go(p):
-            r = stream_one(base, model, p, extra, max_tokens)
+            r = stream_one(base, model, p, extra, max_tokens, min_tokens)
             with lock:
                 results.append(r)
         threads = [threading.Thread(target=go, args=(p,)) for p in ps[:clients]]
@@ -147,6 +149,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["none", "exact", "cliper"])
     p.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8, 32])
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--min-tokens", type=int, default=None,
+                   help="no end of turn before this many tokens (the requests' `min_tokens`; default: --max-tokens, "
+                        "so that every answer has the same length, as vLLM's benchmarks' --ignore-eos; 0: answers "
+                        "end where the model ends them)")
     p.add_argument("--max-batch-rows", type=int, default=32, help="the server's --max-batch-rows")
     p.add_argument("--out", default=str(REPO / "results" / "serving"))
     p.add_argument("--offline-only", action="store_true",
@@ -165,7 +171,7 @@ def offline(args: argparse.Namespace) -> list[dict]:
     opts = {k: v for k, v in (("model", args.model), ("dtype", args.dtype)) if v}
     backend = load_backend(args.backend, **opts)
     backend.generate([user_turn("Say hello.")], GenerationConfig(max_new_tokens=8))  # warm-up
-    cfg = GenerationConfig(max_new_tokens=args.max_tokens)
+    cfg = GenerationConfig(max_new_tokens=args.max_tokens, min_new_tokens=args.min_tokens)
     rows = []
     for n in args.clients:
         arrivals: list[list[float]] = [[] for _ in range(n)]
@@ -243,7 +249,7 @@ def main(args: argparse.Namespace) -> int:
             stream_one(base, model, "Say hello.", extras[m], 8)  # warm-up (loads, first-call costs)
             one = None
             for c in args.clients:
-                row = {"method": m, **run_level(base, model, extras[m], c, args.max_tokens)}
+                row = {"method": m, **run_level(base, model, extras[m], c, args.max_tokens, args.min_tokens)}
                 one = one or (row["tok_s"] if c == 1 else None)
                 row["speedup"] = row["tok_s"] / one if one else float("nan")
                 rows.append(row)
@@ -253,6 +259,7 @@ def main(args: argparse.Namespace) -> int:
     if "none" in args.methods:  # the engine's own batch, with the server gone
         r = subprocess.run([args.python, __file__, "--offline-only", "--backend", args.backend, "--clients",
                             *map(str, args.clients), "--max-tokens", str(args.max_tokens),
+                            "--min-tokens", str(args.min_tokens),
                             *(["--model", args.model] if args.model else []),
                             *(["--dtype", args.dtype] if args.dtype else [])],
                            cwd=REPO, capture_output=True, text=True)
@@ -263,7 +270,8 @@ def main(args: argparse.Namespace) -> int:
             if line.startswith("{"):
                 row = json.loads(line)
                 rows.append({**row, "speedup": row["tok_s"] / one})
-    cond = {"backend": args.backend, "model": model, "max_tokens": args.max_tokens, "greedy": True,
+    cond = {"backend": args.backend, "model": model, "max_tokens": args.max_tokens,
+            "min_tokens": args.min_tokens, "greedy": True,
             "max_batch_rows": args.max_batch_rows, "methods": args.methods, "clients": args.clients,
             "machine": machine(), "dtype": args.dtype or "the CLI's default", "date": time.strftime("%Y-%m-%d"),
             "command": "python benchmarks/serving_speed.py " + " ".join(sys.argv[1:]),
@@ -273,8 +281,8 @@ def main(args: argparse.Namespace) -> int:
     (out / f"{args.backend}.json").write_text(json.dumps({"conditions": cond, "rows": rows}, indent=2) + "\n")
     md = [f"# Streamed serving, `--backend {args.backend}` ({model})", "", *table(rows), "",
           "Each row: that many clients send one streamed request each at the same moment (distinct prompts, "
-          f"greedy, max_tokens {args.max_tokens}); the 1-client row sends 4 requests one after another, the "
-          "figure `x one at a time` divides by. tokens/s: `usage.completion_tokens` summed over the wall "
+          f"greedy, max_tokens {args.max_tokens}, min_tokens {args.min_tokens}); the 1-client row sends 4 "
+          "requests one after another, the figure `x one at a time` divides by. tokens/s: `usage.completion_tokens` summed over the wall "
           "time. TTFT: time to the first text chunk; ITL: the gap between text chunks (one token each, "
           "except where a piece waits for the rest of a character).", "",
           f"Conditions: {cond['machine']}; dtype {cond['dtype']}; {cond['date']}; the whole run {cond['total_s'] / 60:.1f} min; "
@@ -286,4 +294,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(make_parser().parse_args()))
+    args = make_parser().parse_args()
+    args.min_tokens = args.max_tokens if args.min_tokens is None else args.min_tokens
+    sys.exit(main(args))

@@ -134,6 +134,10 @@ def test_sampling_parameters_are_honoured(svc):
     cut = text(max_tokens=10, stop=[" " + first])
     assert cut["choices"][0]["message"]["content"] == greedy[: greedy.index(" " + first)]
     assert cut["choices"][0]["finish_reason"] == "stop"
+    egg = {**base, "messages": [{"role": "user", "content": "How do I boil an egg?"}], "max_tokens": 12}
+    assert h.post("/v1/chat/completions", json=egg, headers=svc["A"]).json()["usage"]["completion_tokens"] < 5
+    held = text(**{**egg, "min_tokens": 12})  # vLLM's extension: no end of turn before 12 tokens
+    assert held["usage"]["completion_tokens"] == 12 and held["choices"][0]["finish_reason"] == "length"
 
 
 # -- errors, in OpenAI's shape, naming the field ------------------------------------------------
@@ -144,7 +148,8 @@ def test_sampling_parameters_are_honoured(svc):
     ("n", 2, "n"), ("presence_penalty", 0.5, "presence_penalty"), ("logit_bias", {"1": 2}, "logit_bias"),
     ("stop", ["a", "b", "c", "d", "e"], "stop"), ("seed", "x", "seed"), ("bogus", 1, "bogus"),
     ("messages", [], "messages"), ("messages", [{"role": "wizard", "content": "x"}], "messages[0].role"),
-    ("prefsteer", {"method": "magic"}, "prefsteer.method"),
+    ("prefsteer", {"method": "magic"}, "prefsteer.method"), ("min_tokens", -1, "min_tokens"),
+    ("min_tokens", 10**6, "min_tokens"),
 ])
 def test_bad_field_is_a_400_naming_it(svc, field, value, param):
     body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], field: value}

@@ -107,6 +107,30 @@ def test_drift_branches_decode_beside_their_request_as_in_lock_step():
     assert b.scheduler.stats()["peak_rows"] >= 4  # 1 + plain + 2 branches (+ the plain request)
 
 
+def test_min_new_tokens_holds_the_end_of_turn_back_in_every_decode_loop():
+    """vLLM's ``min_tokens``: generate, the scheduler and Drift's lock step all rule the end-of-turn
+    token out until that many tokens are made, and change nothing else."""
+    from prefsteer.methods.drift import decode_branches
+
+    b = FakeBackend()
+    early = b.generate([user_turn(PROMPTS[2])], GenerationConfig(max_new_tokens=24))[0].token_ids
+    assert 0 < len(early) < 5  # this prompt ends early on its own
+    held = GenerationConfig(max_new_tokens=24, min_new_tokens=24)
+    whole = b.generate([user_turn(PROMPTS[2])], held)[0].token_ids
+    assert len(whole) == 24 and whole[:len(early)] == early and b.eos_id not in whole
+    streams = [b.stream(user_turn(p), held) for p in PROMPTS]
+    assert streams[2].wait() == whole and streams[2].finish_reason == "length"
+    assert all(len(s.wait()) == 24 for s in streams)
+    some = GenerationConfig(max_new_tokens=24, min_new_tokens=len(early) + 2)
+    assert len(b.stream(user_turn(PROMPTS[2]), some).wait()) >= len(early) + 2
+    branches = [user_turn(PROMPTS[2], "Be plain."), user_turn(PROMPTS[2], "Be funny.")]
+    short, long = (decode_branches(b, b, user_turn(PROMPTS[2]), branches, [1.0], 1.0, cfg, None).split()
+                   for cfg in (GenerationConfig(max_new_tokens=24), held))
+    assert len(short) < 5 and len(long) == 24 and long[:len(short)] == short
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        GenerationConfig(max_new_tokens=4, min_new_tokens=5)
+
+
 def test_a_cancelled_request_stops_at_the_next_step_and_frees_its_rows():
     b = FakeBackend(step_seconds=0.01)
     long = GenerationConfig(max_new_tokens=400)
@@ -302,6 +326,48 @@ def test_real_model_greedy_tokens_are_the_same_alone_and_in_a_batch(hf_backend):
     streams.append(b.stream(user_turn(PROMPTS[3]), cfg))  # joins a running batch
     assert [s.wait() for s in streams] == ref
     assert b.scheduler.stats()["peak_rows"] >= 3
+
+
+def test_real_model_min_new_tokens_decodes_past_the_end_of_turn_alone_and_streamed(hf_backend):
+    b = hf_backend
+    prompt = user_turn("Say only the word yes.")
+    short = b.generate([prompt], GenerationConfig(max_new_tokens=12))[0].token_ids
+    assert 0 < len(short) < 6  # the model ends this answer early on its own
+    held = GenerationConfig(max_new_tokens=12, min_new_tokens=12)
+    whole = b.generate([prompt], held)[0].token_ids
+    assert len(whole) == 12 and whole[:len(short)] == short and not set(whole) & b.eos_token_ids
+    assert b.stream(prompt, held).wait() == whole
+
+
+def test_real_model_prompts_reuse_kept_prefixes_and_decode_the_same_tokens(hf_backend):
+    """A streamed prompt takes the keys and values of the longest head it shares with a kept prompt
+    (the chat template's opening for any two; nearly all of it for a repeated one) and decodes the
+    greedy tokens of a prefill from scratch."""
+    import os
+
+    b = hf_backend
+    cfg = GenerationConfig(max_new_tokens=24)
+    ids = [b.encode_context(user_turn(p)) for p in PROMPTS]
+    opening = len(os.path.commonprefix(ids))
+    assert opening >= 5  # every prompt starts with the template's system turn
+    b.share_prefix = False
+    try:
+        ref = [b.generate([user_turn(p)], cfg)[0].token_ids for p in PROMPTS]
+        b.clear_prefix_memo()
+        before = b.scheduler.stats()
+        assert b.stream(user_turn(PROMPTS[0]), cfg).wait() == ref[0]
+        assert b.scheduler.stats()["reused_tokens"] == before["reused_tokens"]
+        assert b._prefix_memo.longest_match(ids[0])[1] == 0  # without sharing, nothing is kept either
+    finally:
+        b.share_prefix = True
+    b.clear_prefix_memo()
+    assert b.stream(user_turn(PROMPTS[0]), cfg).wait() == ref[0]
+    before = b.scheduler.stats()
+    streams = [b.stream(user_turn(p), cfg) for p in PROMPTS]
+    assert [s.wait() for s in streams] == ref
+    after = b.scheduler.stats()
+    assert after["prompt_tokens"] - before["prompt_tokens"] == sum(len(i) for i in ids)
+    assert after["reused_tokens"] - before["reused_tokens"] >= len(ids[0]) - 1 + 3 * opening
 
 
 def test_real_model_guided_and_drift_requests_in_one_batch_match_their_own_decoding(hf_backend):

@@ -100,6 +100,20 @@ def test_greedy_generate_identical_to_hf(hf, vb):
     assert [g.token_ids for g in ours] == [g.token_ids for g in ref]
 
 
+def test_min_new_tokens_gives_the_hf_backends_tokens_plain_guided_and_streamed(hf, vb):
+    from prefsteer.methods.cliper import Cliper
+
+    ctx = [user_turn("Say only the word yes.")]
+    assert len(vb.generate(ctx, GenerationConfig(max_new_tokens=12))[0].token_ids) < 6  # ends early alone
+    held = GenerationConfig(max_new_tokens=12, min_new_tokens=12)
+    ours, ref = vb.generate(ctx, held)[0].token_ids, hf.generate(ctx, held)[0].token_ids
+    assert ours == ref and len(ours) == 12
+    assert vb.stream(ctx[0], held).wait() == ref
+    guides = [Cliper(b, prefs="concise=1", alpha=2.0).guide_for(None)[0] for b in (vb, hf)]
+    got, want = (b.generate(ctx, held, guide=g)[0].token_ids for b, g in zip((vb, hf), guides))
+    assert got == want and len(got) == 12
+
+
 def test_sampled_generate_honours_the_config(vb):
     ctxs = [user_turn(PROMPTS[0])] * 2 + [user_turn(PROMPTS[1])]
     cfg = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=50, top_p=0.9, seed=3)

@@ -86,6 +86,8 @@ class Score:
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = field(default=200, metadata={"help": "tokens to generate at most"})
+    min_new_tokens: int = field(default=0, metadata={
+        "help": "tokens to generate before an end-of-turn token may be chosen (vLLM's min_tokens)"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens when sampling (0: all)"})
@@ -95,6 +97,9 @@ class GenerationConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` (={self.max_new_tokens}) has to be at least 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"`min_new_tokens` (={self.min_new_tokens}) has to be between 0 and `max_new_tokens` "
+                             f"(={self.max_new_tokens})")
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"`temperature` (={self.temperature}) has to be a strictly positive float")
         if self.top_k < 0:

@@ -171,7 +171,7 @@ class FakeBackend(ScheduledStreaming):
 
     def generate(self, contexts: Sequence[Messages], config: GenerationConfig | None = None, *,
                  guide: Guide | None = None) -> list[Generation]:
-        from prefsteer.backends.sampling import sample_next, seeded_generator  # shared with the real backends
+        from prefsteer.backends.sampling import hold_end, sample_next, seeded_generator  # shared with the real backends
 
         guide = local_guide(self, guide)
         config = config or GenerationConfig()
@@ -181,11 +181,11 @@ class FakeBackend(ScheduledStreaming):
         for msgs in contexts:  # the toy model is cheap: one row at a time keeps it simple
             ids = torch.tensor([self.tokenize(self.render(msgs))])
             new: list[int] = []
-            for _ in range(config.max_new_tokens):
+            for made in range(config.max_new_tokens):
                 hidden, logits = self.next_logits(ids)
                 if guide is not None:
                     logits = guide(hidden, logits, ids)
-                tok = int(sample_next(logits, config, gen)[0])
+                tok = int(sample_next(hold_end(logits, config, made, {self.eos_id}), config, gen)[0])
                 if tok == self.eos_id:
                     break
                 new.append(tok)
@@ -223,8 +223,9 @@ class FakeBatch:
     def rows(self) -> int:
         return len(self.seqs)
 
-    def add(self, prompts: Sequence[Sequence[int]]) -> None:
+    def add(self, prompts: Sequence[Sequence[int]]) -> int:
         self.seqs += [list(p) for p in prompts]
+        return 0  # the toy model keeps no prefixes
 
     def keep(self, rows: Sequence[int]) -> None:
         self.seqs = [self.seqs[i] for i in rows]

@@ -15,6 +15,16 @@ def seeded_generator(config: GenerationConfig, device: str | torch.device = "cpu
     return torch.Generator(device=device).manual_seed(config.seed)
 
 
+def hold_end(logits: torch.Tensor, config: GenerationConfig, made: int, eos_ids) -> torch.Tensor:
+    """``logits`` (B, V) with the end-of-turn tokens ruled out while fewer than
+    ``config.min_new_tokens`` tokens are ``made``; the same tensor otherwise (never modified)."""
+    if made >= config.min_new_tokens or not eos_ids:
+        return logits
+    held = logits.clone()
+    held[:, sorted(eos_ids)] = float("-inf")
+    return held
+
+
 def sample_next(logits: torch.Tensor, config: GenerationConfig,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). Does not modify ``logits``."""

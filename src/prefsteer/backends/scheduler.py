@@ -39,7 +39,7 @@ import torch
 
 from prefsteer.backends.base import GenerationConfig, UnsupportedOperation
 from prefsteer.backends.guides.drift import DriftGuide
-from prefsteer.backends.sampling import sample_next, seeded_generator
+from prefsteer.backends.sampling import hold_end, sample_next, seeded_generator
 from prefsteer.backends.streaming import (DEFAULT_MAX_ROWS, DEFAULT_MAX_WAITING, ContextTooLong, EngineBusy,
                                          TokenStream)
 
@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 class RowBatch(Protocol):
     rows: int
 
-    def add(self, prompts: Sequence[Sequence[int]]) -> None:
-        """Prefill ``prompts`` as new rows after the existing ones."""
+    def add(self, prompts: Sequence[Sequence[int]]) -> int:
+        """Prefill ``prompts`` as new rows after the existing ones; returns how many of their
+        positions came from keys and values kept from earlier prompts instead of being run."""
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (ascending indices), dropping the others."""
@@ -119,6 +120,7 @@ class Scheduler:
         self._closed = False
         self.steps = 0  # decode steps run (a step decodes one token for every row)
         self.peak_rows = 0
+        self.prompt_tokens = self.reused_tokens = 0  # prompt positions prefilled; of them, taken from kept prefixes
 
     # -- the callers' side ------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], config: GenerationConfig, guide: Any = None) -> TokenStream:
@@ -166,7 +168,8 @@ class Scheduler:
         with self._cond:
             return {"rows": self._rows(), "requests": len(self._active), "waiting": len(self._waiting),
                     "max_rows": self.max_rows, "max_waiting": self.max_waiting, "steps": self.steps,
-                    "peak_rows": self.peak_rows}
+                    "peak_rows": self.peak_rows, "prompt_tokens": self.prompt_tokens,
+                    "reused_tokens": self.reused_tokens}
 
     def close(self) -> None:
         """Cancel everything and stop the loop."""
@@ -226,8 +229,11 @@ class Scheduler:
                     if batch is None:
                         batch = self.make_batch()
                     if new:
-                        batch.add([p for r in new for p in r.prompts])
+                        prompts = [p for r in new for p in r.prompts]
+                        reused = batch.add(prompts)
                         with self._cond:
+                            self.prompt_tokens += sum(len(p) for p in prompts)
+                            self.reused_tokens += reused
                             self._active.extend(new)
                             self.peak_rows = max(self.peak_rows, self._rows())
                     if self._active:
@@ -255,7 +261,7 @@ class Scheduler:
                 continue
             try:
                 scores = r.next_logits(hidden[rows.start:rows.stop], logits[rows.start:rows.stop])
-                tok = int(sample_next(scores, r.config, r.generator)[0])
+                tok = int(sample_next(hold_end(scores, r.config, r.new, eos), r.config, r.generator)[0])
             except Exception as e:  # this request's guide failed: it alone ends
                 r.stream.fail(e)
                 continue

@@ -414,7 +414,7 @@ def decode_branches(backend, small, base: Messages, branches: list[Messages], we
     """
     import torch
 
-    from prefsteer.backends.sampling import sample_next
+    from prefsteer.backends.sampling import hold_end, sample_next
 
     base_ids = backend.encode_context(base)
     if small is not backend and small.encode_context(base) != base_ids:
@@ -432,7 +432,7 @@ def decode_branches(backend, small, base: Messages, branches: list[Messages], we
             branch_logits = rows.logits().float().cpu()                # (1 + n, V)
             base_logits = branch_logits[:1] if shared else base_rows.logits().float().cpu()
             logits = combine_logits(base_logits, branch_logits[:1], branch_logits[None, 1:], w, beta)
-            tok = int(sample_next(logits, config, gen)[0])
+            tok = int(sample_next(hold_end(logits, config, step, eos), config, gen)[0])
             if tok in eos:
                 break
             new.append(tok)

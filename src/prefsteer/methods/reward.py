@@ -271,7 +271,8 @@ class Reward(Method):
         self._state(user_id)  # not fitted: fail before sampling
         require(self.backend, "generate", "the reward method's candidates")
         config = config or GenerationConfig()
-        sample = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=True,
+        sample = GenerationConfig(max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
+                                  do_sample=True,
                                   temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
                                   seed=config.seed if config.seed is not None else c.seed)
         start = time.perf_counter()

@@ -60,6 +60,8 @@ class ChatCompletionRequest(_Strict):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[StrictInt] = Field(None, ge=1)
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    # vLLM's extension: no end of turn before this many tokens (benchmarks ask for answers of one length)
+    min_tokens: Optional[StrictInt] = Field(None, ge=0)
     temperature: Optional[StrictFloat] = Field(None, ge=0, le=2)
     top_p: Optional[StrictFloat] = Field(None, gt=0, le=1)
     seed: Optional[StrictInt] = Field(None, ge=SEED_MIN, le=SEED_MAX)

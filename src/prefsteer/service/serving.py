@@ -88,15 +88,18 @@ def generation_config(req: ChatCompletionRequest, settings) -> GenerationConfig:
     if max_tokens > settings.max_tokens_limit:
         raise ApiError(400, f"`{param}` (={max_tokens}) is more than this server's limit of "
                             f"{settings.max_tokens_limit}", param=param, code="invalid_value")
+    if (req.min_tokens or 0) > max_tokens:
+        raise ApiError(400, f"`min_tokens` (={req.min_tokens}) is more than `{param}` (={max_tokens})",
+                       param="min_tokens", code="invalid_value")
     sample = (req.temperature is not None and req.temperature > 0) or \
              (req.temperature is None and req.top_p is not None and req.top_p < 1)
     try:
-        return GenerationConfig(max_new_tokens=max_tokens, do_sample=sample,
+        return GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=req.min_tokens or 0, do_sample=sample,
                                 temperature=req.temperature if sample and req.temperature else 1.0,
                                 top_p=req.top_p if req.top_p is not None else 1.0, seed=req.seed)
     except ValueError as e:  # the config names the argument: map it to the request's field
         m = re.search(r"`(\w+)`", str(e))
-        name = {"max_new_tokens": param}.get(m.group(1), m.group(1)) if m else None
+        name = {"max_new_tokens": param, "min_new_tokens": "min_tokens"}.get(m.group(1), m.group(1)) if m else None
         raise ApiError(400, str(e), param=name, code="invalid_value") from None
 
 

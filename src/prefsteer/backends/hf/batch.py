@@ -7,6 +7,15 @@ with masked zero keys; leaving rows are dropped from every layer, and columns th
 uses are cut off the left. Positions are each row's own (its count of real tokens), so a row's
 numbers do not depend on the rows beside it beyond the padding's masked keys.
 
+Prefix caching, as vLLM's and SGLang's servers do it: a joining prompt that starts like a prompt
+kept in the backend's `PrefixMemo` (the chat template's system turn, which every prompt shares; the
+earlier turns of a conversation; Base's history in the system prompt) takes those positions' keys
+and values from the memo and runs only the rest, and every prompt is kept for the next ones (the
+memo holds the last 8,192 positions). A key/value pair depends only on the tokens up to it, so the
+numbers differ from a prefill from scratch only by the products' rounding, and the greedy tokens are
+the same (tests/test_streaming.py); ``share_prefix=False`` turns it off with the scoring path's
+sharing.
+
 Every forward holds the backend's model lock shared, so an adapter block waits between steps.
 """
 
@@ -43,17 +52,13 @@ class KVBatch:
     def rows(self) -> int:
         return 0 if self.mask is None else self.mask.shape[0]
 
-    def add(self, prompts: Sequence[Sequence[int]]) -> None:
+    def add(self, prompts: Sequence[Sequence[int]]) -> int:
         b = self.b
-        ids, mask = left_pad(prompts, b.pad_id)
-        ids, mask = ids.to(b.device), mask.to(b.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = growing_cache(b.config)
         with b._lock.shared("a streamed request"), torch.inference_mode():
-            hidden = b.extend(cache, input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
+            cache, mask, positions, hidden, reused = self._prefill([list(p) for p in prompts])
         if not self.rows:
             self.cache, self.mask, self.pos, self.hidden = cache, mask, positions[:, -1:], hidden
-            return
+            return reused
         K_run, K_new = self.mask.shape[1], mask.shape[1]
         K = max(K_run, K_new)
         for old, new in zip(self.cache.layers, cache.layers):
@@ -62,6 +67,43 @@ class KVBatch:
         self.mask = torch.cat([_pad_left(self.mask, K - K_run, -1), _pad_left(mask, K - K_new, -1)])
         self.pos = torch.cat([self.pos, positions[:, -1:]])
         self.hidden = torch.cat([self.hidden, hidden])
+        return reused
+
+    def _prefill(self, prompts: list[list[int]]):
+        """The new rows' cache, mask (R, K), positions (R, K), last hidden states (R, d) and how many
+        prompt positions were taken from the memo.
+
+        A row whose prompt starts like a prefix kept in the backend's `PrefixMemo` (another request's
+        prompt, or a scoring call's prefix) takes that prefix's keys and values and runs only the rest:
+        its row is ``[padding, kept prefix, padding, rest]``, the kept part right-aligned among the
+        rows' prefixes and the rest among their rests. Every prompt is kept in the memo afterwards."""
+        b = self.b
+        heads = [b._prefix_memo.longest_match(p) if b.share_prefix else (None, 0) for p in prompts]
+        heads = [(kv, min(n, len(p) - 1)) if n else (None, 0) for (kv, n), p in zip(heads, prompts)]
+        P = max(n for _, n in heads)
+        ids, rest = left_pad([p[n:] for p, (_, n) in zip(prompts, heads)], b.pad_id)
+        ids, rest = ids.to(b.device), rest.to(b.device)
+        kept = torch.tensor([[0] * (P - n) + [1] * n for _, n in heads], dtype=rest.dtype, device=b.device)
+        mask = torch.cat([kept, rest], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = growing_cache(b.config)
+        if P:
+            for i in range(len(cache.layers)):
+                like = next(hit for hit, n in heads if n)[i][0]  # (1, H_kv, *, D)
+                keys = like.new_zeros((len(prompts), like.shape[1], P, like.shape[3]))
+                values = torch.zeros_like(keys)
+                for r, (hit, n) in enumerate(heads):
+                    if n:
+                        keys[r, :, P - n:] = hit[i][0][0, :, :n]
+                        values[r, :, P - n:] = hit[i][1][0, :, :n]
+                cache.update(keys, values, i)
+        out = b.extend(cache, input_ids=ids, attention_mask=mask, position_ids=positions[:, P:])
+        if b.share_prefix:
+            for r, p in enumerate(prompts):  # its keys and values, copied out of the batch's buffers
+                real = mask[r].nonzero().squeeze(-1)
+                b._prefix_memo.put(p, [(layer.keys[r:r + 1, :, real], layer.values[r:r + 1, :, real])
+                                       for layer in cache.layers])
+        return cache, mask, positions, out.last_hidden_state[:, -1], sum(n for _, n in heads)
 
     def keep(self, rows: Sequence[int]) -> None:
         if len(rows) == self.rows:

@@ -20,7 +20,7 @@ from prefsteer.backends.hf.kvcache import growing_cache
 from prefsteer.backends.hf.packing import PackedLinear, decoding
 from prefsteer.backends.hf.planner import left_pad, shared_prefix
 from prefsteer.backends.hf.scoring import prefix_kv
-from prefsteer.backends.sampling import sample_next
+from prefsteer.backends.sampling import hold_end, sample_next
 
 
 def output_logits(b, hidden: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ def decode_batch(b, prompts: list[list[int]], config: GenerationConfig, guide: G
         logits = output_logits(b, hidden)  # (B, V)
         if guide is not None:
             logits = guide(hidden.float(), logits, ids)
-        tok = sample_next(logits, config, gen).to(b.device)
+        tok = sample_next(hold_end(logits, config, step, b.eos_ids), config, gen).to(b.device)
         tok = torch.where(done, torch.full_like(tok, b.pad_id), tok)
         is_eos = torch.isin(tok, eos) & ~done
         for r, (t, finished) in enumerate(zip(tok.tolist(), (done | is_eos).tolist())):

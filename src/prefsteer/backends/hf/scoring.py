@@ -27,7 +27,7 @@ from prefsteer.backends.hf.planner import balanced_batches, plan_groups
 
 log = logging.getLogger(__name__)
 
-PREFIX_MEMO_TOKENS = 8192  # prefix positions whose keys/values are kept between scoring calls
+PREFIX_MEMO_TOKENS = 8192  # prefix positions whose keys/values are kept between calls (scoring, streamed prompts)
 LOGIT_BLOCK = 128  # positions whose output-layer logits are computed and reduced together
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, H_kv, P, D)

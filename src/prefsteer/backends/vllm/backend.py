@@ -391,7 +391,8 @@ class VLLMBackend(ChatTokenization):
         from vllm.sampling_params import RequestOutputKind
 
         kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-        common = dict(max_tokens=max_tokens, stop_token_ids=sorted(self.eos_ids), skip_special_tokens=True,
+        common = dict(max_tokens=max_tokens, min_tokens=min(config.min_new_tokens, max_tokens),
+                      stop_token_ids=sorted(self.eos_ids), skip_special_tokens=True,
                       detokenize=False, extra_args=extra_args, output_kind=kind)
         if config.do_sample:
             return SamplingParams(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
