@@ -56,8 +56,13 @@ TOPICS = ["a dragon who learns to cook", "planning a vegetable garden", "how a b
 FORMS = ["Write a long story about {}.", "Explain in detail, step by step: {}.", "Tell me everything about {}."]
 
 
-def prompts(n: int) -> list[str]:
-    return [FORMS[i % len(FORMS)].format(TOPICS[i % len(TOPICS)]) for i in range(n)]
+def prompts(n: int, batch: str = "") -> list[str]:
+    """``n`` distinct prompts. The engines keep prompts' keys and values for the prompts that start
+    alike (prefix caching): ``batch`` opens every prompt of one row of the table, so that no row
+    finds its prompts kept by an earlier one and each shares with the others only the template and
+    the opening words a real client's prompts would share too."""
+    tag = f"[{batch}] " if batch else ""
+    return [tag + FORMS[i % len(FORMS)].format(TOPICS[i % len(TOPICS)]) for i in range(n)]
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -93,7 +98,7 @@ def stream_one(base: str, model: str, prompt: str, extra: dict, max_tokens: int,
 
 def run_level(base: str, model: str, extra: dict, clients: int, max_tokens: int, min_tokens: int) -> dict:
     """``clients`` requests at once (1: four requests one after another)."""
-    ps = prompts(max(clients, 4))
+    ps = prompts(max(clients, 4), f"{extra['method']} {clients}")
     results: list[dict] = []
     t0 = time.perf_counter()
     if clients == 1:
@@ -181,7 +186,7 @@ def offline(args: argparse.Namespace) -> list[dict]:
                 arrivals[i].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         threads = [threading.Thread(target=read, args=(i, backend.stream(user_turn(p), cfg), t0))
-                   for i, p in enumerate(prompts(n))]
+                   for i, p in enumerate(prompts(n, f"engine {n}"))]
         for t in threads:
             t.start()
         for t in threads:
@@ -195,7 +200,7 @@ def offline(args: argparse.Namespace) -> list[dict]:
                      "ttft_p99": pct(firsts, 0.99), "itl_p50": pct(gaps, 0.5), "itl_p99": pct(gaps, 0.99)})
     n = max(args.clients)
     t0 = time.perf_counter()
-    gens = backend.generate([user_turn(p) for p in prompts(n)], cfg)
+    gens = backend.generate([user_turn(p) for p in prompts(n, "batch")], cfg)
     wall = time.perf_counter() - t0
     tokens = sum(len(g.token_ids) for g in gens)
     rows.append({"method": "none (offline batch)", "clients": n, "requests": n, "errors": [], "tokens": tokens,

@@ -34,8 +34,9 @@ each step, per row.
 
 Serving (``stream``) decodes concurrent requests together: the `Scheduler` of
 `prefsteer.backends.scheduler` owns the model for them and `batch.KVBatch` keeps their rows on one
-key/value cache that rows join (prefilled between steps) and leave, each with its own guide and
-sampling settings; a request's greedy tokens are those of ``generate``.
+key/value cache that rows join (prefilled between steps, after the head they share with a prompt
+kept in the prefix memo: prefix caching) and leave, each with its own guide and sampling settings;
+a request's greedy tokens are those of ``generate``.
 
 On a CPU the decode steps multiply by a oneDNN-packed copy of every linear layer's weight
 (`packing`), with which a step of a few rows costs little more than a step of one, on a key/value
