@@ -44,6 +44,16 @@ def _decode(model, cache, prompt: torch.Tensor, steps: int) -> list[torch.Tensor
 
 
 # -- the growing cache ---------------------------------------------------------------------------
+def test_only_a_cache_of_full_attention_layers_keeps_every_key(tiny):
+    """Prefix caching (`KVBatch`) keeps a prompt's keys only where no layer drops the old ones."""
+    from transformers import MistralConfig
+
+    assert kvcache.keeps_every_key(growing_cache(tiny.config))
+    windowed = MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    assert not kvcache.keeps_every_key(growing_cache(windowed))
+
+
 def test_growing_cache_decodes_as_the_dynamic_cache_and_rarely_copies(tiny):
     prompt = torch.randint(0, 96, (3, 7))
     cache = growing_cache(tiny.config)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from prefsteer.backends.hf.decode import output_logits
-from prefsteer.backends.hf.kvcache import growing_cache
+from prefsteer.backends.hf.kvcache import growing_cache, keeps_every_key
 from prefsteer.backends.hf.packing import decoding
 from prefsteer.backends.hf.planner import left_pad
 
@@ -78,7 +78,9 @@ class KVBatch:
         its row is ``[padding, kept prefix, padding, rest]``, the kept part right-aligned among the
         rows' prefixes and the rest among their rests. Every prompt is kept in the memo afterwards."""
         b = self.b
-        heads = [b._prefix_memo.longest_match(p) if b.share_prefix else (None, 0) for p in prompts]
+        cache = growing_cache(b.config)
+        share = b.share_prefix and keeps_every_key(cache)
+        heads = [b._prefix_memo.longest_match(p) if share else (None, 0) for p in prompts]
         heads = [(kv, min(n, len(p) - 1)) if n else (None, 0) for (kv, n), p in zip(heads, prompts)]
         P = max(n for _, n in heads)
         ids, rest = left_pad([p[n:] for p, (_, n) in zip(prompts, heads)], b.pad_id)
@@ -86,7 +88,6 @@ class KVBatch:
         kept = torch.tensor([[0] * (P - n) + [1] * n for _, n in heads], dtype=rest.dtype, device=b.device)
         mask = torch.cat([kept, rest], 1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = growing_cache(b.config)
         if P:
             for i in range(len(cache.layers)):
                 like = next(hit for hit, n in heads if n)[i][0]  # (1, H_kv, *, D)
@@ -98,7 +99,7 @@ class KVBatch:
                         values[r, :, P - n:] = hit[i][1][0, :, :n]
                 cache.update(keys, values, i)
         out = b.extend(cache, input_ids=ids, attention_mask=mask, position_ids=positions[:, P:])
-        if b.share_prefix:
+        if share:
             for r, p in enumerate(prompts):  # its keys and values, copied out of the batch's buffers
                 real = mask[r].nonzero().squeeze(-1)
                 b._prefix_memo.put(p, [(layer.keys[r:r + 1, :, real], layer.values[r:r + 1, :, real])

@@ -64,6 +64,12 @@ def _growing_layer():
     return GrowingLayer
 
 
+def keeps_every_key(cache) -> bool:
+    """Whether every layer of ``cache`` (from `growing_cache`) keeps all its keys: no sliding-window
+    layer, which keeps only its last ones."""
+    return all(isinstance(layer, _growing_layer()) for layer in cache.layers)
+
+
 def _room(old, new, n: int, cap: int):
     """A buffer of ``cap`` slots along the sequence axis holding ``old``'s ``n`` entries."""
     buf = new.new_empty((*new.shape[:-2], cap, new.shape[-1]))
