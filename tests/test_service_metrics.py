@@ -103,6 +103,50 @@ def test_generated_tokens_are_counted_by_method_whole_and_streamed(svc):
     assert value(scrape(c), "prefsteer_generation_tokens_total", method="none") - before == n + m
 
 
+def test_first_token_and_per_token_times_are_observed_for_every_decoded_answer(svc):
+    c, H = svc["c"], svc["H"]
+    names = ("prefsteer_time_to_first_token_seconds_count", "prefsteer_time_per_output_token_seconds_count",
+             "prefsteer_time_to_first_token_seconds_sum")
+    before = [value(scrape(c), n, method="none") for n in names]
+    assert c.post("/v1/chat/completions", json=CHAT, headers=H).json()["usage"]["completion_tokens"] > 1
+    with c.stream("POST", "/v1/chat/completions", headers=H, json={**CHAT, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    after = [value(scrape(c), n, method="none") for n in names]
+    assert after[0] - before[0] == 2 and after[1] - before[1] == 2  # one of each per answer
+    assert after[2] > before[2]
+
+
+def test_engine_load_and_prompt_positions_are_read_at_scrape_time(svc):
+    from prefsteer.backends.base import GenerationConfig, user_turn
+    from prefsteer.service.metrics import EngineLoad
+
+    c, H = svc["c"], svc["H"]
+    b = svc["app"].state.engine.backend
+    before = value(scrape(c), "prefsteer_engine_prompt_tokens_total")
+    prompt = c.post("/v1/chat/completions", json=CHAT, headers=H).json()["usage"]["prompt_tokens"]
+    samples = scrape(c)
+    assert value(samples, "prefsteer_engine_prompt_tokens_total") - before == prompt
+    assert value(samples, "prefsteer_engine_prefix_cache_hit_tokens_total") == 0  # the toy model keeps none
+    b.step_seconds = 0.05
+    try:
+        s = b.stream(user_turn("a long one"), GenerationConfig(max_new_tokens=200, min_new_tokens=200))
+        next(iter(s))
+        assert value(scrape(c), "prefsteer_engine_requests", state="running") == 1
+        s.cancel()
+        s.wait()
+    finally:
+        b.step_seconds = 0.0
+    assert value(scrape(c), "prefsteer_engine_requests", state="running") == 0
+
+    class Broken:
+        def stream_stats(self):
+            raise RuntimeError("engine gone")
+    for backend in (object(), Broken()):  # no such operation, or a failing one: no samples, no error
+        eng = type("E", (), {"backend": backend})()
+        assert [fam.samples for fam in EngineLoad(lambda: eng).collect()] == [[], [], []]
+
+
 def test_the_workers_metrics_are_served_by_every_app(svc):
     c = svc["c"]
     before = scrape(c)

@@ -331,6 +331,11 @@ def test_the_service_on_vllm(vb, tmp_path):
             model=model, max_tokens=24, messages=msgs, stream=True, extra_body={"prefsteer": {"method": "none"}})
             if c.choices)
         assert streamed == own
+        with httpx.Client(base_url=base, timeout=60) as http:  # the engine's load and token times
+            metrics = http.get("/metrics").text
+        assert 'prefsteer_engine_requests{state="running"} 0.0' in metrics
+        assert 'prefsteer_engine_requests{state="waiting"} 0.0' in metrics
+        assert 'prefsteer_time_to_first_token_seconds_count{method="none"} 2.0' in metrics
 
 
 # -- the engine loop: streams, continuous batching, cancellation, admission -----------------------

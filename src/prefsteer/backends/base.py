@@ -232,6 +232,11 @@ class Backend(Protocol):
         """Bound the rows ``stream`` decodes at once and the requests waiting for a place (with
         ``stream``; the service sets them from `serve --max-batch-rows/--max-waiting`)."""
 
+    def stream_stats(self) -> dict[str, int]:
+        """The engine's load now (with ``stream``): requests ``running`` and ``waiting`` for a place;
+        where the engine counts them, ``prompt_tokens`` prefilled so far and ``reused_tokens``, those
+        of them taken from kept prefixes (the service's /metrics)."""
+
     # -- tokenization ---------------------------------------------------------------------------
     def encode_context(self, messages: Messages) -> list[int]:
         """Token ids of the chat-templated context, ending with the assistant's turn header."""

@@ -312,6 +312,15 @@ class ScheduledStreaming:
             if self._scheduler is not None:
                 self._scheduler.set_limits(rows, waiting)
 
+    def stream_stats(self) -> dict[str, int]:
+        """Requests running and waiting; prompt positions prefilled and, of them, reused."""
+        with self._scheduler_guard:
+            s = self._scheduler.stats() if self._scheduler is not None else None
+        if s is None:  # no request streamed yet
+            return {"running": 0, "waiting": 0, "prompt_tokens": 0, "reused_tokens": 0}
+        return {"running": s["requests"], "waiting": s["waiting"], "prompt_tokens": s["prompt_tokens"],
+                "reused_tokens": s["reused_tokens"]}
+
     @property
     def scheduler(self) -> Scheduler:
         with self._scheduler_guard:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from typing import Callable, Iterator, Sequence
 
@@ -54,7 +55,9 @@ class TokenStream:
     """One request's tokens as the engine decodes them (end-of-turn tokens left out).
 
     The engine's side calls `push`, then `finish` (or `fail`); the caller's side iterates, from a
-    thread or an event loop, and may `cancel`. Thread-safe."""
+    thread or an event loop, and may `cancel`. Thread-safe. ``created``, ``first_at`` and
+    ``last_at`` (``time.perf_counter()``) say when the request reached the engine and when its first
+    and latest tokens were pushed: the engine's time to the first token and between tokens."""
 
     def __init__(self, on_cancel: Callable[[], None] | None = None):
         self._cond = threading.Condition()
@@ -65,11 +68,20 @@ class TokenStream:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.cancelled = False
+        self.pushed = 0  # tokens the engine has pushed
+        self.created = time.perf_counter()
+        self.first_at: float | None = None
+        self.last_at: float | None = None
 
     # -- the engine's side ----------------------------------------------------------------------
     def push(self, ids: Sequence[int]) -> None:
+        now = time.perf_counter()
         with self._cond:
             self._pending.append([int(t) for t in ids])
+            self.pushed += len(ids)
+            if self.first_at is None:
+                self.first_at = now
+            self.last_at = now
             self._wake()
 
     def finish(self, reason: str) -> None:

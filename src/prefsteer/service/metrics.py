@@ -7,6 +7,11 @@ process's (`JOB_SECONDS`, `PAIRS_INDEXED`): every app's registry serves them too
     prefsteer_requests_total{route,method,status}   answers, by route template (never the raw path)
     prefsteer_request_seconds{route}                time from the request to the end of its answer
     prefsteer_generation_tokens_total{method}       tokens generated, by personalization method
+    prefsteer_time_to_first_token_seconds{method}   from a request reaching the engine to its first token
+    prefsteer_time_per_output_token_seconds{method} an answer's mean gap between tokens after the first
+    prefsteer_engine_requests{state}                requests running / waiting in the engine (read at scrape)
+    prefsteer_engine_prompt_tokens_total            prompt positions the engine prefilled or reused
+    prefsteer_engine_prefix_cache_hit_tokens_total  of them, taken from kept prefixes (hf)
     prefsteer_queue_depth{tenant}                   feedback jobs queued or running (read at scrape)
     prefsteer_job_seconds                           a feedback job's duration (the worker observes it)
     prefsteer_pairs_indexed_total                   pairs the worker indexed
@@ -24,7 +29,7 @@ import time
 from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("prefsteer.service")
 
@@ -37,6 +42,7 @@ PAIRS_INDEXED = Counter("prefsteer_pairs_indexed", "Preference pairs the feedbac
                         registry=PROCESS_REGISTRY)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10)
 UNMATCHED = "unmatched"  # the route label of a path no route serves (the raw path would be unbounded)
 GONE = "499"  # the status label of a request whose client left before any answer (nginx's code)
 
@@ -77,6 +83,41 @@ class QueueDepth:
         yield family
 
 
+class EngineLoad:
+    """The engine's load, read when scraped from ``backend.stream_stats()``: requests running and
+    waiting, and the prompt positions it prefilled and reused where it counts them. A backend
+    without the operation, or one that fails, gives no samples."""
+
+    def __init__(self, engine: Callable[[], Any]):
+        self.engine = engine
+
+    def describe(self):
+        return list(self._families({}))
+
+    def _families(self, stats: dict):
+        requests = GaugeMetricFamily("prefsteer_engine_requests", "Requests in the engine, running or waiting "
+                                     "for a place", labels=["state"])
+        for state in ("running", "waiting"):
+            if state in stats:
+                requests.add_metric([state], float(stats[state]))
+        yield requests
+        for name, key, doc in (
+                ("prefsteer_engine_prompt_tokens", "prompt_tokens", "Prompt positions the engine prefilled or reused"),
+                ("prefsteer_engine_prefix_cache_hit_tokens", "reused_tokens",
+                 "Prompt positions taken from kept prefixes instead of being prefilled")):
+            yield CounterMetricFamily(name, doc, value=float(stats[key]) if key in stats else None)
+
+    def collect(self):
+        eng = self.engine()
+        stats: dict = {}
+        try:
+            read = getattr(eng.backend, "stream_stats", None) if eng is not None else None
+            stats = read() if callable(read) else {}
+        except Exception as e:  # a scrape never fails for the engine
+            log.warning("engine load unavailable for /metrics: %s: %s", type(e).__name__, e)
+        yield from self._families(stats)
+
+
 class Metrics:
     """One app's metrics and its registry (see the module's docstring for the names)."""
 
@@ -92,17 +133,30 @@ class Metrics:
                                     registry=r)
         self.admission_refused = Counter("prefsteer_admission_refused",
                                          "Answers refused with 503 because the engine was full", registry=r)
+        self.first_token = Histogram("prefsteer_time_to_first_token_seconds",
+                                     "Time from a request reaching the engine to its first token", ["method"],
+                                     buckets=TOKEN_BUCKETS, registry=r)
+        self.per_token = Histogram("prefsteer_time_per_output_token_seconds",
+                                   "An answer's mean time between tokens after its first", ["method"],
+                                   buckets=TOKEN_BUCKETS, registry=r)
         r.register(_Process())
         r.register(QueueDepth(engine))
+        r.register(EngineLoad(engine))
 
     def render(self) -> tuple[bytes, str]:
         """The exposition (body, content type)."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     # what the serving object reports
-    def generated(self, method: str, tokens: int) -> None:
+    def generated(self, method: str, tokens: int, stream: Any = None) -> None:
+        """An answer ended: its tokens, and from its engine's `TokenStream` (when it was decoded as one)
+        the time to its first token and between its tokens."""
         if tokens > 0:
             self.tokens.labels(method).inc(tokens)
+        if stream is not None and stream.first_at is not None:
+            self.first_token.labels(method).observe(stream.first_at - stream.created)
+            if stream.pushed > 1:
+                self.per_token.labels(method).observe((stream.last_at - stream.first_at) / (stream.pushed - 1))
 
     def refused_busy(self) -> None:
         self.admission_refused.inc()

@@ -311,11 +311,12 @@ class ChatServing:
     def _whole(self, reply: Reply, start: float) -> Answer:
         reply.scan.flush()
         reply.info.timings.setdefault("generation", round(time.perf_counter() - start, 6))
-        return self._answered(reply.answer(self.engine))
+        return self._answered(reply)
 
-    def _answered(self, a: Answer) -> Answer:
+    def _answered(self, reply: Reply) -> Answer:
+        a = reply.answer(self.engine)
         if self.metrics is not None:  # counted as an answer ends (a stream its client left is not)
-            self.metrics.generated(a.info.method, a.completion_tokens)
+            self.metrics.generated(a.info.method, a.completion_tokens, reply.stream.tokens)
         return a
 
     # -- shaping the answer ------------------------------------------------------------------
@@ -358,7 +359,7 @@ class ChatServing:
             if out := reply.scan.flush():
                 yield chunk({"content": out})
             reply.info.timings.setdefault("generation", round(time.perf_counter() - start, 6))
-            a = self._answered(reply.answer(eng))
+            a = self._answered(reply)
             yield chunk({}, a.finish_reason)
             if include_usage:
                 usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,

@@ -449,6 +449,11 @@ class VLLMBackend(ChatTokenization):
         params = self._sampling_params(config, max_tokens, extra, 0, stream=True)
         return self.engine_loop.submit_stream(TokensPrompt(prompt_token_ids=ids), params)
 
+    def stream_stats(self) -> dict[str, int]:
+        """Requests in vLLM's engine (streamed or not) and waiting in the engine loop for a place."""
+        s = self.engine_loop.stats()
+        return {"running": s["running"], "waiting": s["queued"]}
+
     def set_stream_limits(self, max_rows: int | None = None, max_waiting: int | None = None) -> None:
         """Bound the streamed requests vLLM decodes at once (``max_rows``) and those waiting in the
         engine loop for a place (``max_waiting``); past both, `stream` raises `EngineBusy`. The engine
