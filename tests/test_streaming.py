@@ -357,7 +357,7 @@ def test_real_model_prompts_reuse_kept_prefixes_and_decode_the_same_tokens(hf_ba
         before = b.scheduler.stats()
         assert b.stream(user_turn(PROMPTS[0]), cfg).wait() == ref[0]
         assert b.scheduler.stats()["reused_tokens"] == before["reused_tokens"]
-        assert b._prefix_memo.longest_match(ids[0])[1] == 0  # without sharing, nothing is kept either
+        assert b._stream_memo.longest_match(ids[0])[1] == 0  # without sharing, nothing is kept either
     finally:
         b.share_prefix = True
     b.clear_prefix_memo()
@@ -368,6 +368,7 @@ def test_real_model_prompts_reuse_kept_prefixes_and_decode_the_same_tokens(hf_ba
     after = b.scheduler.stats()
     assert after["prompt_tokens"] - before["prompt_tokens"] == sum(len(i) for i in ids)
     assert after["reused_tokens"] - before["reused_tokens"] >= len(ids[0]) - 1 + 3 * opening
+    assert b._prefix_memo.longest_match(ids[0])[1] == 0  # scoring's memo: never filled by the traffic
 
 
 def test_real_model_guided_and_drift_requests_in_one_batch_match_their_own_decoding(hf_backend):

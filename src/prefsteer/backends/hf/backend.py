@@ -126,7 +126,9 @@ class TransformersBackend(ScheduledStreaming, ChatTokenization):
         self._lock = ModelLock()
         self._scheduler = None  # `stream`'s, built at its first request (a cast copy has its own)
         self._init_tokenization()
-        self._prefix_memo = scoring.PrefixMemo()
+        self._prefix_memo = scoring.PrefixMemo()  # scoring's prefixes
+        # streamed prompts' (`batch.KVBatch`): their own, so that scores never depend on the traffic
+        self._stream_memo = scoring.PrefixMemo()
         self._casts: dict[torch.dtype, TransformersBackend] = {}  # see `cast`
         self._casts_lock = threading.Lock()
         self._fingerprint: str | None = None
@@ -237,8 +239,10 @@ class TransformersBackend(ScheduledStreaming, ChatTokenization):
         return self.body(**inputs, **{self._cache_arg: cache}, use_cache=True)
 
     def clear_prefix_memo(self) -> None:
-        """Forget the prefixes kept between calls (benchmarks time each search from scratch)."""
+        """Forget the prefixes kept between calls, scoring's and streamed prompts' (benchmarks time
+        each search from scratch)."""
         self._prefix_memo.clear()
+        self._stream_memo.clear()
 
     def _shared_prefix(self, prompts: list[list[int]]) -> int:
         return planner.shared_prefix(prompts) if self.share_prefix else 0

@@ -68,7 +68,8 @@ def decode_batch(b, prompts: list[list[int]], config: GenerationConfig, guide: G
     feed, mask = feed.to(b.device), mask.to(b.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0) + P
     cache = growing_cache(b.config)
-    hidden = decode_step(b, feed, mask, positions, cache, state)
+    with decoding():  # the packed products (`packing`), for the prefill as for every step
+        hidden = decode_step(b, feed, mask, positions, cache, state)
     last_pos = positions[:, -1:]
     new = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=b.device)
@@ -90,7 +91,7 @@ def decode_batch(b, prompts: list[list[int]], config: GenerationConfig, guide: G
         ids = torch.cat([ids, tok[:, None]], 1)
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=b.device)], 1)
         last_pos = last_pos + 1
-        with decoding():  # one token a row: the packed products (`packing`); the prefill keeps the plain ones
+        with decoding():
             hidden = decode_step(b, tok[:, None], mask, last_pos, cache, state)
     return [(n, b.tokenizer.decode(n, skip_special_tokens=True)) for n in new]
 
@@ -112,7 +113,7 @@ class Rows:
         self.pos = positions[:, -1:]                                    # (R, 1)
         self.length = ids.shape[1]
         self.cache = growing_cache(b.config)
-        with b._lock.shared("start_decoding"), torch.inference_mode():
+        with b._lock.shared("start_decoding"), torch.inference_mode(), decoding():
             out = b.extend(self.cache, input_ids=ids.to(dev), attention_mask=self.mask, position_ids=positions)
             self.hidden = out.last_hidden_state[:, -1]                  # (R, d)
 

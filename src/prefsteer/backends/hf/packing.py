@@ -1,4 +1,4 @@
-"""Packed weights for the decode step's small matrix products on a CPU (oneDNN).
+"""Packed weights for generation's matrix products on a CPU (oneDNN).
 
 A decoding step multiplies every weight matrix of the model by a few rows, one per sequence being
 decoded, so it is bound by reading the weights, and more rows should cost little more. On this
@@ -11,13 +11,14 @@ extension do), took 89 ms for 4 rows and 86 for one (results/serving/decode-step
 `nn.Linear` with the same parameters (the state dict, tied weights and peft's targeting are
 unchanged) that keeps a packed copy of its weight and multiplies by it only
 
-* inside `decoding()`, which the decode loops and the scheduler's steps enter: scoring and
-  prefill keep MKL's products, so EXACT's scores and their caches are exactly as before;
+* inside `decoding()`, which generation enters (the decode loops, the scheduler's steps, and the
+  prefill of what they decode, where oneDNN was 15-30% faster than MKL here too): scoring keeps
+  MKL's products, so EXACT's scores and their prefix memo are exactly as before;
 * with gradients off (a LoRA being trained goes through the plain product);
 * on float32 weights that have not changed since they were packed (a changed weight is packed
   again at its next use; a copy of the module, as `TransformersBackend.cast` makes, packs anew).
 
-A weight is packed at the first decode step that needs it. The packed copies take as much memory
+A weight is packed at the first generation that needs it. The packed copies take as much memory
 as the weights: the backend packs on a CPU for models of up to `AUTO_MAX_PARAMETERS` parameters
 unless told otherwise (``pack_weights``).
 """
@@ -120,7 +121,7 @@ def available() -> bool:
 def pack_linears(model: nn.Module) -> int:
     """Put a `PackedLinear` in place of every float32 `nn.Linear` of ``model`` on a CPU; returns
     how many (0 where this torch has no oneDNN packed linear). Each packs its weight at the first
-    decode step that uses it, so a process that only scores never spends the memory."""
+    generation that uses it, so a process that only scores never spends the memory."""
     if not available():
         return 0
     targets = [(name, m) for name, m in model.named_modules()

@@ -44,6 +44,7 @@ class SideRows:
 
     def __init__(self, b, prompts: Sequence[Sequence[int]]):
         from prefsteer.backends.hf.kvcache import growing_cache
+        from prefsteer.backends.hf.packing import decoding
         from prefsteer.backends.hf.planner import left_pad
 
         self.b = b
@@ -54,7 +55,7 @@ class SideRows:
         self.pos = positions[:, -1].clone()                              # (R,): last token's position
         self.read = [len(p) for p in prompts]                            # tokens each row has read
         self.cache = growing_cache(b.config)
-        with torch.inference_mode():
+        with torch.inference_mode(), decoding():  # the packed products, as for its steps (`packing`)
             out = b.extend(self.cache, input_ids=ids.to(dev), attention_mask=self.mask, position_ids=positions)
         self.hidden = out.last_hidden_state[:, -1].float()               # (R, d)
 
