@@ -70,6 +70,38 @@ def test_stream_gives_generate_tokens_alone_together_and_joining_midway():
     assert slow.scheduler.stats()["peak_rows"] > 1  # they did share the batch
 
 
+def test_a_request_that_arrives_during_a_prefill_joins_before_the_next_decode_step(monkeypatch):
+    """The first of a burst finds the engine idle and is prefilled alone; one arriving meanwhile is
+    prefilled and sent its first token before the decode step that follows, and both decode as
+    they would alone."""
+    from prefsteer.backends.fake import FakeBatch
+
+    b = FakeBackend()
+    cfg = GenerationConfig(max_new_tokens=8)
+    ref = [b.generate([user_turn(p)], cfg)[0].token_ids for p in PROMPTS[:2]]
+    adds, steps = [], []
+    add, step = FakeBatch.add, FakeBatch.step
+
+    def slow_add(self, prompts):
+        adds.append(len(prompts))
+        if len(adds) == 1:
+            time.sleep(0.3)  # the second request arrives during this prefill
+        return add(self, prompts)
+
+    def timed_step(self, tokens):
+        steps.append(time.perf_counter())
+        return step(self, tokens)
+    monkeypatch.setattr(FakeBatch, "add", slow_add)
+    monkeypatch.setattr(FakeBatch, "step", timed_step)
+    first = b.stream(user_turn(PROMPTS[0]), cfg)
+    time.sleep(0.1)
+    second = b.stream(user_turn(PROMPTS[1]), cfg)
+    assert [first.wait(), second.wait()] == ref
+    assert adds == [1, 1]  # each prefilled on its own, the second before any step
+    assert first.first_at < second.first_at < steps[0]
+    assert b.scheduler.stats()["steps"] == len(steps) == max(len(r) for r in ref) - 1
+
+
 def test_each_request_keeps_its_guide_its_sampling_and_its_limit():
     b = FakeBackend()
     g = boost(b._word_id("funny"), 4.0)

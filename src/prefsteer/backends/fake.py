@@ -236,8 +236,8 @@ class FakeBatch:
         for seq, t in zip(self.seqs, tokens, strict=True):
             seq.append(int(t))
 
-    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, logits = zip(*(self.backend.next_logits(torch.tensor([s])) for s in self.seqs))
+    def outputs(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, logits = zip(*(self.backend.next_logits(torch.tensor([s])) for s in self.seqs[start:]))
         return torch.cat(hidden), torch.cat(logits)
 
 

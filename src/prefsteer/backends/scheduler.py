@@ -59,8 +59,9 @@ class RowBatch(Protocol):
     def step(self, tokens: Sequence[int]) -> None:
         """Feed one token to every row."""
 
-    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row's last hidden state (R, d) and next-token logits (R, V), float32."""
+    def outputs(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last hidden state (R, d) and next-token logits (R, V), float32, of every row from
+        ``start`` on."""
 
 
 @dataclass
@@ -229,31 +230,66 @@ class Scheduler:
                     if batch is None:
                         batch = self.make_batch()
                     if new:
-                        prompts = [p for r in new for p in r.prompts]
-                        reused = batch.add(prompts)
-                        with self._cond:
-                            self.prompt_tokens += sum(len(p) for p in prompts)
-                            self.reused_tokens += reused
-                            self._active.extend(new)
-                            self.peak_rows = max(self.peak_rows, self._rows())
+                        self._join(batch, new)
                     if self._active:
                         self._step(batch)
             except Exception as e:  # the engine's failure: every request it held learns of it
                 log.exception("the scheduler's step failed")
                 with self._cond:
-                    failed, self._active = self._active + new, []
+                    failed = self._active + [r for r in new if not any(r is a for a in self._active)]
+                    self._active = []
                 for r in failed:
                     if not r.stream.done:
                         r.stream.fail(e)
                 batch = None
 
+    def _join(self, batch: RowBatch, reqs: list[_Request]) -> None:
+        """Prefill ``reqs`` as rows after the batch's (they are active from here: a failing prefill
+        fails them with the rest)."""
+        prompts = [p for r in reqs for p in r.prompts]
+        with self._cond:
+            self._active = self._active + reqs  # a new list: the caller may hold the old one
+        reused = batch.add(prompts)
+        with self._cond:
+            self.prompt_tokens += sum(len(p) for p in prompts)
+            self.reused_tokens += reused
+            self.peak_rows = max(self.peak_rows, self._rows())
+
     def _step(self, batch: RowBatch) -> None:
-        """Choose every request's next token from its rows, then feed the tokens in one forward."""
+        """Choose every request's next token from its rows, then feed the tokens in one forward.
+
+        Requests that arrived while the batch was prefilling or choosing join before that forward
+        (their prompts prefilled, their first tokens chosen and sent), rather than a step later: a
+        burst of requests, of which the first finds the engine idle and is prefilled alone, has the
+        rest prefilled at once, not after a decode step for the first."""
         hidden, logits = batch.outputs()
+        keep_rows, tokens, still = self._choose(self._active, hidden, logits, 0)
+        with self._cond:
+            self._active = still
+            late = self._admit()
+        batch.keep(keep_rows)
+        if late:
+            first = batch.rows
+            self._join(batch, late)
+            hidden, logits = batch.outputs(first)
+            late_rows, late_tokens, joined = self._choose(late, hidden, logits, first)
+            with self._cond:
+                self._active = still + joined
+            batch.keep(list(range(first)) + late_rows)
+            tokens += late_tokens
+        if tokens:
+            batch.step(tokens)
+            self.steps += 1
+
+    def _choose(self, reqs: list[_Request], hidden: torch.Tensor, logits: torch.Tensor,
+                first: int) -> tuple[list[int], list[int], list[_Request]]:
+        """Each request's next token from its rows' outputs (``reqs``' rows in order, the batch's
+        rows from ``first`` on), sent to its stream. Returns the batch rows to keep, the tokens to
+        feed them and the requests that go on."""
         keep_rows, tokens, still = [], [], []
         eos = self.backend.eos_token_ids
         row = 0
-        for r in self._active:
+        for r in reqs:
             rows = range(row, row + r.rows)
             row += r.rows
             if r.stream.cancelled:
@@ -274,15 +310,10 @@ class Scheduler:
             if r.new >= r.steps:
                 r.stream.finish("length")
                 continue
-            keep_rows.extend(rows)
+            keep_rows.extend(first + i for i in rows)
             tokens.extend([tok] * r.rows)
             still.append(r)
-        with self._cond:
-            self._active = still
-        batch.keep(keep_rows)
-        if tokens:
-            batch.step(tokens)
-            self.steps += 1
+        return keep_rows, tokens, still
 
 
 class ScheduledStreaming:

@@ -137,6 +137,7 @@ class KVBatch:
             out = b.extend(self.cache, input_ids=ids, attention_mask=self.mask, position_ids=self.pos)
             self.hidden = out.last_hidden_state[:, -1]
 
-    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def outputs(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         with self.b._lock.shared("a streamed request"), torch.inference_mode():
-            return self.hidden.float(), output_logits(self.b, self.hidden)
+            hidden = self.hidden[start:]
+            return hidden.float(), output_logits(self.b, hidden)
