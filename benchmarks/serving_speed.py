@@ -1,10 +1,13 @@
 """Serving at speed: streamed answers from `prefsteer serve` with 1 to 32 concurrent clients.
 
-For each method (none, exact, cliper) and each number of concurrent clients, the clients each send
+For each number of concurrent clients and each method (none, exact, cliper), the clients each send
 one streamed chat request at the same moment (greedy, ``max_tokens`` 128 and ``min_tokens`` 128, so
-that every answer, personalized or not, is 128 tokens long; distinct prompts) and
-the run records, per request, the time to the first text chunk and the gaps between chunks, and
-over the run the tokens made per second (``usage.completion_tokens`` summed over the wall time).
+that every answer, personalized or not, is 128 tokens long; distinct prompts) and the run records,
+per request, the time to the first text chunk and the gaps between chunks, and over the run the
+tokens made per second (``usage.completion_tokens`` summed over the wall time). At each number of
+clients the methods take turns, ``--rounds`` times (2), in the reverse order every other round,
+and each row pools its rounds: the comparison of the methods is not at the mercy of the machine's
+speed drifting over the minutes of the run.
 The 1-client row sends 4 requests one at a time: the figure the others are compared with (the same
 requests decoded one after another). Then, in a process of the engine's own, without HTTP:
 1, 4, 8, 32 requests handed to the engine at once and read as they decode (the time to the first
@@ -15,7 +18,7 @@ can approach). EXACT answers as the demo user (indexed first, on a
 six-attribute library with k=2, so the run fits on a CPU); CLIPer needs no user (``prefs``
 concise=1, the shipped head).
 
-    .venv/bin/python benchmarks/serving_speed.py                                  # hf, ~10 min on 2 cores
+    .venv/bin/python benchmarks/serving_speed.py                                  # hf, ~12 min on 2 cores
     .venv/bin/python benchmarks/serving_speed.py --backend vllm --python .venv-vllm/bin/python
     .venv/bin/python benchmarks/serving_speed.py --backend fake --embedder hash --clients 1 4   # a dry run
 
@@ -96,9 +99,11 @@ def stream_one(base: str, model: str, prompt: str, extra: dict, max_tokens: int,
             "tokens": n, "seconds": total, "text": text}
 
 
-def run_level(base: str, model: str, extra: dict, clients: int, max_tokens: int, min_tokens: int) -> dict:
-    """``clients`` requests at once (1: four requests one after another)."""
-    ps = prompts(max(clients, 4), f"{extra['method']} {clients}")
+def run_level(base: str, model: str, extra: dict, clients: int, max_tokens: int, min_tokens: int,
+              batch: str) -> dict:
+    """``clients`` requests at once (1: four requests one after another): each request's record and
+    the wall time."""
+    ps = prompts(max(clients, 4), batch)
     results: list[dict] = []
     t0 = time.perf_counter()
     if clients == 1:
@@ -116,7 +121,13 @@ def run_level(base: str, model: str, extra: dict, clients: int, max_tokens: int,
             t.start()
         for t in threads:
             t.join()
-    wall = time.perf_counter() - t0
+    return {"results": results, "wall_s": time.perf_counter() - t0}
+
+
+def summarize(clients: int, runs: list[dict]) -> dict:
+    """One row of the table from one or more runs of a level (their requests pooled)."""
+    results = [r for run in runs for r in run["results"]]
+    wall = sum(run["wall_s"] for run in runs)
     errors = [r["error"] for r in results if "error" in r]
     ok = [r for r in results if "error" not in r]
     tokens = sum(r["tokens"] for r in ok)
@@ -159,6 +170,10 @@ def make_parser() -> argparse.ArgumentParser:
                         "so that every answer has the same length, as vLLM's benchmarks' --ignore-eos; 0: answers "
                         "end where the model ends them)")
     p.add_argument("--max-batch-rows", type=int, default=32, help="the server's --max-batch-rows")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="runs of every (clients, method) row, pooled; the methods take turns at each number of "
+                        "clients, in the reverse order every other round, so that a machine whose speed drifts "
+                        "weighs on them alike")
     p.add_argument("--out", default=str(REPO / "results" / "serving"))
     p.add_argument("--offline-only", action="store_true",
                    help="only the offline batch: print its JSON (what the main run starts in a subprocess)")
@@ -252,9 +267,16 @@ def main(args: argparse.Namespace) -> int:
         model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
         for m in args.methods:
             stream_one(base, model, "Say hello.", extras[m], 8)  # warm-up (loads, first-call costs)
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for c in args.clients:
+            for rnd in range(args.rounds):
+                for m in (args.methods if rnd % 2 == 0 else args.methods[::-1]):
+                    runs.setdefault((m, c), []).append(run_level(base, model, extras[m], c, args.max_tokens,
+                                                                 args.min_tokens, f"{m} {c} {rnd}"))
+        for m in args.methods:
             one = None
             for c in args.clients:
-                row = {"method": m, **run_level(base, model, extras[m], c, args.max_tokens, args.min_tokens)}
+                row = {"method": m, **summarize(c, runs[(m, c)])}
                 one = one or (row["tok_s"] if c == 1 else None)
                 row["speedup"] = row["tok_s"] / one if one else float("nan")
                 rows.append(row)
@@ -276,7 +298,7 @@ def main(args: argparse.Namespace) -> int:
                 row = json.loads(line)
                 rows.append({**row, "speedup": row["tok_s"] / one})
     cond = {"backend": args.backend, "model": model, "max_tokens": args.max_tokens,
-            "min_tokens": args.min_tokens, "greedy": True,
+            "min_tokens": args.min_tokens, "rounds": args.rounds, "greedy": True,
             "max_batch_rows": args.max_batch_rows, "methods": args.methods, "clients": args.clients,
             "machine": machine(), "dtype": args.dtype or "the CLI's default", "date": time.strftime("%Y-%m-%d"),
             "command": "python benchmarks/serving_speed.py " + " ".join(sys.argv[1:]),
@@ -287,8 +309,9 @@ def main(args: argparse.Namespace) -> int:
     md = [f"# Streamed serving, `--backend {args.backend}` ({model})", "", *table(rows), "",
           "Each row: that many clients send one streamed request each at the same moment (distinct prompts, "
           f"greedy, max_tokens {args.max_tokens}, min_tokens {args.min_tokens}); the 1-client row sends 4 "
-          "requests one after another, the figure `x one at a time` divides by. tokens/s: `usage.completion_tokens` summed over the wall "
-          "time. TTFT: time to the first text chunk; ITL: the gap between text chunks (one token each, "
+          f"requests one after another, the figure `x one at a time` divides by. Each row pools {args.rounds} "
+          "runs; at each number of clients the methods take turns (reversed every other round). tokens/s: "
+          "`usage.completion_tokens` summed over the wall time. TTFT: time to the first text chunk; ITL: the gap between text chunks (one token each, "
           "except where a piece waits for the rest of a character).", "",
           f"Conditions: {cond['machine']}; dtype {cond['dtype']}; {cond['date']}; the whole run {cond['total_s'] / 60:.1f} min; "
           f"`{cond['command'].strip()}`.", ""]
