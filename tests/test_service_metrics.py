@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import sys
+import time
 
 import httpx
 import pytest
@@ -137,6 +138,9 @@ def test_engine_load_and_prompt_positions_are_read_at_scrape_time(svc):
         s.wait()
     finally:
         b.step_seconds = 0.0
+    deadline = time.monotonic() + 5  # the stream ends before the scheduler's list of requests drops it
+    while value(scrape(c), "prefsteer_engine_requests", state="running") and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert value(scrape(c), "prefsteer_engine_requests", state="running") == 0
 
     class Broken:
