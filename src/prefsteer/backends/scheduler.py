@@ -201,7 +201,8 @@ class Scheduler:
 
     # -- the loop ---------------------------------------------------------------------------------
     def _admit(self) -> list[_Request]:
-        """Move waiting requests into the batch while their rows fit (under self._cond)."""
+        """Move waiting requests into the active ones while their rows fit (under self._cond); they
+        are active from here, so a prefill that fails fails them with the rest. Returns them."""
         new, rows = [], self._rows()
         while self._waiting:
             r = self._waiting[0]
@@ -212,6 +213,7 @@ class Scheduler:
                 break
             new.append(self._waiting.popleft())
             rows += r.rows
+        self._active = self._active + new  # a new list: `_step` holds the old one
         return new
 
     def _loop(self) -> None:
@@ -236,19 +238,15 @@ class Scheduler:
             except Exception as e:  # the engine's failure: every request it held learns of it
                 log.exception("the scheduler's step failed")
                 with self._cond:
-                    failed = self._active + [r for r in new if not any(r is a for a in self._active)]
-                    self._active = []
+                    failed, self._active = self._active, []
                 for r in failed:
                     if not r.stream.done:
                         r.stream.fail(e)
                 batch = None
 
     def _join(self, batch: RowBatch, reqs: list[_Request]) -> None:
-        """Prefill ``reqs`` as rows after the batch's (they are active from here: a failing prefill
-        fails them with the rest)."""
+        """Prefill the admitted ``reqs`` as rows after the batch's."""
         prompts = [p for r in reqs for p in r.prompts]
-        with self._cond:
-            self._active = self._active + reqs  # a new list: the caller may hold the old one
         reused = batch.add(prompts)
         with self._cond:
             self.prompt_tokens += sum(len(p) for p in prompts)
