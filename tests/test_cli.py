@@ -229,3 +229,27 @@ def test_eval_and_cliper_are_subcommands_of_the_one_parser():
     assert (a.config, a.func.__name__, a.embedder) == ("quick", "cmd_eval", "hash")
     a = p.parse_args(["cliper", "train", "--backend", "fake", "--steps", "3", "--db", "x.db"])
     assert (a.steps, a.backend, a.db, a.func.__name__) == (3, "fake", "x.db", "run_train")
+
+
+def test_every_command_closes_the_backend_it_loaded_even_when_it_fails(tmp_path, capsys, monkeypatch):
+    """vLLM's engine process is stopped by the command, not left to interpreter exit (where it could
+    abort the process after the work was written)."""
+    import prefsteer.backends as backends
+    from prefsteer.backends.fake import FakeBackend
+
+    closed = []
+
+    class Closing(FakeBackend):
+        def close(self):
+            closed.append(self)
+            super().close()
+
+    monkeypatch.setattr(backends, "load_backend", lambda name, **kw: Closing())
+    data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    db = str(tmp_path / "m.db")
+    code, _, _ = run(capsys, "index", "--method", "exact", "--k", "1", "--data", str(data), "--db", db)
+    assert code == 0 and len(closed) == 1
+    code, _, err = run(capsys, "generate", "--method", "exact", "--user", "nobody", "--db", db, "hi")
+    assert code == 2 and len(closed) == 2 and closed[0] is not closed[1]
+    code, _, _ = run(capsys, "attributes")  # loads no backend: nothing to close
+    assert code == 0 and len(closed) == 2

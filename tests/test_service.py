@@ -338,6 +338,28 @@ def test_no_auth_serves_the_local_users_and_keys_still_pick_a_tenant(tmp_path):
     mem.close()
 
 
+def test_the_service_stops_the_engine_it_loaded_but_not_one_it_was_given(tmp_path, monkeypatch):
+    """At shutdown the service stops the backend it loaded (its scheduler thread here, vLLM's engine
+    process there); a backend handed in through `make_backend` stays its owner's."""
+    import prefsteer.backends as backends
+    from prefsteer.backends.fake import FakeBackend
+
+    loaded = []
+    monkeypatch.setattr(backends, "load_backend", lambda name, **kw: loaded.append(FakeBackend()) or loaded[-1])
+    db = str(tmp_path / "m.db")
+    given = FakeBackend()
+    for settings in (Settings(db=db, backend="fake", embedder="hash", auth=False),
+                     Settings(db=db, backend="fake", embedder="hash", auth=False, make_backend=lambda: given)):
+        with thread_server(settings) as base:
+            r = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+                "model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                "stream": True})
+            assert r.status_code == 200 and "[DONE]" in r.text, r.text
+    assert len(loaded) == 1 and loaded[0]._scheduler is None  # closed
+    assert given._scheduler is not None and given._scheduler._thread.is_alive()
+    given.close()
+
+
 def test_web_page_and_the_calls_it_makes(svc):
     """No browser here: the page is served, and the calls its script makes give what it shows."""
     h, A = svc["http"], svc["A"]

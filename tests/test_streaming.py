@@ -180,6 +180,25 @@ def test_a_cancelled_request_stops_at_the_next_step_and_frees_its_rows():
     assert b.scheduler.stats()["rows"] == 0
 
 
+def test_closing_the_backend_ends_open_streams_and_stops_its_thread_and_a_new_stream_starts_another():
+    b = FakeBackend(step_seconds=0.01)
+    s = b.stream(user_turn(PROMPTS[1]), GenerationConfig(max_new_tokens=400))
+    it = iter(s)
+    next(it)
+    first = b.scheduler
+    thread = first._thread
+    b.close()
+    rest = list(it)
+    assert s.finish_reason == "cancelled" and len(s.token_ids) < 50 and len(rest) < 50
+    assert not thread.is_alive() and b.stream_stats()["running"] == 0
+    b.close()  # twice is harmless
+    again = b.stream(user_turn(PROMPTS[0]), GenerationConfig(max_new_tokens=5))
+    assert b.scheduler is not first
+    assert again.wait() and again.token_ids == b.generate([user_turn(PROMPTS[0])],
+                                                          GenerationConfig(max_new_tokens=5))[0].token_ids
+    b.close()
+
+
 def test_admission_bounds_rows_and_waiting_requests():
     b = FakeBackend(step_seconds=0.01, max_batch_rows=2, max_waiting=1)
     cfg = GenerationConfig(max_new_tokens=300)

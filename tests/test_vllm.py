@@ -10,6 +10,7 @@ recorded constants).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -446,6 +447,23 @@ def test_streams_past_the_limits_are_refused_with_engine_busy(vb):
         vb.set_stream_limits(*old)
     with pytest.raises(ValueError):
         vb.set_stream_limits(max_rows=0)
+
+
+def test_a_command_on_vllm_stops_the_engine_and_exits_cleanly(vb):
+    """`prefsteer generate --backend vllm`: the command closes vLLM's engine before the interpreter
+    exits (left to exit handlers, the engine process went down under the loop's thread and the
+    process aborted with "terminate called without an active exception" after its work was done)."""
+    import subprocess
+    import sys
+
+    prompt = "How do I boil an egg?"
+    r = subprocess.run([sys.executable, "-m", "prefsteer.cli", "generate", "--backend", "vllm", "--method", "none",
+                        "--max-new-tokens", "8", "--json", "--quiet", prompt],
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "terminate called" not in r.stderr and "exited unexpectedly" not in r.stderr, r.stderr[-2000:]
+    own = vb.generate([user_turn(prompt)], GenerationConfig(max_new_tokens=8))[0].text
+    assert json.loads(r.stdout)["text"] == own
 
 
 class _StubEngine:

@@ -237,6 +237,11 @@ class Backend(Protocol):
         where the engine counts them, ``prompt_tokens`` prefilled so far and ``reused_tokens``, those
         of them taken from kept prefixes (the service's /metrics)."""
 
+    def close(self) -> None:
+        """Stop what the backend runs beside the caller (the streaming scheduler's thread, vLLM's
+        engine process), cancelling streams still open. Safe to call twice; a backend that streams
+        starts a new scheduler if asked to stream again, vLLM's is unusable after."""
+
     # -- tokenization ---------------------------------------------------------------------------
     def encode_context(self, messages: Messages) -> list[int]:
         """Token ids of the chat-templated context, ending with the assistant's turn header."""

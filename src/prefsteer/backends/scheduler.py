@@ -350,6 +350,13 @@ class ScheduledStreaming:
         return {"running": s["requests"], "waiting": s["waiting"], "prompt_tokens": s["prompt_tokens"],
                 "reused_tokens": s["reused_tokens"]}
 
+    def close(self) -> None:
+        """Stop the scheduler (its open streams end "cancelled"); the next `stream` starts another."""
+        with self._scheduler_guard:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close()
+
     @property
     def scheduler(self) -> Scheduler:
         with self._scheduler_guard:

@@ -121,5 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefsteer {name}: internal error (a bug; please report the traceback above)", file=sys.stderr)
         return 1
     finally:
+        ctx.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -38,6 +38,12 @@ class Context:
             log.info("loaded backend %s in %.1fs", self.args.backend, time.perf_counter() - start)
         return self._backend
 
+    def close(self) -> None:
+        """Stop the backend's engine (vLLM's process, a streaming scheduler) if one was loaded."""
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()
+
     def backend_kwargs(self) -> dict[str, Any]:
         """The options the command line gives the backend (also what Ray workers build theirs from)."""
         if self.args.backend == "hf":

@@ -135,6 +135,8 @@ def create_app(settings: Settings) -> FastAPI:
             if eng.worker:
                 eng.worker.stop()  # SIGTERM: the current pair finishes, its job is checkpointed
             eng.close()
+            if not settings.make_backend:  # the one it loaded (a caller's backend is the caller's to close)
+                backend.close()
 
     # /docs: routes/web.py serves Swagger UI from installed files (FastAPI's loads it from a CDN);
     # ReDoc would need a CDN too, so there is no /redoc

@@ -13,6 +13,7 @@ DELTA outputs pushed to a `TokenStream`), so requests of concurrent callers are 
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -273,6 +275,26 @@ class VLLMBackend(ChatTokenization):
         self.stats: dict[str, Any] = {}
         self.last_stats: dict[str, Any] = {}
         log.info("vLLM engine for %s (%s) started in %.1f s", engine_path, self.dtype, self.load_seconds)
+        self._closed = False
+        # a script that never calls `close`: stopped before vLLM's own exit handlers (registered
+        # earlier, so run later) tear the engine process down under a running loop
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    def close(self) -> None:
+        """Stop the engine loop (open streams end "cancelled", blocking calls fail), then vLLM's
+        engine process and the companion, in that order. Left to interpreter exit, vLLM's engine
+        process could be torn down while the loop's thread still waited on it, which aborted the
+        process after its work was done ("terminate called without an active exception")."""
+        if self._closed:
+            return
+        self._closed = True
+        self.engine_loop.close()
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception as e:  # already gone (its process died): nothing left to stop
+            log.warning("vLLM's engine core did not shut down cleanly: %s", e)
+        if self._companion is not None:
+            self._companion.close()
 
     def _generation_eos(self, path: str) -> Any:
         try:
@@ -572,3 +594,9 @@ class VLLMBackend(ChatTokenization):
         if str(dtype).replace("torch.", "") == self.dtype:
             return self
         return self.companion("cast", "another precision").cast(dtype)
+
+
+def _close_at_exit(ref: "weakref.ref[VLLMBackend]") -> None:
+    backend = ref()
+    if backend is not None:
+        backend.close()
