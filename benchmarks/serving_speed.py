@@ -7,7 +7,10 @@ per request, the time to the first text chunk and the gaps between chunks, and o
 tokens made per second (``usage.completion_tokens`` summed over the wall time). At each number of
 clients the methods take turns, ``--rounds`` times (2), in the reverse order every other round,
 and each row pools its rounds: the comparison of the methods is not at the mercy of the machine's
-speed drifting over the minutes of the run.
+speed drifting over the minutes of the run. Then, for ``--spread-clients`` (8), the same clients with
+their arrivals spread over one answer's time (two requests each, one after the other): requests
+that meet a batch already decoding, the steady state of a busy service, where a burst measures the
+moment every client clicks at once.
 The 1-client row sends 4 requests one at a time: the figure the others are compared with (the same
 requests decoded one after another). Then, in a process of the engine's own, without HTTP:
 1, 4, 8, 32 requests handed to the engine at once and read as they decode (the time to the first
@@ -18,7 +21,7 @@ can approach). EXACT answers as the demo user (indexed first, on a
 six-attribute library with k=2, so the run fits on a CPU); CLIPer needs no user (``prefs``
 concise=1, the shipped head).
 
-    .venv/bin/python benchmarks/serving_speed.py                                  # hf, ~12 min on 2 cores
+    .venv/bin/python benchmarks/serving_speed.py                                  # hf, ~10 min on 2 cores
     .venv/bin/python benchmarks/serving_speed.py --backend vllm --python .venv-vllm/bin/python
     .venv/bin/python benchmarks/serving_speed.py --backend fake --embedder hash --clients 1 4   # a dry run
 
@@ -124,6 +127,31 @@ def run_level(base: str, model: str, extra: dict, clients: int, max_tokens: int,
     return {"results": results, "wall_s": time.perf_counter() - t0}
 
 
+def run_spread(base: str, model: str, extra: dict, clients: int, max_tokens: int, min_tokens: int, batch: str,
+               period: float, per_client: int = 2) -> dict:
+    """``clients`` clients whose arrivals are spread out, as a steady flow of users makes them: client
+    i starts at i/clients of ``period`` (one request's time alone) and sends ``per_client`` requests
+    one after another. Each request meets a batch already decoding and joins it at a step boundary,
+    rather than all of them arriving at one moment and sharing one prefill."""
+    ps = prompts(clients * per_client, batch)
+    results: list[dict] = []
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+
+    def go(i: int) -> None:
+        time.sleep(max(0.0, t0 + i * period / clients - time.perf_counter()))
+        for p in ps[i * per_client:(i + 1) * per_client]:
+            r = stream_one(base, model, p, extra, max_tokens, min_tokens)
+            with lock:
+                results.append(r)
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"results": results, "wall_s": time.perf_counter() - t0}
+
+
 def summarize(clients: int, runs: list[dict]) -> dict:
     """One row of the table from one or more runs of a level (their requests pooled)."""
     results = [r for run in runs for r in run["results"]]
@@ -133,7 +161,8 @@ def summarize(clients: int, runs: list[dict]) -> dict:
     tokens = sum(r["tokens"] for r in ok)
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     gaps = [g for r in ok for g in r["gaps"]]
-    return {"clients": clients, "requests": len(results), "errors": errors, "tokens": tokens, "wall_s": wall,
+    return {"clients": clients, "arrivals": "at once", "requests": len(results), "errors": errors, "tokens": tokens,
+            "wall_s": wall,
             "tok_s": tokens / wall if wall else 0.0, "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
             "itl_p50": pct(gaps, 0.5), "itl_p99": pct(gaps, 0.99)}
 
@@ -141,12 +170,14 @@ def summarize(clients: int, runs: list[dict]) -> dict:
 def table(rows: list[dict]) -> list[str]:
     ms = lambda x: "" if x is None else f"{1000 * x:.0f}"  # noqa: E731
     num = lambda x, f: "" if x != x else format(x, f)  # noqa: E731  (NaN: not measured)
-    lines = ["| method | clients | tokens | wall s | tokens/s | x one at a time | TTFT p50 ms | TTFT p99 ms | "
-             "ITL p50 ms | ITL p99 ms | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | clients | arrivals | tokens | wall s | tokens/s | x one at a time | TTFT p50 ms | "
+             "TTFT p50 x idle | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['clients']} | {r['tokens']} | {r['wall_s']:.1f} | {num(r['tok_s'], '.1f')} | "
-                     f"{num(r['speedup'], '.2f')} | {ms(r['ttft_p50'])} | {ms(r['ttft_p99'])} | {ms(r['itl_p50'])} | "
-                     f"{ms(r['itl_p99'])} | {len(r['errors'])} |")
+        lines.append(f"| {r['method']} | {r['clients']} | {r.get('arrivals', 'at once')} | {r['tokens']} | "
+                     f"{r['wall_s']:.1f} | {num(r['tok_s'], '.1f')} | {num(r['speedup'], '.2f')} | "
+                     f"{ms(r['ttft_p50'])} | {num(r.get('ttft_x_idle', float('nan')), '.2f')} | {ms(r['ttft_p99'])} | "
+                     f"{ms(r['itl_p50'])} | {ms(r['itl_p99'])} | {len(r['errors'])} |")
     return lines
 
 
@@ -169,6 +200,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="no end of turn before this many tokens (the requests' `min_tokens`; default: --max-tokens, "
                         "so that every answer has the same length, as vLLM's benchmarks' --ignore-eos; 0: answers "
                         "end where the model ends them)")
+    p.add_argument("--spread-clients", nargs="*", type=int, default=[8],
+                   help="numbers of clients also run with their arrivals spread over one answer's time, "
+                        "two requests each (default: 8; none: leave out)")
     p.add_argument("--max-batch-rows", type=int, default=32, help="the server's --max-batch-rows")
     p.add_argument("--rounds", type=int, default=2,
                    help="runs of every (clients, method) row, pooled; the methods take turns at each number of "
@@ -221,6 +255,7 @@ def offline(args: argparse.Namespace) -> list[dict]:
     rows.append({"method": "none (offline batch)", "clients": n, "requests": n, "errors": [], "tokens": tokens,
                  "wall_s": wall, "tok_s": tokens / wall, "ttft_p50": None, "ttft_p99": None, "itl_p50": None,
                  "itl_p99": None})
+    backend.close()
     return rows
 
 
@@ -273,12 +308,24 @@ def main(args: argparse.Namespace) -> int:
                 for m in (args.methods if rnd % 2 == 0 else args.methods[::-1]):
                     runs.setdefault((m, c), []).append(run_level(base, model, extras[m], c, args.max_tokens,
                                                                  args.min_tokens, f"{m} {c} {rnd}"))
+        # arrivals spread over one answer's time (each method's own, from its 1-client row)
+        alone = {m: sum(r["seconds"] for run in runs[(m, 1)] for r in run["results"] if "seconds" in r)
+                 / max(1, sum(len(run["results"]) for run in runs[(m, 1)])) for m in args.methods if (m, 1) in runs}
+        for c in args.spread_clients if alone else []:
+            for rnd in range(args.rounds):
+                for m in (args.methods if rnd % 2 == 0 else args.methods[::-1]):
+                    runs.setdefault((m, -c), []).append(run_spread(base, model, extras[m], c, args.max_tokens,
+                                                                   args.min_tokens, f"{m} {c} spread {rnd}", alone[m]))
         for m in args.methods:
-            one = None
-            for c in args.clients:
-                row = {"method": m, **summarize(c, runs[(m, c)])}
+            one = idle = None
+            for c in [*args.clients, *(-c for c in args.spread_clients if (m, -c) in runs)]:
+                row = {"method": m, **summarize(abs(c), runs[(m, c)])}
+                if c < 0:
+                    row["arrivals"] = "spread"
                 one = one or (row["tok_s"] if c == 1 else None)
+                idle = idle or (row["ttft_p50"] if c == 1 else None)
                 row["speedup"] = row["tok_s"] / one if one else float("nan")
+                row["ttft_x_idle"] = row["ttft_p50"] / idle if idle and row["ttft_p50"] else float("nan")
                 rows.append(row)
                 print(table([row])[-1], file=sys.stderr, flush=True)
     finally:
@@ -293,10 +340,11 @@ def main(args: argparse.Namespace) -> int:
         if r.returncode != 0:
             raise SystemExit(f"the offline batch failed ({r.returncode}): {r.stderr[-2000:]}")
         one = next(x["tok_s"] for x in rows if x["method"] == "none" and x["clients"] == 1)
-        for line in r.stdout.strip().splitlines():
-            if line.startswith("{"):
-                row = json.loads(line)
-                rows.append({**row, "speedup": row["tok_s"] / one})
+        engine = [json.loads(line) for line in r.stdout.strip().splitlines() if line.startswith("{")]
+        idle = next((x["ttft_p50"] for x in engine if x["clients"] == 1 and x["ttft_p50"]), None)
+        for row in engine:  # the engine's own rows: TTFT against the engine's own idle figure
+            rows.append({**row, "speedup": row["tok_s"] / one,
+                         "ttft_x_idle": row["ttft_p50"] / idle if idle and row["ttft_p50"] else float("nan")})
     cond = {"backend": args.backend, "model": model, "max_tokens": args.max_tokens,
             "min_tokens": args.min_tokens, "rounds": args.rounds, "greedy": True,
             "max_batch_rows": args.max_batch_rows, "methods": args.methods, "clients": args.clients,
@@ -311,8 +359,13 @@ def main(args: argparse.Namespace) -> int:
           f"greedy, max_tokens {args.max_tokens}, min_tokens {args.min_tokens}); the 1-client row sends 4 "
           f"requests one after another, the figure `x one at a time` divides by. Each row pools {args.rounds} "
           "runs; at each number of clients the methods take turns (reversed every other round). tokens/s: "
-          "`usage.completion_tokens` summed over the wall time. TTFT: time to the first text chunk; ITL: the gap between text chunks (one token each, "
-          "except where a piece waits for the rest of a character).", "",
+          "`usage.completion_tokens` summed over the wall time. TTFT: time to the first text chunk; ITL: the gap "
+          "between text chunks (one token each, except where a piece waits for the rest of a character). "
+          "`TTFT p50 x idle`: against the method's 1-client row (the engine's rows: against the engine's own).", "",
+          "Arrivals `spread`: the clients do not all send at one moment; client i starts at i/n of the time one "
+          "request takes alone (the method's 1-client row) and sends two requests one after the other, so "
+          "requests arrive one by one into a batch that is already decoding, as a steady flow of users makes "
+          "them. Its wall time includes that ramp, so its tokens/s is not comparable with the `at once` rows.", "",
           f"Conditions: {cond['machine']}; dtype {cond['dtype']}; {cond['date']}; the whole run {cond['total_s'] / 60:.1f} min; "
           f"`{cond['command'].strip()}`.", ""]
     (out / f"{args.backend}.md").write_text("\n".join(md))
