@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
             tag = f"{rep} {share}"
             before = b.scheduler.stats()["reused_tokens"]
             b.stream(user_turn("Say hello."), config).wait()  # what any earlier request leaves: the template
-            for i, text in enumerate(prompts(3, f"{tag} idle")):
+            for text in prompts(3, f"{tag} idle"):
                 times[share]["idle"].append(first_tokens(b, [text], config)[0])
             burst = first_tokens(b, prompts(args.clients, f"{tag} burst"), config)
             times[share]["burst"].append(statistics.median(burst))
@@ -96,7 +97,7 @@ def main(argv=None) -> None:
         lines.append(f"| {'on' if r['prefix_cache'] else 'off'} | {r['idle_ttft_ms']:.0f} | "
                      f"{r['burst_ttft_p50_ms']:.0f} | {r['burst_over_idle']:.2f} | {r['reused_positions']} |")
     cond = {"model": b.info().get("model"), "clients": args.clients, "reps": args.reps,
-            "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores",
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
             "date": time.strftime("%Y-%m-%d"), "total_s": round(time.perf_counter() - started, 1),
             "command": "python benchmarks/prefix_cache.py " + " ".join(sys.argv[1:])}
     args.out.mkdir(parents=True, exist_ok=True)

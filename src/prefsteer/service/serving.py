@@ -99,7 +99,7 @@ def generation_config(req: ChatCompletionRequest, settings) -> GenerationConfig:
                                 top_p=req.top_p if req.top_p is not None else 1.0, seed=req.seed)
     except ValueError as e:  # the config names the argument: map it to the request's field
         m = re.search(r"`(\w+)`", str(e))
-        name = {"max_new_tokens": param, "min_new_tokens": "min_tokens"}.get(m.group(1), m.group(1)) if m else None
+        name = {"max_new_tokens": param}.get(m.group(1), m.group(1)) if m else None
         raise ApiError(400, str(e), param=name, code="invalid_value") from None
 
 
