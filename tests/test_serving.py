@@ -5,6 +5,9 @@ the serving object directly, so what is checked is the dispatch itself: which me
 what the answer reports, and which HTTP error a method's exception becomes (by its type).
 """
 
+import threading
+import time
+
 import pytest
 
 from prefsteer.attributes import load_library
@@ -67,6 +70,52 @@ def test_a_user_gets_the_service_method_with_what_it_retrieved(eng):
     assert a.info.retrieved["prompt"] == "tell me about my dog" and 0 < a.info.retrieved["similarity"] <= 1
     assert set(a.info.timings) >= {"retrieval", "generation"}
     assert a.prompt_tokens > eng.backend.count_tokens(CONV)  # the injected attributes are counted
+
+
+class HeldEmbedder(HashEmbedder):
+    """Once ``held``, its next call waits for ``release``; it records the batches it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.held, self.reached, self.release, self.batches = False, threading.Event(), threading.Event(), []
+
+    def encode(self, texts):
+        if self.held:
+            self.batches.append(list(texts))
+            if len(self.batches) == 1:
+                self.reached.set()
+                assert self.release.wait(10)
+        return super().encode(texts)
+
+
+def test_the_prompts_of_concurrent_requests_are_embedded_together(tmp_path):
+    settings = Settings(db=str(tmp_path / "m.db"), backend="fake", auth=False, worker=False, exact={"k": 1})
+    inner = HeldEmbedder()
+    eng = Engine(settings, FakeBackend(), inner, load_library())
+    fit(eng, "exact")
+    topics = ["dog", "cat", "car", "dog again", "cat again"]
+    turns = [[{"role": "user", "content": f"tell me about my {t}"}] for t in topics]
+    alone = [ask(eng, "exact", messages=m).info.retrieved for m in turns]
+    inner.held, answers = True, {}
+
+    def go(i):
+        answers[i] = ask(eng, "exact", messages=turns[i]).info.retrieved
+    threads = [threading.Thread(target=go, args=(0,))]
+    threads[0].start()
+    assert inner.reached.wait(10)  # the first request's prompt is being embedded; the others arrive now
+    threads += [threading.Thread(target=go, args=(i,)) for i in range(1, len(turns))]
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(eng.embedder._waiting) < len(turns) - 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    inner.release.set()
+    for t in threads:
+        t.join(10)
+    assert inner.batches[0] == [turns[0][0]["content"]]
+    assert len(inner.batches) == 2 and sorted(inner.batches[1]) == sorted(m[0]["content"] for m in turns[1:])
+    assert [answers[i] for i in range(len(turns))] == alone  # each request retrieved what it did alone
+    eng.close()
 
 
 def test_each_method_is_served_with_the_options_it_was_indexed_with(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -105,6 +106,83 @@ class HashEmbedder:
             for w in re.findall(r"[a-z0-9]+", t.lower()):
                 out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1.0
         return normalize(out)
+
+
+class CoalescingEmbedder:
+    """An embedder shared by many threads (the service's requests), whose concurrent `encode` calls
+    are embedded together: one call runs at a time, and the calls that arrive while it runs wait and
+    go into the next one as one batch, as a serving engine batches the requests that wait for it. A
+    lone call is embedded at once; a burst of n prompts costs about one batch of n rather than n
+    batches of one, contending with each other and with the decoding thread for the same cores.
+
+    ``max_texts`` bounds one batch. Each call gets its own rows back: those `encode` gives it alone,
+    up to float rounding (a text padded to the batch's longest is masked). When a batch fails, each of its calls is embedded alone, so a text the model refuses fails
+    only the call that sent it."""
+
+    def __init__(self, inner: Embedder, max_texts: int = 256):
+        self.inner, self.name, self.max_texts = inner, inner.name, max_texts
+        self._cv = threading.Condition()
+        self._waiting: list[_Call] = []
+        self._busy = False
+        self.batches = 0  # how many encode calls the inner embedder was given
+
+    def __getattr__(self, attr: str):  # the inner embedder's other attributes (`chunks`, `window`, ...)
+        if attr == "inner":
+            raise AttributeError(attr)
+        return getattr(self.inner, attr)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        call = _Call(list(texts))
+        with self._cv:
+            self._waiting.append(call)
+        while True:
+            with self._cv:
+                while not call.done and self._busy:
+                    self._cv.wait()
+                if call.done:
+                    return call.result()
+                self._busy = True  # this thread runs the next batch: the calls waiting now, oldest first
+                batch, n = [], 0
+                while self._waiting and (not batch or n + len(self._waiting[0].texts) <= self.max_texts):
+                    batch.append(self._waiting.pop(0))
+                    n += len(batch[-1].texts)
+            try:
+                self._run(batch)
+            finally:
+                with self._cv:
+                    for c in batch:
+                        if not c.done:  # interrupted (KeyboardInterrupt): its callers are not left waiting
+                            c.error, c.done = RuntimeError("the embedding batch was interrupted"), True
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def _run(self, batch: "list[_Call]") -> None:
+        self.batches += 1
+        try:
+            vecs = self.inner.encode([t for c in batch for t in c.texts])
+        except Exception as e:
+            if len(batch) == 1:
+                batch[0].error, batch[0].done = e, True
+                return
+            for c in batch:  # which call's text failed it: each alone
+                self._run([c])
+            return
+        i = 0
+        for c in batch:
+            c.vectors, c.done = vecs[i:i + len(c.texts)], True
+            i += len(c.texts)
+
+
+class _Call:
+    def __init__(self, texts: list[str]):
+        self.texts, self.done = texts, False
+        self.vectors: np.ndarray | None = None
+        self.error: Exception | None = None
+
+    def result(self) -> np.ndarray:
+        if self.error is not None:
+            raise self.error
+        return self.vectors
 
 
 CHUNKED = "chunked"

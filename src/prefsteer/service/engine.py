@@ -1,7 +1,8 @@
-"""What every request shares: the backend (loaded once), the embedder, the attribute library, the
-memory (a connection per thread on SQLite, one pool on PostgreSQL), method objects per thread (built by the method registry), the chat
-serving object, and a lock per user that deletion and the feedback worker take so that a deleted
-user's job cannot write the user back."""
+"""What every request shares: the backend (loaded once), the embedder (the prompts of concurrent
+requests embedded together), the attribute library, the memory (a connection per thread on SQLite,
+one pool on PostgreSQL), method objects per thread (built by the method registry), the chat serving
+object, and a lock per user that deletion and the feedback worker take so that a deleted user's job
+cannot write the user back."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ class Engine:
     def __init__(self, settings, backend, embedder, library):
         from prefsteer.service.serving import ChatServing
 
-        self.settings, self.backend, self.embedder, self.library = settings, backend, embedder, library
+        from prefsteer.retrieval import CoalescingEmbedder
+
+        self.settings, self.backend, self.library = settings, backend, library
+        self.embedder = CoalescingEmbedder(embedder)  # a burst of requests' prompts embedded together
         self.serving = ChatServing(self)
         self._local = threading.local()
         self._user_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
