@@ -122,7 +122,7 @@ def test_side_rows_reproduce_cliper_on_hf_under_vllm_like_scheduling(hf_backend)
     core = GuidedRequests(lambda spec: loads.append(spec) or hf)
     arrive = {0: 0, 1: 0, 2: 3, 3: 0}      # request 2 enters at step 3, a group of its own
     forced = {3: (1, 2)}                   # request 3 skips guidance at steps 1, 2 (reads 3 tokens at 3)
-    state, outs = {}, {r: [] for r in arrive}
+    state, outs, sizes = {}, {r: [] for r in arrive}, []
     eos = hf.eos_token_ids
     for step in range(60):
         for r, t in arrive.items():
@@ -150,9 +150,50 @@ def test_side_rows_reproduce_cliper_on_hf_under_vllm_like_scheduling(hf_backend)
                 continue
             s["rows"].append([tok])
         core.retain(r for r in state if state[r] is not None)
+        sizes.append((len(core.groups), sum(g.rows for g in core.groups.values()),
+                      sum(s is not None for s in state.values())))
     assert len(loads) == 1  # the side model is loaded once
     assert [outs[r] for r in sorted(outs)] == ref
+    # one group of rows for the side model, whoever joins late: a step is one forward of it; the
+    # rows of a request that ended leave at once
+    assert all(groups <= 1 and rows == live for groups, rows, live in sizes)
+    assert max(live for *_, live in sizes) == len(PROMPTS) and sizes[-2][2] < len(PROMPTS)
     assert not core.requests and not core.groups  # every row released with its request
+
+
+@pytest.mark.model
+def test_a_side_row_whose_tokens_are_taken_back_starts_over(hf_backend):
+    """A request whose sequence got shorter than what its row has read (tokens taken back) is
+    prefilled again; the rows beside it keep their place and their numbers."""
+    from prefsteer.backends.vllm.side import GuidedRequests
+    from prefsteer.methods.cliper import Cliper
+
+    hf = hf_backend
+    guide, _ = Cliper(hf, prefs="concise=1", alpha=2.0, top_k=20).guide_for(None)
+    desc = dict(guide.describe(), side={"model": None, "dtype": "float32"})
+    seqs = [hf.encode_context(user_turn(p)) for p in PROMPTS[:3]]
+    more = hf.encode_continuation(" Sure, here it is.")
+    vocab = hf.start_decoding([user_turn("hi")]).logits().shape[-1]
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
+
+    def guided(core, rows):
+        return core.apply(logits[:len(rows)].clone(), [(i, k, s) for i, (k, s) in enumerate(rows)])
+
+    core = GuidedRequests(lambda spec: hf)
+    for k in range(3):
+        core.add(k, desc)
+    guided(core, [(k, seqs[k]) for k in range(3)])
+    guided(core, [(k, seqs[k] + more) for k in range(3)])
+    # request 1 takes back all but the first of the tokens it had read past its prompt
+    final = [seqs[0] + more + more[:1], seqs[1] + more[:1], seqs[2] + more + more[:1]]
+    got = guided(core, [(k, final[k]) for k in range(3)])
+    assert len(core.groups) == 1 and next(iter(core.groups.values())).rows == 3
+    fresh = GuidedRequests(lambda spec: hf)
+    for k in range(3):
+        fresh.add(k, desc)
+    want = guided(fresh, [(k, final[k]) for k in range(3)])
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert torch.allclose(got, want, atol=1e-3, rtol=1e-3)
 
 
 # -- Drift as data: its guide, and its branches as side rows --------------------------------------

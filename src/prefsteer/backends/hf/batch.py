@@ -44,6 +44,28 @@ def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return F.pad(t, pad)
 
 
+def join_rows(cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor) -> torch.Tensor:
+    """Lay ``new_cache``'s rows after ``cache``'s, in place on ``cache``: both left-padded, so the
+    shorter of the two is padded on the left with masked zero keys. Returns the joined mask."""
+    K_run, K_new = mask.shape[1], new_mask.shape[1]
+    K = max(K_run, K_new)
+    for old, new in zip(cache.layers, new_cache.layers):
+        old.keys = torch.cat([_pad_left(old.keys, K - K_run, -2), _pad_left(new.keys, K - K_new, -2)])
+        old.values = torch.cat([_pad_left(old.values, K - K_run, -2), _pad_left(new.values, K - K_new, -2)])
+    return torch.cat([_pad_left(mask, K - K_run, -1), _pad_left(new_mask, K - K_new, -1)])
+
+
+def keep_rows(cache, mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Keep rows ``idx`` of ``cache`` (in place) and cut off the left the columns none of them uses.
+    Returns their mask."""
+    mask = mask[idx]
+    first = int(mask.any(0).int().argmax())  # columns before it hold no remaining row's keys
+    for layer in cache.layers:
+        layer.keys = layer.keys[idx, :, first:]
+        layer.values = layer.values[idx, :, first:]
+    return mask[:, first:]
+
+
 class KVBatch:
     def __init__(self, b):
         self.b = b
@@ -63,12 +85,7 @@ class KVBatch:
         if not self.rows:
             self.cache, self.mask, self.pos, self.hidden = cache, mask, positions[:, -1:], hidden
             return reused
-        K_run, K_new = self.mask.shape[1], mask.shape[1]
-        K = max(K_run, K_new)
-        for old, new in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([_pad_left(old.keys, K - K_run, -2), _pad_left(new.keys, K - K_new, -2)])
-            old.values = torch.cat([_pad_left(old.values, K - K_run, -2), _pad_left(new.values, K - K_new, -2)])
-        self.mask = torch.cat([_pad_left(self.mask, K - K_run, -1), _pad_left(mask, K - K_new, -1)])
+        self.mask = join_rows(self.cache, self.mask, cache, mask)
         self.pos = torch.cat([self.pos, positions[:, -1:]])
         self.hidden = torch.cat([self.hidden, hidden])
         return reused
@@ -117,13 +134,8 @@ class KVBatch:
             self.cache = self.mask = self.pos = self.hidden = None
             return
         idx = torch.tensor(list(rows), device=self.mask.device)
-        self.mask, self.pos, self.hidden = self.mask[idx], self.pos[idx], self.hidden[idx]
-        used = self.mask.any(0)
-        first = int(used.int().argmax())  # columns before it hold no remaining row's keys
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[idx, :, first:]
-            layer.values = layer.values[idx, :, first:]
-        self.mask = self.mask[:, first:]
+        self.pos, self.hidden = self.pos[idx], self.hidden[idx]
+        self.mask = keep_rows(self.cache, self.mask, idx)
 
     def step(self, tokens: Sequence[int]) -> None:
         b = self.b

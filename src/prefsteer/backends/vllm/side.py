@@ -10,12 +10,14 @@ plain one when it is not the request's) are rows of the same kind, each reading 
 then the request's tokens; their next-token log-probabilities mix into the engine's as in Drift on
 the hf backend (`DriftGuide.combine`, i.e. `combine_logits`).
 
-Rows that arrive in the same engine step are prefilled together, left-padded, as one `SideRows`
-group on one key/value cache. At each step every row of a group may read any number of new tokens,
-none included (a request still being prefilled in chunks, or not scheduled): the group reads a
-block of ``q`` columns, each row's tokens right-aligned in it and the rest masked out, so one
-forward serves the group whatever its rows' progress. A row whose request ended is dropped from
-the bookkeeping; its group (and cache) goes when its last row does.
+All the rows of one side model are one `SideRows` group on one key/value cache, so that a step of
+the side model is one forward whatever the number of requests, as the engine's own step is. Rows
+that arrive in the same engine step are prefilled together, left-padded, and then laid beside the
+running rows (as the hf scheduler's `KVBatch` does). At each step every row may read any number of
+new tokens, none included (a request still being prefilled in chunks, or not scheduled): the group
+reads a block of ``q`` columns, each row's tokens right-aligned in it and the rest masked out, so
+one forward serves the group whatever its rows' progress. The rows of a request that ended leave
+the cache at once.
 
 Nothing here knows vLLM: `prefsteer.backends.vllm.processor` feeds it from vLLM's batch updates,
 and the tests drive it with the hf backend's own logits.
@@ -62,6 +64,26 @@ class SideRows:
     @property
     def rows(self) -> int:
         return self.mask.shape[0]
+
+    def join(self, other: "SideRows") -> None:
+        """Take ``other``'s rows (of the same side model) after this group's, on this group's cache."""
+        from prefsteer.backends.hf.batch import join_rows
+
+        self.mask = join_rows(self.cache, self.mask, other.cache, other.mask)
+        self.pos = torch.cat([self.pos, other.pos])
+        self.hidden = torch.cat([self.hidden, other.hidden])
+        self.read += other.read
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (ascending), dropping the others' keys and values."""
+        from prefsteer.backends.hf.batch import keep_rows
+
+        if len(rows) == self.rows:
+            return
+        idx = torch.tensor(list(rows), device=self.mask.device)
+        self.pos, self.hidden = self.pos[idx], self.hidden[idx]
+        self.mask = keep_rows(self.cache, self.mask, idx)
+        self.read = [self.read[r] for r in rows]
 
     def advance(self, new: dict[int, Sequence[int]]) -> None:
         """Row r reads ``new[r]`` (rows not in ``new``, or with no tokens, read nothing)."""
@@ -130,7 +152,7 @@ class GuidedRequests:
         self.sides: dict[str, Any] = {}
         self.guides: dict[str, Any] = {}
         self.requests: dict[Any, _Request] = {}
-        self.groups: list[SideRows] = []
+        self.groups: dict[str, SideRows] = {}  # side model's key -> all its rows
         self.steps = 0
         self._lock = threading.Lock()
 
@@ -171,35 +193,65 @@ class GuidedRequests:
                                       [_Slot(p) for p in prefixes], plain)
 
     def retain(self, keys) -> None:
-        """Forget every request not in ``keys``; a group goes with its last row's request."""
+        """Forget every request not in ``keys``, and drop their rows."""
         keys = set(keys)
         for k in [k for k in self.requests if k not in keys]:
             del self.requests[k]
-        live = {id(s.group) for r in self.requests.values() for s in r.slots if s.group is not None}
-        self.groups = [g for g in self.groups if id(g) in live]
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop the rows no request reads any more (its request ended, or its row started over);
+        a group goes with its last row."""
+        owners: dict[int, list[_Slot]] = {}
+        for r in self.requests.values():
+            for s in r.slots:
+                if s.group is not None:
+                    owners.setdefault(id(s.group), []).append(s)
+        for side, g in list(self.groups.items()):
+            slots = sorted(owners.get(id(g), []), key=lambda s: s.row)
+            if not slots:
+                del self.groups[side]
+            elif len(slots) < g.rows:
+                g.keep([s.row for s in slots])
+                for i, s in enumerate(slots):
+                    s.row = i
 
     def _sync(self, batch: list[tuple[Any, Sequence[int]]]) -> None:
-        """Bring every request's rows to their token sequences: new rows prefilled as one group per
-        side model, the others advanced by the tokens they have not read."""
-        fresh: dict[str, list[tuple[_Slot, list[int]]]] = {}
-        steps: dict[int, tuple[SideRows, dict[int, Sequence[int]]]] = {}
+        """Bring every request's rows to their token sequences: new rows prefilled together and laid
+        beside their side model's running rows, the running rows advanced by the tokens they have
+        not read."""
+
+        def seq(r: _Request, s: _Slot, tokens: Sequence[int]) -> list[int]:
+            return list(tokens) if s.prefix is None else s.prefix + list(tokens[r.prompt_len:])
+
+        stale = False  # a row that has read more than its sequence now holds (tokens taken back) starts over
         for key, tokens in batch:
             r = self.requests[key]
             for s in r.slots:
-                seq = list(tokens) if s.prefix is None else s.prefix + list(tokens[r.prompt_len:])
-                if s.group is not None and s.group.read[s.row] > len(seq):  # tokens taken back: start over
-                    s.group = None
+                if s.group is not None and s.group.read[s.row] > len(seq(r, s, tokens)):
+                    s.group, stale = None, True
+        if stale:
+            self._compact()
+        fresh: dict[str, list[tuple[_Slot, list[int]]]] = {}
+        steps: dict[str, dict[int, Sequence[int]]] = {}
+        for key, tokens in batch:
+            r = self.requests[key]
+            for s in r.slots:
                 if s.group is None:
-                    fresh.setdefault(r.side, []).append((s, seq))
+                    fresh.setdefault(r.side, []).append((s, seq(r, s, tokens)))
                 else:
-                    steps.setdefault(id(s.group), (s.group, {}))[1][s.row] = seq[s.group.read[s.row]:]
-        for g, new in steps.values():
-            g.advance(new)
+                    steps.setdefault(r.side, {})[s.row] = seq(r, s, tokens)[s.group.read[s.row]:]
+        for side, new in steps.items():
+            self.groups[side].advance(new)
         for side, slots in fresh.items():
-            g = SideRows(self.sides[side], [seq for _, seq in slots])
-            self.groups.append(g)
+            g = SideRows(self.sides[side], [toks for _, toks in slots])
+            base = self.groups[side].rows if side in self.groups else 0
+            if base:
+                self.groups[side].join(g)
+            else:
+                self.groups[side] = g
             for i, (s, _) in enumerate(slots):
-                s.group, s.row = g, i
+                s.group, s.row = self.groups[side], base + i
 
     def apply(self, logits: torch.Tensor, batch: list[tuple[int, Any, Sequence[int]]]) -> torch.Tensor:
         """Guide the rows ``batch`` names: ``(row of logits, request key, its tokens so far: prompt
