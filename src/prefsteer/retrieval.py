@@ -116,8 +116,8 @@ class CoalescingEmbedder:
     batches of one, contending with each other and with the decoding thread for the same cores.
 
     ``max_texts`` bounds one batch. Each call gets its own rows back: those `encode` gives it alone,
-    up to float rounding (a text padded to the batch's longest is masked). When a batch fails, each of its calls is embedded alone, so a text the model refuses fails
-    only the call that sent it."""
+    up to float rounding (a text padded to the batch's longest is masked). When a batch fails, each
+    of its calls is embedded alone, so a text the model refuses fails only the call that sent it."""
 
     def __init__(self, inner: Embedder, max_texts: int = 256):
         self.inner, self.name, self.max_texts = inner, inner.name, max_texts
