@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+from collections import deque
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -122,7 +123,7 @@ class CoalescingEmbedder:
     def __init__(self, inner: Embedder, max_texts: int = 256):
         self.inner, self.name, self.max_texts = inner, inner.name, max_texts
         self._cv = threading.Condition()
-        self._waiting: list[_Call] = []
+        self._waiting: deque[_Call] = deque()
         self._busy = False
         self.batches = 0  # how many encode calls the inner embedder was given
 
@@ -144,7 +145,7 @@ class CoalescingEmbedder:
                 self._busy = True  # this thread runs the next batch: the calls waiting now, oldest first
                 batch, n = [], 0
                 while self._waiting and (not batch or n + len(self._waiting[0].texts) <= self.max_texts):
-                    batch.append(self._waiting.pop(0))
+                    batch.append(self._waiting.popleft())
                     n += len(batch[-1].texts)
             try:
                 self._run(batch)

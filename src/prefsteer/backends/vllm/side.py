@@ -224,23 +224,21 @@ class GuidedRequests:
         def seq(r: _Request, s: _Slot, tokens: Sequence[int]) -> list[int]:
             return list(tokens) if s.prefix is None else s.prefix + list(tokens[r.prompt_len:])
 
+        rows = [(r, s, seq(r, s, tokens)) for r, tokens in ((self.requests[k], t) for k, t in batch)
+                for s in r.slots]
         stale = False  # a row that has read more than its sequence now holds (tokens taken back) starts over
-        for key, tokens in batch:
-            r = self.requests[key]
-            for s in r.slots:
-                if s.group is not None and s.group.read[s.row] > len(seq(r, s, tokens)):
-                    s.group, stale = None, True
+        for _, s, toks in rows:
+            if s.group is not None and s.group.read[s.row] > len(toks):
+                s.group, stale = None, True
         if stale:
             self._compact()
         fresh: dict[str, list[tuple[_Slot, list[int]]]] = {}
         steps: dict[str, dict[int, Sequence[int]]] = {}
-        for key, tokens in batch:
-            r = self.requests[key]
-            for s in r.slots:
-                if s.group is None:
-                    fresh.setdefault(r.side, []).append((s, seq(r, s, tokens)))
-                else:
-                    steps.setdefault(r.side, {})[s.row] = seq(r, s, tokens)[s.group.read[s.row]:]
+        for r, s, toks in rows:
+            if s.group is None:
+                fresh.setdefault(r.side, []).append((s, toks))
+            else:
+                steps.setdefault(r.side, {})[s.row] = toks[s.group.read[s.row]:]
         for side, new in steps.items():
             self.groups[side].advance(new)
         for side, slots in fresh.items():
