@@ -13,9 +13,9 @@ that meet a batch already decoding, the steady state of a busy service, where a 
 moment every client clicks at once.
 The 1-client row sends 4 requests one at a time: the figure the others are compared with (the same
 requests decoded one after another). Then, in a process of the engine's own, without HTTP:
-1, 4, 8, 32 requests handed to the engine at once and read as they decode (the time to the first
-token, what prefilling a burst together costs, and the gaps between tokens: the scheduler without the
-server's work), and the 32 clients' requests given to one blocking
+1 (four one after another), 4, 8, 32 requests handed to the engine at once and read as they
+decode (the time to the first token, what prefilling a burst together costs, and the gaps between
+tokens: the scheduler without the server's work), and the 32 clients' requests given to one blocking
 ``Backend.generate`` call (the engine's own batch, for vLLM ``LLM``'s: the ceiling a server on it
 can approach). EXACT answers as the demo user (indexed first, on a
 six-attribute library with k=2, so the run fits on a CPU); CLIPer needs no user (``prefs``
@@ -78,13 +78,17 @@ def pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def stream_one(base: str, model: str, prompt: str, extra: dict, max_tokens: int, min_tokens: int = 0) -> dict:
+def stream_one(client: httpx.Client, model: str, prompt: str, extra: dict, max_tokens: int,
+               min_tokens: int = 0) -> dict:
+    """One streamed request through ``client`` (the run's one client: its connections are kept and
+    reused, as a load generator's are, so no request pays for setting a client up on the cores the
+    server runs on)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             **({"min_tokens": min_tokens} if min_tokens else {}),
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "prefsteer": extra}
     t0 = time.perf_counter()
     arrivals, n, text = [], 0, ""
-    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=1800) as r:
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             r.read()
             return {"error": f"{r.status_code}: {r.text[:300]}"}
@@ -102,7 +106,7 @@ def stream_one(base: str, model: str, prompt: str, extra: dict, max_tokens: int,
             "tokens": n, "seconds": total, "text": text}
 
 
-def run_level(base: str, model: str, extra: dict, clients: int, max_tokens: int, min_tokens: int,
+def run_level(client: httpx.Client, model: str, extra: dict, clients: int, max_tokens: int, min_tokens: int,
               batch: str) -> dict:
     """``clients`` requests at once (1: four requests one after another): each request's record and
     the wall time."""
@@ -111,12 +115,12 @@ def run_level(base: str, model: str, extra: dict, clients: int, max_tokens: int,
     t0 = time.perf_counter()
     if clients == 1:
         for p in ps[:4]:
-            results.append(stream_one(base, model, p, extra, max_tokens, min_tokens))
+            results.append(stream_one(client, model, p, extra, max_tokens, min_tokens))
     else:
         lock = threading.Lock()
 
         def go(p):
-            r = stream_one(base, model, p, extra, max_tokens, min_tokens)
+            r = stream_one(client, model, p, extra, max_tokens, min_tokens)
             with lock:
                 results.append(r)
         threads = [threading.Thread(target=go, args=(p,)) for p in ps[:clients]]
@@ -127,8 +131,8 @@ def run_level(base: str, model: str, extra: dict, clients: int, max_tokens: int,
     return {"results": results, "wall_s": time.perf_counter() - t0}
 
 
-def run_spread(base: str, model: str, extra: dict, clients: int, max_tokens: int, min_tokens: int, batch: str,
-               period: float, per_client: int = 2) -> dict:
+def run_spread(client: httpx.Client, model: str, extra: dict, clients: int, max_tokens: int, min_tokens: int,
+               batch: str, period: float, per_client: int = 2) -> dict:
     """``clients`` clients whose arrivals are spread out, as a steady flow of users makes them: client
     i starts at i/clients of ``period`` (one request's time alone) and sends ``per_client`` requests
     one after another. Each request meets a batch already decoding and joins it at a step boundary,
@@ -141,7 +145,7 @@ def run_spread(base: str, model: str, extra: dict, clients: int, max_tokens: int
     def go(i: int) -> None:
         time.sleep(max(0.0, t0 + i * period / clients - time.perf_counter()))
         for p in ps[i * per_client:(i + 1) * per_client]:
-            r = stream_one(base, model, p, extra, max_tokens, min_tokens)
+            r = stream_one(client, model, p, extra, max_tokens, min_tokens)
             with lock:
                 results.append(r)
     threads = [threading.Thread(target=go, args=(i,)) for i in range(clients)]
@@ -216,35 +220,45 @@ def make_parser() -> argparse.ArgumentParser:
 
 def offline(args: argparse.Namespace) -> list[dict]:
     """In the engine's own process, without HTTP: for each client count, that many requests handed to
-    ``Backend.stream`` at once, each read by a thread of its own (the time to its first token and
-    the gaps between tokens: the scheduler alone, with the server's work taken away); then the
-    largest count's requests in one blocking generate call (the engine's own batch), last."""
+    ``Backend.stream`` at once (1: four requests one after another, as the server's 1-client row),
+    each read by a thread of its own (the time to its first token and the gaps between tokens: the
+    scheduler alone, with the server's work taken away); then the largest count's requests in one
+    blocking generate call (the engine's own batch), last. Both paths are warmed up first, so that
+    no row pays for the scheduler's start."""
     from prefsteer.backends import load_backend
     from prefsteer.backends.base import GenerationConfig, user_turn
 
     opts = {k: v for k, v in (("model", args.model), ("dtype", args.dtype)) if v}
     backend = load_backend(args.backend, **opts)
-    backend.generate([user_turn("Say hello.")], GenerationConfig(max_new_tokens=8))  # warm-up
+    warm = GenerationConfig(max_new_tokens=8)
+    backend.generate([user_turn("Say hello.")], warm)  # warm-up: the blocking path, then the scheduler
+    list(backend.stream(user_turn("Say hi."), warm))
     cfg = GenerationConfig(max_new_tokens=args.max_tokens, min_new_tokens=args.min_tokens)
     rows = []
-    for n in args.clients:
-        arrivals: list[list[float]] = [[] for _ in range(n)]
 
-        def read(i: int, stream, t0: float) -> None:
-            for _ in stream:
-                arrivals[i].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=read, args=(i, backend.stream(user_turn(p), cfg), t0))
-                   for i, p in enumerate(prompts(n, f"engine {n}"))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+    def read(arrivals: list[float], stream, t0: float) -> None:
+        for _ in stream:
+            arrivals.append(time.perf_counter() - t0)
+    for n in args.clients:
+        # n requests at once; 1 client: 4 requests one after another, as the server's 1-client row
+        waves = [[p] for p in prompts(4, "engine 1")] if n == 1 else [prompts(n, f"engine {n}")]
+        arrivals: list[list[float]] = []
+        wall = 0.0
+        for wave in waves:
+            got: list[list[float]] = [[] for _ in wave]
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=read, args=(got[i], backend.stream(user_turn(p), cfg), t0))
+                       for i, p in enumerate(wave)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall += time.perf_counter() - t0
+            arrivals += got
         tokens = sum(len(a) for a in arrivals)
         gaps = [b - a for xs in arrivals for a, b in zip(xs, xs[1:])]
         firsts = [a[0] for a in arrivals if a]
-        rows.append({"method": "none (engine, no HTTP)", "clients": n, "requests": n, "errors": [],
+        rows.append({"method": "none (engine, no HTTP)", "clients": n, "requests": len(arrivals), "errors": [],
                      "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_p50": pct(firsts, 0.5),
                      "ttft_p99": pct(firsts, 0.99), "itl_p50": pct(gaps, 0.5), "itl_p99": pct(gaps, 0.99)})
     n = max(args.clients)
@@ -260,12 +274,13 @@ def offline(args: argparse.Namespace) -> list[dict]:
 
 
 def machine() -> str:
-    """The machine in words: its GPU where the engine has one, its CPU cores and load."""
+    """The machine in words: its GPU where the engine has one, its CPU cores, their vector
+    instructions (torch's kernels: AVX2, AVX512) and the load."""
     import torch
 
     gpu = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}; " if torch.cuda.is_available() else ""
-    return (f"{gpu}{os.cpu_count()} CPU cores ({platform.platform()}); load average {os.getloadavg()[0]:.1f} "
-            "at the end")
+    return (f"{gpu}{os.cpu_count()} CPU cores, {torch.backends.cpu.get_cpu_capability()} "
+            f"({platform.platform()}); load average {os.getloadavg()[0]:.1f} at the end")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -297,16 +312,19 @@ def main(args: argparse.Namespace) -> int:
     extras = {"none": {"method": "none"}, "exact": {"method": "exact", "user_id": "maya"},
               "cliper": {"method": "cliper", "prefs": "concise=1"}}
     rows = []
+    n_max = max([*args.clients, *args.spread_clients])
+    client = httpx.Client(base_url=base, timeout=1800,
+                          limits=httpx.Limits(max_connections=n_max, max_keepalive_connections=n_max))
     try:
         wait_http(base, proc, log, timeout=900)
-        model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+        model = client.get("/v1/models").json()["data"][0]["id"]
         for m in args.methods:
-            stream_one(base, model, "Say hello.", extras[m], 8)  # warm-up (loads, first-call costs)
+            stream_one(client, model, "Say hello.", extras[m], 8)  # warm-up (loads, first-call costs)
         runs: dict[tuple[str, int], list[dict]] = {}
         for c in args.clients:
             for rnd in range(args.rounds):
                 for m in (args.methods if rnd % 2 == 0 else args.methods[::-1]):
-                    runs.setdefault((m, c), []).append(run_level(base, model, extras[m], c, args.max_tokens,
+                    runs.setdefault((m, c), []).append(run_level(client, model, extras[m], c, args.max_tokens,
                                                                  args.min_tokens, f"{m} {c} {rnd}"))
         # arrivals spread over one answer's time (each method's own, from its 1-client row)
         alone = {m: sum(r["seconds"] for run in runs[(m, 1)] for r in run["results"] if "seconds" in r)
@@ -314,7 +332,7 @@ def main(args: argparse.Namespace) -> int:
         for c in args.spread_clients if alone else []:
             for rnd in range(args.rounds):
                 for m in (args.methods if rnd % 2 == 0 else args.methods[::-1]):
-                    runs.setdefault((m, -c), []).append(run_spread(base, model, extras[m], c, args.max_tokens,
+                    runs.setdefault((m, -c), []).append(run_spread(client, model, extras[m], c, args.max_tokens,
                                                                    args.min_tokens, f"{m} {c} spread {rnd}", alone[m]))
         for m in args.methods:
             one = idle = None
@@ -329,6 +347,7 @@ def main(args: argparse.Namespace) -> int:
                 rows.append(row)
                 print(table([row])[-1], file=sys.stderr, flush=True)
     finally:
+        client.close()
         stop_process(proc)
     if "none" in args.methods:  # the engine's own batch, with the server gone
         r = subprocess.run([args.python, __file__, "--offline-only", "--backend", args.backend, "--clients",
@@ -361,7 +380,10 @@ def main(args: argparse.Namespace) -> int:
           "runs; at each number of clients the methods take turns (reversed every other round). tokens/s: "
           "`usage.completion_tokens` summed over the wall time. TTFT: time to the first text chunk; ITL: the gap "
           "between text chunks (one token each, except where a piece waits for the rest of a character). "
-          "`TTFT p50 x idle`: against the method's 1-client row (the engine's rows: against the engine's own).", "",
+          "`TTFT p50 x idle`: against the method's 1-client row (the engine's rows: against the engine's own). "
+          "The clients are threads of the benchmark's process sharing one HTTP client, whose connections are "
+          "kept and reused: no request pays for setting up a client (about 20 ms of this CPU for httpx's TLS "
+          "context) on the cores the server runs on.", "",
           "Arrivals `spread`: the clients do not all send at one moment; client i starts at i/n of the time one "
           "request takes alone (the method's 1-client row) and sends two requests one after the other, so "
           "requests arrive one by one into a batch that is already decoding, as a steady flow of users makes "
