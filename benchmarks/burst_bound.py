@@ -16,8 +16,8 @@ float32 matrix product this machine runs (`selection_bound.matmul_gflops`), this
 that first token that no scheduler beats here; attention, sampling, the HTTP server and the
 clients come on top. The script measures the engine's own idle first token (four requests one
 after another) and its bursts (the requests handed to ``Backend.stream`` at once), on the serving
-benchmark's prompts (a tag at their end makes them new to the cache), and puts the floor beside
-the goal "TTFT p50 at most 2x idle".
+benchmark's prompts (each opened by a new number, so that the cache keeps nothing of them but the
+template's head), and puts the floor beside the goal "TTFT p50 at most 2x idle".
 
     .venv/bin/python benchmarks/burst_bound.py                 # the embedded model, ~1 min
     .venv/bin/python benchmarks/burst_bound.py --clients 4 8 --model <path or hub name>
@@ -28,6 +28,7 @@ Writes results/serving/burst-bound.md and .json and prints the table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import threading
@@ -61,11 +62,20 @@ def shared_head(a: list[int], b: list[int]) -> int:
     return n
 
 
-def burst_prompts(n: int, tag: str) -> list[str]:
-    """The serving benchmark's ``n`` prompts, made new to the engine's cache by a tag at their end (at
-    their start, as the serving benchmark has it, the prompts of a burst would share the tag's tokens
-    too, which users' prompts do not)."""
-    return [f"{p} ({tag})" for p in prompts(n)]
+_SERIAL = itertools.count(1)
+
+
+def new_prompt(text: str) -> str:
+    """``text`` opened by a number never used before in this process, so that it finds no more than
+    the chat template's head (and a digit) in the engine's prefix cache, whatever was sent before."""
+    return f"{next(_SERIAL)}. {text}"
+
+
+def burst_prompts(n: int) -> list[str]:
+    """The serving benchmark's ``n`` prompts, each new to the prefix cache (`new_prompt`). (A tag
+    shared by a burst's prompts, as the serving benchmark has, would let them share its tokens,
+    which users' prompts do not.)"""
+    return [new_prompt(p) for p in prompts(n)]
 
 
 def first_tokens(backend, texts: list[str], cfg) -> list[float]:
@@ -106,27 +116,27 @@ def main(args: argparse.Namespace) -> int:
     backend.generate([user_turn(warm)], gen)
     first_tokens(backend, ["Say hi."], gen)
 
-    idle = [first_tokens(backend, [t], gen)[0] for t in burst_prompts(4, "idle")]
+    lone = burst_prompts(4)
+    idle = [first_tokens(backend, [t], gen)[0] for t in lone]
     idle_p50 = pct(idle, 0.5)
     gflops = max(matmul_gflops(cfg.hidden_size, inner) for _ in range(3))
     # what a lone request's first token costs beyond its own prefill's work at that rate (the
     # scheduler's turn, the small products' and Python's overheads): paid at least once more by the
     # median request of a burst, whose prompts are prefilled in one go at best
-    lone = burst_prompts(4, "idle")
     lone_ids = [backend.encode_context(user_turn(t)) for t in [warm, *lone]]
     lone_work = [2 * (decoder * (len(x) - shared_head(x, lone_ids[0])) + head) for x in lone_ids[1:]]
     fixed_s = max(0.0, idle_p50 - pct(lone_work, 0.5) / (gflops * 1e9))
     rows = []
     for n in args.clients:
-        texts = burst_prompts(n, f"burst {n}")
+        texts = burst_prompts(n)
         ids = [backend.encode_context(user_turn(t)) for t in [warm, *texts]]
         uncached = sorted(len(x) - max(shared_head(x, y) for j, y in enumerate(ids) if j != i)
                           for i, x in enumerate(ids) if i > 0)
         m = round(0.5 * (n - 1)) + 1  # the median's rank, as the serving benchmark's p50
         flop = 2 * (decoder * sum(uncached[:m]) + head * m)
         floor_ms = flop / (gflops * 1e9) * 1e3
-        measured = sorted(pct(first_tokens(backend, burst_prompts(n, f"burst {n} {r}"), gen), 0.5)
-                          for r in range(args.rounds))[args.rounds // 2]
+        measured = sorted(pct(first_tokens(backend, burst_prompts(n), gen), 0.5)
+                          for _ in range(args.rounds))[args.rounds // 2]
         all_s = 2 * (decoder * sum(uncached) + head * n) / (gflops * 1e9)  # the whole burst in one go
         rows.append({"clients": n, "median_rank": m, "prompt_tokens": [len(x) for x in ids[1:]],
                      "uncached_tokens_median_needs": sum(uncached[:m]), "gflop": flop / 1e9, "floor_ms": floor_ms,
@@ -163,8 +173,8 @@ def main(args: argparse.Namespace) -> int:
         "# A burst's first token: the floor on this machine", "", *head_lines, *table, "",
         "`floor`: the float32 work of prefilling the prompts the median request waits for (the ones with the "
         "fewest tokens not shared with another prompt's head), at the best matrix-product rate measured in the "
-        "same run; no scheduler gets the median first token sooner on this machine (prompts share only the chat "
-        "template's head and a few opening words). `floor + a lone request's fixed cost`: the floor plus what a "
+        "same run; no scheduler gets the median first token sooner on this machine (each prompt opens with a new "
+        "number, so that they share only the chat template's head). `floor + a lone request's fixed cost`: the floor plus what a "
         "lone request's first token takes beyond its own prefill's work (paid at least once by the median of "
         "a burst too, if all the prompts it waits for are prefilled in one go). `the whole burst in one go`: the "
         "same for a scheduler that prefills every prompt of the burst before any first token, as this one does. "

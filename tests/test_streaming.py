@@ -422,6 +422,44 @@ def test_real_model_prompts_reuse_kept_prefixes_and_decode_the_same_tokens(hf_ba
     assert b._prefix_memo.longest_match(ids[0])[1] == 0  # scoring's memo: never filled by the traffic
 
 
+def test_real_model_a_long_prompt_is_prefilled_apart_from_short_ones_beside_it(hf_backend):
+    """Prompts joining at once whose lengths differ by far more than a forward's overhead: the long
+    one gets a forward of its own, so the short ones do not run its positions as padding; the rows
+    come back in the callers' order and decode the greedy tokens each decodes alone."""
+    from prefsteer.backends.hf.batch import KVBatch
+
+    b = hf_backend
+    cfg = GenerationConfig(max_new_tokens=6)
+    story = " ".join(["The committee met on a rainy Tuesday to discuss the budget of the new library."] * 12)
+    prompts = [PROMPTS[0], "Summarize: " + story, PROMPTS[1], PROMPTS[2]]  # the long one second
+    ref = [b.generate([user_turn(p)], cfg)[0].token_ids for p in prompts]
+    ids = [b.encode_context(user_turn(p)) for p in prompts]
+    assert len(ids[1]) > 4 * max(len(ids[i]) for i in (0, 2, 3))
+    forwards = []
+    extend = b.extend
+
+    def spy(cache, **inputs):
+        forwards.append(tuple(inputs["input_ids"].shape))
+        return extend(cache, **inputs)
+    b.extend = spy
+    try:
+        batch = KVBatch(b)
+        batch.add(ids)
+        assert len(forwards) == 2
+        assert sorted(r for r, _ in forwards) == [1, 3]  # the long prompt alone, the three short together
+        assert max(r * n for r, n in forwards if r == 3) < len(ids[1])  # no short row ran the long one's length
+        got: list[list[int]] = [[] for _ in prompts]
+        for _ in range(cfg.max_new_tokens):
+            _, logits = batch.outputs()
+            tokens = logits.argmax(-1).tolist()
+            for row, t in zip(got, tokens):
+                row.append(t)
+            batch.step(tokens)
+    finally:
+        del b.extend
+    assert [row[:len(r)] for row, r in zip(got, ref)] == ref
+
+
 def test_real_model_guided_and_drift_requests_in_one_batch_match_their_own_decoding(hf_backend):
     from prefsteer.methods.drift import decode_branches
 

@@ -95,6 +95,9 @@ class TransformersBackend(ScheduledStreaming, ChatTokenization):
         self.model, self.tokenizer, self.source = load_model(model, device, dtype, cache_dir)
         self.load_seconds = time.perf_counter() - start
         self.device = next(self.model.parameters()).device
+        # what a prefill forward costs beyond its tokens, in tokens' worth: joining prompts whose
+        # lengths differ by more are prefilled apart (`batch.KVBatch.add`)
+        self.prefill_overhead = planner.PREFILL_OVERHEAD.get(self.device.type, planner.PREFILL_OVERHEAD_ACCELERATOR)
         if not getattr(self.tokenizer, "chat_template", None):
             raise InputError(f"the model '{self.source['model']}' has no chat template; prefsteer needs "
                              "an instruction-tuned model", field="model")
