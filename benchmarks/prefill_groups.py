@@ -1,9 +1,11 @@
 """A burst that mixes one long prompt with short ones: prefilled in one forward, or grouped by length.
 
-The hf engine prefills the prompts that join its batch together, left-padded to the longest. When
-one of them is a long conversation and the others are one-line chats, every short row then runs the
-long one's length as padding. `planner.length_groups` splits such a join into forwards of near
-lengths (a forward's own cost, ``prefill_overhead``, weighed against the padding it saves). This
+Left-padded in one forward, the prompts that join the hf engine's batch together all run the
+longest one's length: when one is a long conversation and the others one-line chats, every short
+row runs the long one's length as padding, and every request waits for the long one. The scheduler
+splits such a join into forwards of near lengths, shortest first, each group's first tokens sent
+before the next group's prefill (`scheduler.length_groups`: a forward's own cost, the backend's
+``prefill_overhead``, weighed against the padding it saves). This
 script times, in the engine's own process (no HTTP), the first tokens of 8 requests handed to the
 engine at once, 7 short prompts (the serving benchmark's) and one long one (about 450 tokens,
 sent last), and of 8 short ones, with the grouping on (the backend's default) and off (one forward
@@ -88,8 +90,8 @@ def main(args: argparse.Namespace) -> int:
         f"8 requests handed to the hf engine at once (no HTTP), greedy, 4 new tokens: 7 of the serving benchmark's "
         f"one-line prompts and one of {long_tokens} tokens sent last, or 8 one-line prompts; each row the median "
         f"over {args.rounds} bursts, on and off in turns, every prompt new to the prefix cache. `on`: "
-        f"joining prompts split by `planner.length_groups` (prefill_overhead {grouped} tokens); `off`: every join "
-        "one forward, left-padded to its longest prompt. The engine admits the first request of a burst alone "
+        f"joining requests split by `scheduler.length_groups` (prefill_overhead {grouped} tokens), shortest "
+        "group first; `off`: every join one forward, left-padded to its longest prompt. The engine admits the first request of a burst alone "
         "(it finds the engine idle) and the others together as they arrive during its prefill. "
         f"{out['model']}, float32, {out['threads']} threads ({out['cpu_capability']}), {out['date']}; "
         f"`{' '.join(['python benchmarks/prefill_groups.py', *sys.argv[1:]])}`.", ""]))

@@ -1,4 +1,4 @@
-"""The planner's pure functions on hand-made token lists: exact groupings, savings, batches, prefill groups."""
+"""The scoring planner's pure functions on hand-made token lists: exact groupings, savings, batches."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from prefsteer.backends.hf.planner import (PREFIX_OVERHEAD, balanced_batches, left_pad,  # noqa: E402
-                                           length_groups, plan_groups, plan_savings, shared_prefix)
+from prefsteer.backends.hf.planner import (PREFIX_OVERHEAD, balanced_batches, left_pad, plan_groups,  # noqa: E402
+                                           plan_savings, shared_prefix)
 
 P20 = list(range(100, 120))  # a 20-token prefix
 
@@ -74,38 +74,3 @@ def test_left_pad_ends_every_row_at_the_last_column():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert ids.dtype == torch.long and mask.dtype == torch.long
-
-
-def test_length_groups_prefill_a_long_row_apart_and_near_lengths_together():
-    assert length_groups([400, 12, 15, 20], overhead=48) == [[0], [3, 2, 1]]
-    assert length_groups([20, 18, 15, 12], overhead=48) == [[0, 1, 2, 3]]
-    assert length_groups([20, 18, 15, 12], overhead=0) == [[0], [1], [2], [3]]  # no forward costs anything
-    assert length_groups([], overhead=48) == []
-
-
-def test_length_groups_cost_least_among_all_partitions():
-    """Against every way of splitting a few rows into groups: a group of m rows whose longest has
-    L tokens costs m * L + overhead."""
-    import random
-
-    def partitions(items):
-        if not items:
-            yield []
-            return
-        head, rest = items[0], items[1:]
-        for part in partitions(rest):
-            yield [[head]] + part
-            for k in range(len(part)):
-                yield part[:k] + [[head] + part[k]] + part[k + 1:]
-
-    def cost(groups, lengths, overhead):
-        return sum(overhead + len(g) * max(lengths[i] for i in g) for g in groups)
-
-    rng = random.Random(0)
-    for _ in range(40):
-        lengths = [rng.choice([3, 10, 30, 100, 300]) + rng.randrange(5) for _ in range(rng.randrange(1, 7))]
-        overhead = rng.choice([0, 16, 48, 200])
-        groups = length_groups(lengths, overhead)
-        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-        best = min(cost(p, lengths, overhead) for p in partitions(list(range(len(lengths)))))
-        assert cost(groups, lengths, overhead) == best

@@ -16,7 +16,7 @@ import torch
 from prefsteer.backends.base import GenerationConfig, user_turn
 from prefsteer.backends.fake import FakeBackend
 from prefsteer.backends.guides.drift import DriftGuide
-from prefsteer.backends.scheduler import Scheduler
+from prefsteer.backends.scheduler import Scheduler, length_groups
 from prefsteer.backends.streaming import EngineBusy, TextDeltas, TokenStream
 from prefsteer.storage import Memory
 from prefsteer.service import Settings
@@ -100,6 +100,70 @@ def test_a_request_that_arrives_during_a_prefill_joins_before_the_next_decode_st
     assert adds == [1, 1]  # each prefilled on its own, the second before any step
     assert first.first_at < second.first_at < steps[0]
     assert b.scheduler.stats()["steps"] == len(steps) == max(len(r) for r in ref) - 1
+
+
+def test_length_groups_split_far_lengths_and_keep_near_ones_together():
+    assert length_groups([400, 12, 15, 20], overhead=48) == [[1, 2, 3], [0]]  # shortest first
+    assert length_groups([20, 18, 15, 12], overhead=48) == [[3, 2, 1, 0]]
+    assert length_groups([20, 18, 15, 12], overhead=0) == [[3], [2], [1], [0]]  # no forward costs anything
+    assert length_groups([], overhead=48) == []
+
+
+def test_length_groups_cost_least_among_all_partitions():
+    """Against every way of splitting a few rows into groups: a group of m rows whose longest has
+    L tokens costs m * L + overhead."""
+    import random
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        head, rest = items[0], items[1:]
+        for part in partitions(rest):
+            yield [[head]] + part
+            for k in range(len(part)):
+                yield part[:k] + [[head] + part[k]] + part[k + 1:]
+
+    def cost(groups, lengths, overhead):
+        return sum(overhead + len(g) * max(lengths[i] for i in g) for g in groups)
+
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.choice([3, 10, 30, 100, 300]) + rng.randrange(5) for _ in range(rng.randrange(1, 7))]
+        overhead = rng.choice([0, 16, 48, 200])
+        groups = length_groups(lengths, overhead)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        best = min(cost(p, lengths, overhead) for p in partitions(list(range(len(lengths)))))
+        assert cost(groups, lengths, overhead) == best
+
+
+def test_requests_joining_at_once_are_prefilled_shortest_group_first(monkeypatch):
+    """A long prompt beside short ones: the short ones are prefilled by one forward and sent their
+    first tokens, then the long one by its own; each decodes what it decodes alone. Without a
+    ``prefill_overhead`` (the toy model's default) they join in one forward."""
+    from prefsteer.backends.fake import FakeBatch
+
+    cfg = GenerationConfig(max_new_tokens=6)
+    prompts = [PROMPTS[0], " ".join(PROMPTS * 20), PROMPTS[1], PROMPTS[2]]
+    adds, add = [], FakeBatch.add
+
+    def counting_add(self, ps):
+        adds.append(len(ps))
+        return add(self, ps)
+    monkeypatch.setattr(FakeBatch, "add", counting_add)
+    for overhead, expected in ((40, [3, 1]), (None, [4])):
+        b = FakeBackend(step_seconds=0.002)
+        if overhead is not None:
+            b.prefill_overhead = overhead
+        ref = [b.generate([user_turn(p)], cfg)[0].token_ids for p in prompts]
+        adds.clear()
+        with b.scheduler._cond:  # all four wait until the loop admits them together
+            streams = [b.stream(user_turn(p), cfg) for p in prompts]
+        assert [s.wait() for s in streams] == ref
+        assert adds == expected
+        if overhead is not None:
+            assert max(streams[i].first_at for i in (0, 2, 3)) < streams[1].first_at
+        b.close()
 
 
 def test_each_request_keeps_its_guide_its_sampling_and_its_limit():
@@ -423,11 +487,10 @@ def test_real_model_prompts_reuse_kept_prefixes_and_decode_the_same_tokens(hf_ba
 
 
 def test_real_model_a_long_prompt_is_prefilled_apart_from_short_ones_beside_it(hf_backend):
-    """Prompts joining at once whose lengths differ by far more than a forward's overhead: the long
-    one gets a forward of its own, so the short ones do not run its positions as padding; the rows
-    come back in the callers' order and decode the greedy tokens each decodes alone."""
-    from prefsteer.backends.hf.batch import KVBatch
-
+    """Requests joining at once whose prompts differ in length by far more than a forward's own
+    cost: the short ones are prefilled together and sent their first tokens before the long one's
+    forward, which runs alone, so no short row runs the long one's length; every request decodes
+    the greedy tokens it decodes alone."""
     b = hf_backend
     cfg = GenerationConfig(max_new_tokens=6)
     story = " ".join(["The committee met on a rainy Tuesday to discuss the budget of the new library."] * 12)
@@ -435,29 +498,26 @@ def test_real_model_a_long_prompt_is_prefilled_apart_from_short_ones_beside_it(h
     ref = [b.generate([user_turn(p)], cfg)[0].token_ids for p in prompts]
     ids = [b.encode_context(user_turn(p)) for p in prompts]
     assert len(ids[1]) > 4 * max(len(ids[i]) for i in (0, 2, 3))
-    forwards = []
+    b.clear_prefix_memo()  # no prompt of an earlier test kept: each is prefilled whole
+    prefills, streams = [], []
     extend = b.extend
 
     def spy(cache, **inputs):
-        forwards.append(tuple(inputs["input_ids"].shape))
+        rows, n = inputs["input_ids"].shape
+        if n > 1:  # a prefill (a decode step feeds one token per row)
+            prefills.append((rows, n, [s.first_at is not None for s in streams]))
         return extend(cache, **inputs)
     b.extend = spy
     try:
-        batch = KVBatch(b)
-        batch.add(ids)
-        assert len(forwards) == 2
-        assert sorted(r for r, _ in forwards) == [1, 3]  # the long prompt alone, the three short together
-        assert max(r * n for r, n in forwards if r == 3) < len(ids[1])  # no short row ran the long one's length
-        got: list[list[int]] = [[] for _ in prompts]
-        for _ in range(cfg.max_new_tokens):
-            _, logits = batch.outputs()
-            tokens = logits.argmax(-1).tolist()
-            for row, t in zip(got, tokens):
-                row.append(t)
-            batch.step(tokens)
+        with b.scheduler._cond:  # all four wait until the loop admits them together
+            streams += [b.stream(user_turn(p), cfg) for p in prompts]
+        got = [s.wait() for s in streams]
     finally:
         del b.extend
-    assert [row[:len(r)] for row, r in zip(got, ref)] == ref
+    assert got == ref
+    (short_rows, short_len, _), (long_rows, long_len, sent) = prefills[:2]
+    assert (short_rows, long_rows) == (3, 1) and short_len < len(ids[1]) / 4 < long_len
+    assert sent == [True, False, True, True]  # the short ones had their first tokens before it ran
 
 
 def test_real_model_guided_and_drift_requests_in_one_batch_match_their_own_decoding(hf_backend):

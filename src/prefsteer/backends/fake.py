@@ -223,6 +223,9 @@ class FakeBatch:
     def rows(self) -> int:
         return len(self.seqs)
 
+    def uncached(self, prompt: Sequence[int]) -> int:
+        return len(prompt)  # the toy model keeps no prefixes
+
     def add(self, prompts: Sequence[Sequence[int]]) -> int:
         self.seqs += [list(p) for p in prompts]
         return 0  # the toy model keeps no prefixes

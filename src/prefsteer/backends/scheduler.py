@@ -16,6 +16,12 @@ random generator, and its own guide:
 So a request's greedy tokens are the ones it would get alone: the rows of a batch are left-padded
 and masked (tests/test_streaming.py checks the equality, rows of different lengths).
 
+Requests that join at once are prefilled in groups of near lengths, shortest first, each group's
+first tokens sent before the next group's prefill (`length_groups`, with the backend's
+``prefill_overhead``: what a forward costs beyond its tokens, in tokens' worth). Left-padded in one
+forward, a long prompt would make every short row beside it run its length, and every request wait
+for the longest.
+
 The model-specific part is a `RowBatch` (`prefsteer.backends.hf.batch.KVBatch` on a key/value
 cache, `prefsteer.backends.fake.FakeBatch`): add rows (prefill), keep some rows, feed one token per
 row, and give every row's last hidden state and next-token logits.
@@ -48,6 +54,10 @@ log = logging.getLogger(__name__)
 
 class RowBatch(Protocol):
     rows: int
+
+    def uncached(self, prompt: Sequence[int]) -> int:
+        """How many positions of ``prompt`` a prefill would run now (its length, less what the
+        batch keeps of earlier prompts)."""
 
     def add(self, prompts: Sequence[Sequence[int]]) -> int:
         """Prefill ``prompts`` as new rows after the existing ones; returns how many of their
@@ -91,6 +101,27 @@ class _Request:
             return self.guide.combine(own, plain, branches[None])
         ids = torch.tensor([self.ids], device=logits.device)
         return self.guide(hidden[:1], own, ids)
+
+
+def length_groups(lengths: Sequence[int], overhead: int) -> list[list[int]]:
+    """Split rows of these lengths into groups, each prefilled by one forward left-padded to its
+    longest row. A group of m rows whose longest has L tokens costs ``m * L + overhead`` token
+    positions; a dynamic program over the rows sorted by length picks the groups that cost least,
+    so that a long prompt does not make the short ones beside it run its length, while prompts of
+    near lengths share a forward. Groups come shortest first, their rows shortest first."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best, cut = [0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # the group order[i:j], whose longest is order[j - 1]
+            cost = best[i] + overhead + (j - i) * lengths[order[j - 1]]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
 
 
 # every scheduler with a running loop, stopped at exit: a daemon thread killed inside a torch
@@ -226,15 +257,11 @@ class Scheduler:
                     for r in list(self._waiting) + self._active:
                         r.stream.finish("cancelled")
                     return
-                new = self._admit()
             try:
                 with torch.inference_mode():
                     if batch is None:
                         batch = self.make_batch()
-                    if new:
-                        self._join(batch, new)
-                    if self._active:
-                        self._step(batch)
+                    self._step(batch)
             except Exception as e:  # the engine's failure: every request it held learns of it
                 log.exception("the scheduler's step failed")
                 with self._cond:
@@ -253,28 +280,46 @@ class Scheduler:
             self.reused_tokens += reused
             self.peak_rows = max(self.peak_rows, self._rows())
 
-    def _step(self, batch: RowBatch) -> None:
-        """Choose every request's next token from its rows, then feed the tokens in one forward.
+    def _groups(self, batch: RowBatch, reqs: list[_Request]) -> list[list[_Request]]:
+        """``reqs`` in groups of near prefill lengths, shortest first (`length_groups`); one group
+        where the backend gives no ``prefill_overhead``."""
+        overhead = getattr(self.backend, "prefill_overhead", None)
+        if overhead is None or len(reqs) < 2:
+            return [reqs] if reqs else []
+        lengths = [max(batch.uncached(p) for p in r.prompts) for r in reqs]
+        return [[reqs[i] for i in g] for g in length_groups(lengths, overhead)]
 
-        Requests that arrived while the batch was prefilling or choosing join before that forward
-        (their prompts prefilled, their first tokens chosen and sent), rather than a step later: a
-        burst of requests, of which the first finds the engine idle and is prefilled alone, has the
-        rest prefilled at once, not after a decode step for the first."""
-        hidden, logits = batch.outputs()
-        keep_rows, tokens, still = self._choose(self._active, hidden, logits, 0)
+    def _step(self, batch: RowBatch) -> None:
+        """Choose the next token of every request decoding from its rows, let the requests waiting
+        join (prefilled group by group, each group's first tokens chosen and sent before the next
+        group's prefill), then feed all the tokens in one forward.
+
+        Requests that arrive while newcomers are prefilled join before that forward too (one more
+        round), rather than a step later: a burst of requests, of which the first finds the engine
+        idle and is prefilled alone, has the rest prefilled at once, not after a decode step for
+        the first."""
+        keep_rows, tokens, still = [], [], []
+        if self._active:  # they have rows in the batch, whose outputs are the next tokens'
+            hidden, logits = batch.outputs()
+            keep_rows, tokens, still = self._choose(self._active, hidden, logits, 0)
         with self._cond:
             self._active = still
             late = self._admit()
         batch.keep(keep_rows)
-        if late:
-            first = batch.rows
-            self._join(batch, late)
-            hidden, logits = batch.outputs(first)
-            late_rows, late_tokens, joined = self._choose(late, hidden, logits, first)
+        for again in (True, False):  # the waiting requests, then those that arrived meanwhile
+            for group in self._groups(batch, late):
+                first = batch.rows
+                self._join(batch, group)
+                hidden, logits = batch.outputs(first)
+                rows, group_tokens, joined = self._choose(group, hidden, logits, first)
+                batch.keep(list(range(first)) + rows)
+                tokens += group_tokens
+                still += joined
             with self._cond:
-                self._active = still + joined
-            batch.keep(list(range(first)) + late_rows)
-            tokens += late_tokens
+                self._active = still  # every active request has its rows in the batch, in order
+                late = self._admit() if again and late else []
+            if not late:
+                break
         if tokens:
             batch.step(tokens)
             self.steps += 1

@@ -33,7 +33,7 @@ import torch
 from prefsteer.backends.base import (MATMUL_PRECISIONS, OPERATIONS, AdapterSpec, Generation, GenerationConfig,
                                      Guide, Messages, Score, ScoreRequest, local_guide)
 from prefsteer.backends.hf import attention, decode, packing, planner, scoring
-from prefsteer.backends.hf.batch import KVBatch
+from prefsteer.backends.hf.batch import PREFILL_OVERHEAD, PREFILL_OVERHEAD_ACCELERATOR, KVBatch
 from prefsteer.backends.hf.lock import ModelLock
 from prefsteer.backends.scheduler import ScheduledStreaming
 from prefsteer.backends.sampling import seeded_generator
@@ -95,9 +95,9 @@ class TransformersBackend(ScheduledStreaming, ChatTokenization):
         self.model, self.tokenizer, self.source = load_model(model, device, dtype, cache_dir)
         self.load_seconds = time.perf_counter() - start
         self.device = next(self.model.parameters()).device
-        # what a prefill forward costs beyond its tokens, in tokens' worth: joining prompts whose
-        # lengths differ by more are prefilled apart (`batch.KVBatch.add`)
-        self.prefill_overhead = planner.PREFILL_OVERHEAD.get(self.device.type, planner.PREFILL_OVERHEAD_ACCELERATOR)
+        # what a prefill forward costs beyond its tokens, in tokens' worth: the scheduler prefills
+        # joining prompts whose lengths differ by more apart (`scheduler.length_groups`)
+        self.prefill_overhead = PREFILL_OVERHEAD.get(self.device.type, PREFILL_OVERHEAD_ACCELERATOR)
         if not getattr(self.tokenizer, "chat_template", None):
             raise InputError(f"the model '{self.source['model']}' has no chat template; prefsteer needs "
                              "an instruction-tuned model", field="model")

@@ -18,10 +18,9 @@ the same (tests/test_streaming.py); ``share_prefix=False`` turns it off with the
 sharing.
 
 The prefill multiplies by the packed weights (`packing.decoding`), as the decode steps do: on a
-CPU it is 15-30% faster than MKL's products (results/serving/README.md). Joining prompts of very
-different lengths are prefilled by separate forwards (`planner.length_groups`, with the backend's
-``prefill_overhead``: what a forward costs beyond its tokens, in tokens' worth), so that one long
-prompt does not make the short ones beside it run its length as padding.
+CPU it is 15-30% faster than MKL's products (results/serving/README.md). `uncached` tells the
+scheduler how many positions a prompt would run, so that it prefills joining prompts of very
+different lengths by separate forwards (`scheduler.length_groups`, with ``PREFILL_OVERHEAD``).
 
 Every forward holds the backend's model lock shared, so an adapter block waits between steps.
 """
@@ -36,7 +35,15 @@ import torch.nn.functional as F
 from prefsteer.backends.hf.decode import output_logits
 from prefsteer.backends.hf.kvcache import growing_cache, keeps_every_key
 from prefsteer.backends.hf.packing import decoding
-from prefsteer.backends.hf.planner import left_pad, length_groups
+from prefsteer.backends.hf.planner import left_pad
+
+
+# what a prefill forward costs beyond its tokens, in tokens' worth (the scheduler's
+# `length_groups`): on a CPU a forward of a few tokens costs about what 40-55 more tokens do, reading
+# every weight once (results/serving/burst-bound.md); on an accelerator launching every layer's
+# kernels costs what thousands of tokens do (a guess: not measured there yet)
+PREFILL_OVERHEAD = {"cpu": 48}
+PREFILL_OVERHEAD_ACCELERATOR = 2048
 
 
 def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -81,52 +88,37 @@ class KVBatch:
     def rows(self) -> int:
         return 0 if self.mask is None else self.mask.shape[0]
 
+    def uncached(self, prompt: Sequence[int]) -> int:
+        """How many of ``prompt``'s positions a prefill would run now: those after the longest head
+        it shares with a kept prompt (the scheduler groups joining requests by it)."""
+        b = self.b
+        n = b._stream_memo.longest_match(list(prompt))[1] if b.share_prefix else 0
+        return len(prompt) - min(n, len(prompt) - 1)
+
     def add(self, prompts: Sequence[Sequence[int]]) -> int:
-        """Prefill ``prompts`` as rows after the running ones, in their order. Prompts of very
-        different lengths are prefilled by separate forwards (`planner.length_groups`), so that a
-        long one does not make the short ones beside it run as many positions."""
         b = self.b
-        prompts, first = [list(p) for p in prompts], self.rows
         with b._lock.shared("a streamed request"), torch.inference_mode():
-            heads = self._heads(prompts)
-        groups = length_groups([len(p) - n for p, (_, n) in zip(prompts, heads)], b.prefill_overhead)
-        for g in groups:
-            with b._lock.shared("a streamed request"), torch.inference_mode():
-                new = self._prefill([prompts[i] for i in g], [heads[i] for i in g])
-            self._lay(*new)
-        order = [i for g in groups for i in g]
-        if order != sorted(order):  # the rows back in the prompts' order
-            at = {i: k for k, i in enumerate(order)}
-            self._take(list(range(first)) + [first + at[i] for i in range(len(prompts))])
-        return sum(n for _, n in heads)
-
-    def _heads(self, prompts: list[list[int]]) -> list[tuple]:
-        """For each prompt, the kept keys and values of its longest head found in the memo and that
-        head's length (``(None, 0)`` for none); each prompt keeps at least one token to run."""
-        b = self.b
-        share = b.share_prefix and keeps_every_key(growing_cache(b.config))
-        heads = [b._stream_memo.longest_match(p) if share else (None, 0) for p in prompts]
-        return [(kv, min(n, len(p) - 1)) if n else (None, 0) for (kv, n), p in zip(heads, prompts)]
-
-    def _lay(self, cache, mask: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Lay freshly prefilled rows after the running ones."""
+            cache, mask, positions, hidden, reused = self._prefill([list(p) for p in prompts])
         if not self.rows:
             self.cache, self.mask, self.pos, self.hidden = cache, mask, positions[:, -1:], hidden
-            return
+            return reused
         self.mask = join_rows(self.cache, self.mask, cache, mask)
         self.pos = torch.cat([self.pos, positions[:, -1:]])
         self.hidden = torch.cat([self.hidden, hidden])
+        return reused
 
-    def _prefill(self, prompts: list[list[int]], heads: list[tuple]):
-        """The new rows' cache, mask (R, K), positions (R, K) and last hidden states (R, d).
+    def _prefill(self, prompts: list[list[int]]):
+        """The new rows' cache, mask (R, K), positions (R, K), last hidden states (R, d) and how many
+        prompt positions were taken from the memo.
 
-        A row whose prompt starts like a kept prompt (``heads``) takes that head's keys and values
-        and runs only the rest: its row is ``[padding, kept prefix, padding, rest]``, the kept part
-        right-aligned among the rows' prefixes and the rest among their rests. Every prompt is kept
-        afterwards."""
+        A row whose prompt starts like a kept prompt takes that head's keys and values and runs only
+        the rest: its row is ``[padding, kept prefix, padding, rest]``, the kept part right-aligned
+        among the rows' prefixes and the rest among their rests. Every prompt is kept afterwards."""
         b = self.b
         cache = growing_cache(b.config)
         share = b.share_prefix and keeps_every_key(cache)
+        heads = [b._stream_memo.longest_match(p) if share else (None, 0) for p in prompts]
+        heads = [(kv, min(n, len(p) - 1)) if n else (None, 0) for (kv, n), p in zip(heads, prompts)]
         P = max(n for _, n in heads)
         ids, rest = left_pad([p[n:] for p, (_, n) in zip(prompts, heads)], b.pad_id)
         ids, rest = ids.to(b.device), rest.to(b.device)
@@ -150,7 +142,7 @@ class KVBatch:
                 real = mask[r].nonzero().squeeze(-1)
                 b._stream_memo.put(p, [(layer.keys[r:r + 1, :, real], layer.values[r:r + 1, :, real])
                                        for layer in cache.layers])
-        return cache, mask, positions, out.last_hidden_state[:, -1]
+        return cache, mask, positions, out.last_hidden_state[:, -1], sum(n for _, n in heads)
 
     def keep(self, rows: Sequence[int]) -> None:
         if len(rows) == self.rows:
@@ -158,10 +150,6 @@ class KVBatch:
         if not rows:
             self.cache = self.mask = self.pos = self.hidden = None
             return
-        self._take(rows)
-
-    def _take(self, rows: Sequence[int]) -> None:
-        """Keep ``rows``, in that order."""
         idx = torch.tensor(list(rows), device=self.mask.device)
         self.pos, self.hidden = self.pos[idx], self.hidden[idx]
         self.mask = keep_rows(self.cache, self.mask, idx)

@@ -3,7 +3,6 @@
     >>> plan_groups([[1, 2, 3, 4], [1, 2, 3, 5], [9]])      # [(prefix_len, [context index]), ...]
     >>> balanced_batches([3, 5, 8, 9], batch_size=2)        # [[0, 1], [2, 3]]
     >>> ids, mask = left_pad([[5, 6], [7]], pad_id=0)       # [[5, 6], [0, 7]], [[1, 1], [0, 1]]
-    >>> length_groups([400, 12, 15, 20], overhead=48)       # [[0], [3, 2, 1]]
 """
 
 from __future__ import annotations
@@ -16,12 +15,6 @@ import torch
 PREFIX_OVERHEAD = 16  # tokens' worth of cost charged per shared-prefix group (one extra forward)
 BATCH_TOKENS = 4096  # token positions per scoring forward (rows x longest row), besides batch_size
 PLAN_WINDOW = 512  # contexts planned together: bounds the quadratic program on very large calls
-# a prefill forward's cost beyond its tokens, in tokens' worth: on a CPU a forward of a few tokens
-# costs about what 40-55 more tokens do (reading every weight once; results/serving/burst-bound.md);
-# on an accelerator, launching every layer's kernels costs what thousands of tokens do (a guess:
-# not measured there yet)
-PREFILL_OVERHEAD = {"cpu": 48}
-PREFILL_OVERHEAD_ACCELERATOR = 2048
 
 
 def plan_groups(ctxs: Sequence[Sequence[int]], overhead: int = PREFIX_OVERHEAD,
@@ -90,27 +83,6 @@ def shared_prefix(prompts: Sequence[Sequence[int]], overhead: int = PREFIX_OVERH
         return 0
     k = min(len(os.path.commonprefix([list(p) for p in prompts])), min(len(p) for p in prompts) - 1)
     return k if k >= overhead else 0
-
-
-def length_groups(lengths: Sequence[int], overhead: int) -> list[list[int]]:
-    """Split rows of these lengths into groups, each prefilled by one forward left-padded to its
-    longest row. A group of m rows whose longest has L tokens costs ``m * L + overhead`` token
-    positions; a dynamic program over the rows sorted by length picks the groups that cost least,
-    so a long prompt does not make every short one beside it run as many positions, while prompts
-    of near lengths share a forward. Groups come longest first, their rows longest first."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    n = len(order)
-    best, cut = [0] + [float("inf")] * n, [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j):  # the group order[i:j], whose longest is order[i]
-            cost = best[i] + overhead + (j - i) * lengths[order[i]]
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], n
-    while j > 0:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
