@@ -120,9 +120,9 @@ def main(args: argparse.Namespace) -> int:
     idle = [first_tokens(backend, [t], gen)[0] for t in lone]
     idle_p50 = pct(idle, 0.5)
     gflops = max(matmul_gflops(cfg.hidden_size, inner) for _ in range(3))
-    # what a lone request's first token costs beyond its own prefill's work at that rate (the
-    # scheduler's turn, the small products' and Python's overheads): paid at least once more by the
-    # median request of a burst, whose prompts are prefilled in one go at best
+    # what a lone request's first token costs beyond its own prefill's work at that rate (a forward
+    # reads every weight, whatever its tokens; the scheduler's turn; Python): a burst's median pays
+    # it at least once too, since at least one forward runs before its first token
     lone_ids = [backend.encode_context(user_turn(t)) for t in [warm, *lone]]
     lone_work = [2 * (decoder * (len(x) - shared_head(x, lone_ids[0])) + head) for x in lone_ids[1:]]
     fixed_s = max(0.0, idle_p50 - pct(lone_work, 0.5) / (gflops * 1e9))

@@ -5,11 +5,11 @@ longest one's length: when one is a long conversation and the others one-line ch
 row runs the long one's length as padding, and every request waits for the long one. The scheduler
 splits such a join into forwards of near lengths, shortest first, each group's first tokens sent
 before the next group's prefill (`scheduler.length_groups`: a forward's own cost, the backend's
-``prefill_overhead``, weighed against the padding it saves). This
-script times, in the engine's own process (no HTTP), the first tokens of 8 requests handed to the
-engine at once, 7 short prompts (the serving benchmark's) and one long one (about 450 tokens,
-sent last), and of 8 short ones, with the grouping on (the backend's default) and off (one forward
-for every join), in turns, every prompt new to the prefix cache (`burst_bound.new_prompt`).
+``prefill_overhead``, weighed against the padding it saves). This script times, in the engine's
+own process (no HTTP), the first tokens of 8 requests handed to the engine at once, 7 short
+prompts (the serving benchmark's) and one long one (about 450 tokens, sent last), and of 8 short
+ones, with the grouping on (the backend's default) and off (one forward for every join), in turns,
+every prompt new to the prefix cache (`burst_bound.new_prompt`).
 
     .venv/bin/python benchmarks/prefill_groups.py                # ~1 min on 2 cores
 
