@@ -31,11 +31,11 @@ import argparse
 import itertools
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prefix_cache import first_tokens  # noqa: E402
 from selection_bound import matmul_gflops  # noqa: E402
 from serving_speed import pct, prompts  # noqa: E402
 
@@ -76,28 +76,6 @@ def burst_prompts(n: int) -> list[str]:
     shared by a burst's prompts, as the serving benchmark has, would let them share its tokens,
     which users' prompts do not.)"""
     return [new_prompt(p) for p in prompts(n)]
-
-
-def first_tokens(backend, texts: list[str], cfg) -> list[float]:
-    """The requests handed to the engine at once: each one's time to its first token."""
-    from prefsteer.backends.base import user_turn
-
-    firsts = [0.0] * len(texts)
-
-    def read(i: int, stream, t0: float) -> None:
-        for _ in stream:
-            firsts[i] = time.perf_counter() - t0
-            break
-        for _ in stream:  # read to the end, as a client does
-            pass
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=read, args=(i, backend.stream(user_turn(t), cfg), t0))
-               for i, t in enumerate(texts)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return firsts
 
 
 def main(args: argparse.Namespace) -> int:

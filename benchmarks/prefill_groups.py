@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from burst_bound import burst_prompts, first_tokens, new_prompt  # noqa: E402
+from burst_bound import burst_prompts, new_prompt  # noqa: E402
+from prefix_cache import first_tokens  # noqa: E402
 from serving_speed import pct  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
