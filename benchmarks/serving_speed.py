@@ -171,6 +171,36 @@ def summarize(clients: int, runs: list[dict]) -> dict:
             "itl_p50": pct(gaps, 0.5), "itl_p99": pct(gaps, 0.99)}
 
 
+def costs(runs: dict[tuple[str, int], list[dict]], methods: list[str]) -> list[dict]:
+    """Each personalized method against ``none`` at each number of clients sent at once: the ratio of
+    their tokens/s pooled over the rounds, and the ratio within each round (the methods take turns in
+    it, so a machine whose speed drifts from round to round moves them alike); ITL p50 too."""
+    out = []
+    for (m, c), mine in sorted(runs.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])):
+        plain = runs.get(("none", c))
+        if m == "none" or c < 2 or not plain:
+            continue
+        pooled_m, pooled_n = summarize(c, mine), summarize(c, plain)
+        if not pooled_m["tokens"] or not pooled_n["tokens"] or pooled_m["errors"] or pooled_n["errors"]:
+            continue  # a failed run: the main table counts its errors
+        per_round = [summarize(c, [a])["tok_s"] / summarize(c, [b])["tok_s"] for a, b in zip(mine, plain)]
+        itl = (pooled_m["itl_p50"] / pooled_n["itl_p50"]) if pooled_m["itl_p50"] and pooled_n["itl_p50"] else None
+        out.append({"method": m, "clients": c, "tok_s": pooled_m["tok_s"], "none_tok_s": pooled_n["tok_s"],
+                    "ratio": pooled_m["tok_s"] / pooled_n["tok_s"], "per_round": per_round, "itl_ratio": itl})
+    return out
+
+
+def cost_table(rows: list[dict]) -> list[str]:
+    lines = ["| method | clients | tokens/s | none's | against none, pooled | each round | ITL p50 against none |",
+             "|---|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        rounds = ", ".join(f"{x - 1:+.1%}" for x in r["per_round"])
+        itl = "" if r["itl_ratio"] is None else f"{r['itl_ratio']:.3f}x"
+        lines.append(f"| {r['method']} | {r['clients']} | {r['tok_s']:.1f} | {r['none_tok_s']:.1f} | "
+                     f"{r['ratio'] - 1:+.1%} | {rounds} | {itl} |")
+    return lines
+
+
 def table(rows: list[dict]) -> list[str]:
     ms = lambda x: "" if x is None else f"{1000 * x:.0f}"  # noqa: E731
     num = lambda x, f: "" if x != x else format(x, f)  # noqa: E731  (NaN: not measured)
@@ -311,7 +341,8 @@ def main(args: argparse.Namespace) -> int:
                           "--max-batch-rows", str(args.max_batch_rows), "--log-level", "warning"], log)
     extras = {"none": {"method": "none"}, "exact": {"method": "exact", "user_id": "maya"},
               "cliper": {"method": "cliper", "prefs": "concise=1"}}
-    rows = []
+    rows: list[dict] = []
+    runs: dict[tuple[str, int], list[dict]] = {}
     n_max = max([*args.clients, *args.spread_clients])
     client = httpx.Client(base_url=base, timeout=1800,
                           limits=httpx.Limits(max_connections=n_max, max_keepalive_connections=n_max))
@@ -320,7 +351,6 @@ def main(args: argparse.Namespace) -> int:
         model = client.get("/v1/models").json()["data"][0]["id"]
         for m in args.methods:
             stream_one(client, model, "Say hello.", extras[m], 8)  # warm-up (loads, first-call costs)
-        runs: dict[tuple[str, int], list[dict]] = {}
         for c in args.clients:
             for rnd in range(args.rounds):
                 for m in (args.methods if rnd % 2 == 0 else args.methods[::-1]):
@@ -372,7 +402,9 @@ def main(args: argparse.Namespace) -> int:
             "total_s": round(time.perf_counter() - started, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.backend}.json").write_text(json.dumps({"conditions": cond, "rows": rows}, indent=2) + "\n")
+    paired = costs(runs, args.methods)
+    (out / f"{args.backend}.json").write_text(json.dumps({"conditions": cond, "rows": rows, "costs": paired},
+                                                         indent=2) + "\n")
     md = [f"# Streamed serving, `--backend {args.backend}` ({model})", "", *table(rows), "",
           "Each row: that many clients send one streamed request each at the same moment (distinct prompts, "
           f"greedy, max_tokens {args.max_tokens}, min_tokens {args.min_tokens}); the 1-client row sends 4 "
@@ -388,10 +420,17 @@ def main(args: argparse.Namespace) -> int:
           "request takes alone (the method's 1-client row) and sends two requests one after the other, so "
           "requests arrive one by one into a batch that is already decoding, as a steady flow of users makes "
           "them. Its wall time includes that ramp, so its tokens/s is not comparable with the `at once` rows.", "",
+          *(["## What personalization costs", "", *cost_table(paired), "",
+             "Each method's tokens/s against `none`'s at the same number of clients: pooled over the rounds, "
+             "and within each round, where the methods took turns (a drift of the machine's speed from round "
+             "to round moves them alike; what is left of the spread is the noise of one run).", ""]
+            if paired else []),
           f"Conditions: {cond['machine']}; dtype {cond['dtype']}; {cond['date']}; the whole run {cond['total_s'] / 60:.1f} min; "
           f"`{cond['command'].strip()}`.", ""]
     (out / f"{args.backend}.md").write_text("\n".join(md))
     print("\n".join(table(rows)))
+    if paired:
+        print("\n".join(["", *cost_table(paired)]))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
