@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 
 import httpx
@@ -148,7 +149,14 @@ def test_engine_load_and_prompt_positions_are_read_at_scrape_time(svc):
             raise RuntimeError("engine gone")
     for backend in (object(), Broken()):  # no such operation, or a failing one: no samples, no error
         eng = type("E", (), {"backend": backend})()
-        assert [fam.samples for fam in EngineLoad(lambda: eng).collect()] == [[], [], []]
+        assert [fam.samples for fam in EngineLoad(lambda: eng).collect()] == [[], [], [], []]
+
+
+def test_memory_connections_are_read_at_scrape_time(svc):
+    c, H = svc["c"], svc["H"]
+    assert c.post("/v1/chat/completions", json=CHAT, headers=H).status_code == 200
+    n = value(scrape(c), "prefsteer_memory_connections")
+    assert 1 <= n <= threading.active_count() + 1  # SQLite: one per live thread, at most
 
 
 def test_the_workers_metrics_are_served_by_every_app(svc):

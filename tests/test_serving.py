@@ -209,3 +209,52 @@ def test_serve_takes_every_methods_options_and_the_default_method(tmp_path):
     assert s.method_options == {"drift": {"beta": 2.0}, "reward": {"n": 3}, "exact": {"k": 2},
                                 "exact-global": {"k": 2}}
     assert (s.exact["k"], s.exact["preset"]) == (2, "product")  # the command line's preset
+
+
+def _open_files(path: str) -> int:
+    import os
+
+    return sum(1 for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == path)
+
+
+def test_the_connections_of_finished_request_threads_are_closed(eng):
+    """The server's thread pool ends idle threads and starts new ones for the next burst: each new
+    thread opens its own SQLite connection, which has to go with its thread, not pile up."""
+    import gc
+    import os
+    import weakref
+
+    fit(eng, "exact")
+    path = os.path.realpath(eng.settings.db)
+    proc = os.path.isdir("/proc/self/fd")  # Linux: count the file's descriptors too
+    before = _open_files(path) if proc else None
+    seen: list[weakref.ref] = []
+    held = []
+    files = []
+
+    def request(keep: bool):
+        assert ask(eng, "exact").info.method == "exact"
+        seen.append(weakref.ref(eng.memory))
+        if keep:
+            held.append(eng.memory)  # what an answer still streaming would hold
+
+    for burst in range(4):
+        threads = [threading.Thread(target=request, args=(burst == 0 and i == 0,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        gc.collect()
+        assert eng.open_connections() == 1  # the one still held; the other threads' are gone
+        files.append(_open_files(path) if proc else 0)
+    assert len(seen) == 24 and sum(r() is not None for r in seen) == 1
+    # SQLite keeps a closed connection's descriptor while another connection of the process holds
+    # the file (closing it would drop that one's locks) and reuses it for the next: at most one
+    # burst's threads and the held one, never growing with the bursts (before: 6 more every burst)
+    assert max(files) <= 6 + 1, files
+    assert held[0].has_user("ann")  # a connection still held stays open and usable
+    held.clear()
+    gc.collect()
+    assert eng.open_connections() == 0
+    if proc:
+        assert _open_files(path) == before

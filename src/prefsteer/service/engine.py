@@ -2,12 +2,18 @@
 requests embedded together), the attribute library, the memory (a connection per thread on SQLite,
 one pool on PostgreSQL), method objects per thread (built by the method registry), the chat serving
 object, and a lock per user that deletion and the feedback worker take so that a deleted user's job
-cannot write the user back."""
+cannot write the user back.
+
+The request threads are the server's thread pool's, which ends a thread idle for a few seconds
+(anyio: 10 s) and starts new ones for the next burst; a thread's SQLite connection is closed once
+nothing holds it any more (its thread gone, and no answer of that thread still streaming), so the
+connections stay as many as the live threads rather than growing with every burst."""
 
 from __future__ import annotations
 
 import json
 import threading
+import weakref
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -26,7 +32,8 @@ class Engine:
         self._local = threading.local()
         self._user_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
-        self._memories: list[Memory] = []
+        self._shared: Memory | None = None  # PostgreSQL: one pool for every thread
+        self._per_thread: "weakref.WeakSet[Memory]" = weakref.WeakSet()  # SQLite: the live threads' connections
         if "stream" in getattr(backend, "capabilities", ()):  # the engine's admission bounds (`serve --help`)
             backend.set_stream_limits(settings.max_batch_rows, settings.max_waiting)
 
@@ -38,12 +45,18 @@ class Engine:
         m = getattr(self._local, "memory", None)
         if m is None:
             with self._locks_guard:
-                shared = self._memories[0] if self._memories and self._memories[0].thread_safe else None
-                m = shared or Memory(self.settings.db)
-                if shared is None:
-                    self._memories.append(m)
+                m = self._shared or Memory(self.settings.db)
+                if m.thread_safe:
+                    self._shared = m
+                else:  # held by this thread (and what it builds); closed when garbage (sqlite3's own finalizer)
+                    self._per_thread.add(m)
             self._local.memory = m
         return m
+
+    def open_connections(self) -> int:
+        """The memory connections open now (one shared pool counts one)."""
+        with self._locks_guard:
+            return len(self._per_thread) + (self._shared is not None)
 
     def defaults(self, name: str) -> dict[str, Any]:
         """The service's options for method ``name``: its EXACT options (`serve --preset ...`) for
@@ -82,12 +95,13 @@ class Engine:
 
     def close(self) -> None:
         with self._locks_guard:
-            for m in self._memories:
-                try:
-                    m.close()
-                except Exception:  # a connection of a thread that is gone
-                    pass
-            self._memories.clear()
+            memories = [*self._per_thread, *([self._shared] if self._shared is not None else [])]
+            self._per_thread, self._shared = weakref.WeakSet(), None
+        for m in memories:
+            try:
+                m.close()
+            except Exception:  # a connection already closed
+                pass
 
 
 def call_quietly(fn: Callable[[], Any]) -> tuple[Any, str | None]:

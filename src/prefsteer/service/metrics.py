@@ -12,6 +12,8 @@ process's (`JOB_SECONDS`, `PAIRS_INDEXED`): every app's registry serves them too
     prefsteer_engine_requests{state}                requests running / waiting in the engine (read at scrape)
     prefsteer_engine_prompt_tokens_total            prompt positions the engine prefilled or reused
     prefsteer_engine_prefix_cache_hit_tokens_total  of them, taken from kept prefixes (hf)
+    prefsteer_memory_connections                    database connections open (SQLite: one per live request
+                                                    thread; PostgreSQL: its pool counts one) (read at scrape)
     prefsteer_queue_depth{tenant}                   feedback jobs queued or running (read at scrape)
     prefsteer_job_seconds                           a feedback job's duration (the worker observes it)
     prefsteer_pairs_indexed_total                   pairs the worker indexed
@@ -85,16 +87,17 @@ class QueueDepth:
 
 class EngineLoad:
     """The engine's load, read when scraped from ``backend.stream_stats()``: requests running and
-    waiting, and the prompt positions it prefilled and reused where it counts them. A backend
-    without the operation, or one that fails, gives no samples."""
+    waiting, and the prompt positions it prefilled and reused where it counts them; and the memory
+    connections the service holds. A backend without the operation, or one that fails, gives no
+    samples."""
 
     def __init__(self, engine: Callable[[], Any]):
         self.engine = engine
 
     def describe(self):
-        return list(self._families({}))
+        return list(self._families({}, None))
 
-    def _families(self, stats: dict):
+    def _families(self, stats: dict, connections: int | None):
         requests = GaugeMetricFamily("prefsteer_engine_requests", "Requests in the engine, running or waiting "
                                      "for a place", labels=["state"])
         for state in ("running", "waiting"):
@@ -106,6 +109,9 @@ class EngineLoad:
                 ("prefsteer_engine_prefix_cache_hit_tokens", "reused_tokens",
                  "Prompt positions taken from kept prefixes instead of being prefilled")):
             yield CounterMetricFamily(name, doc, value=float(stats[key]) if key in stats else None)
+        yield GaugeMetricFamily("prefsteer_memory_connections", "Database connections the service holds open "
+                                "(SQLite: one per live request thread; PostgreSQL: its pool counts one)",
+                                value=None if connections is None else float(connections))
 
     def collect(self):
         eng = self.engine()
@@ -115,7 +121,13 @@ class EngineLoad:
             stats = read() if callable(read) else {}
         except Exception as e:  # a scrape never fails for the engine
             log.warning("engine load unavailable for /metrics: %s: %s", type(e).__name__, e)
-        yield from self._families(stats)
+        connections = None
+        try:
+            count = getattr(eng, "open_connections", None)
+            connections = count() if callable(count) else None
+        except Exception as e:
+            log.warning("memory connections unavailable for /metrics: %s: %s", type(e).__name__, e)
+        yield from self._families(stats, connections)
 
 
 class Metrics:
