@@ -420,7 +420,7 @@ def test_exact_scores_and_generates_with_its_levers(fake_backend, tmp_path):
 
 def test_entries_selected_under_other_settings_are_served_with_one_warning(fake_backend, tmp_path, caplog):
     """A memory indexed under one configuration and served under another (a changed preset, another
-    k) still answers, and the log says once per user which settings its entries came from."""
+    k) still answers, and the log says once per user and process which settings its entries came from."""
     from prefsteer.backends.base import GenerationConfig
 
     mem = Memory(tmp_path / "m.db")
@@ -431,9 +431,10 @@ def test_entries_selected_under_other_settings_are_served_with_one_warning(fake_
     with caplog.at_level("WARNING", logger="prefsteer.methods.exact"):
         old.generate("u", ["another joke"], GenerationConfig(max_new_tokens=2))
         assert not caplog.records  # the same settings: nothing to say
-        new = Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig.of_preset("product", k=1))
-        for _ in range(2):
-            out = new.generate("u", ["another joke"], GenerationConfig(max_new_tokens=2))
+        for _ in range(2):  # two method objects, as two of the service's request threads build them
+            new = Exact(fake_backend, memory=mem, embedder=HashEmbedder(), config=ExactConfig.of_preset("product", k=1))
+            for _ in range(2):
+                out = new.generate("u", ["another joke"], GenerationConfig(max_new_tokens=2))
     assert out[0].attributes == mem.entries("u")[0].attributes
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and old.config_id in warned[0] and new.config_id in warned[0] and "1 of 1" in warned[0]

@@ -30,6 +30,10 @@ from prefsteer.methods.base import (Decoding, Method, NotFittedError, config_fro
 
 log = logging.getLogger(__name__)
 
+# (database, user, config id) whose entries from other settings were logged: once per process, not
+# once per method object (the service builds one per request thread, and threads come and go)
+_TOLD: set[tuple[str, str, str]] = set()
+
 
 # Named settings of the levers below. "paper" is the paper's (bare names appended to the user's turn,
 # the summed objective, no filter): ExactConfig()'s defaults, and what every evaluation configuration
@@ -158,7 +162,6 @@ class Exact(Method):
         self.scorer = ScoreCache(backend, self.memory)
         self._screen: ScoreCache | None = None
         self.progress = progress
-        self._warned: set[tuple[str, str]] = set()  # (user, config id) told of entries from other settings
 
     @property
     def embedder(self) -> Embedder:
@@ -332,8 +335,9 @@ class Exact(Method):
             self.memory.require_user(user_id)
             raise NotFittedError(self.name, user_id, hint=f"no memory entries for embedder '{self.embedder.name}'")
         other = {e.config_id for e in entries} - {self.config_id, None, ""}
-        if other and (user_id, self.config_id) not in self._warned:
-            self._warned.add((user_id, self.config_id))
+        told = (self.memory.db, user_id, self.config_id)
+        if other and told not in _TOLD:
+            _TOLD.add(told)
             log.warning("user '%s': %d of %d memory entries were selected under other EXACT settings (%s), "
                         "not this configuration's (%s); they are injected as they are. `prefsteer index` "
                         "re-selects them under these settings", user_id,
