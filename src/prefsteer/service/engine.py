@@ -105,7 +105,9 @@ class Engine:
 
 
 def call_quietly(fn: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``(fn(), None)``, or ``(None, "Type: message")`` when it raises: for the callers that report a
+    failure (in a job's result, in the log of a /metrics scrape) and go on."""
     try:
         return fn(), None
-    except Exception as e:  # reported in the job's result, never fatal to the job
+    except Exception as e:
         return None, f"{type(e).__name__}: {e}"

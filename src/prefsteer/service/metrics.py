@@ -33,6 +33,8 @@ from typing import Any, Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from prefsteer.service.engine import call_quietly
+
 log = logging.getLogger("prefsteer.service")
 
 # -- the process's: the feedback worker's metrics --------------------------------------------
@@ -47,6 +49,21 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10)
 UNMATCHED = "unmatched"  # the route label of a path no route serves (the raw path would be unbounded)
 GONE = "499"  # the status label of a request whose client left before any answer (nginx's code)
+
+
+def scraped(what: str, read: Callable[[], Any]) -> Any:
+    """``read()``, or None with a warning naming ``what`` when it fails: a scrape never fails for
+    the engine or the database behind it."""
+    value, error = call_quietly(read)
+    if error is not None:
+        log.warning("%s unavailable for /metrics: %s", what, error)
+    return value
+
+
+def _ask(obj: Any, operation: str) -> Any:
+    """``obj.operation()``, or None where ``obj`` has no such operation."""
+    fn = getattr(obj, operation, None)
+    return fn() if callable(fn) else None
 
 
 class _Process:
@@ -77,11 +94,10 @@ class QueueDepth:
     def collect(self):
         family = self._family()
         eng = self.engine()
-        try:
-            for tenant, n in sorted((eng.memory.queue_depth() if eng is not None else {}).items()):
-                family.add_metric([tenant or ""], float(n))
-        except Exception as e:  # the database is down: /ready says so; the scrape still answers
-            log.warning("queue depth unavailable for /metrics: %s: %s", type(e).__name__, e)
+        # the database is down: /ready says so; the scrape still answers
+        depth = scraped("queue depth", lambda: eng.memory.queue_depth() if eng is not None else {})
+        for tenant, n in sorted((depth or {}).items()):
+            family.add_metric([tenant or ""], float(n))
         yield family
 
 
@@ -115,19 +131,9 @@ class EngineLoad:
 
     def collect(self):
         eng = self.engine()
-        stats: dict = {}
-        try:
-            read = getattr(eng.backend, "stream_stats", None) if eng is not None else None
-            stats = read() if callable(read) else {}
-        except Exception as e:  # a scrape never fails for the engine
-            log.warning("engine load unavailable for /metrics: %s: %s", type(e).__name__, e)
-        connections = None
-        try:
-            count = getattr(eng, "open_connections", None)
-            connections = count() if callable(count) else None
-        except Exception as e:
-            log.warning("memory connections unavailable for /metrics: %s: %s", type(e).__name__, e)
-        yield from self._families(stats, connections)
+        stats = scraped("engine load", lambda: _ask(getattr(eng, "backend", None), "stream_stats"))
+        connections = scraped("memory connections", lambda: _ask(eng, "open_connections"))
+        yield from self._families(stats or {}, connections)
 
 
 class Metrics:
